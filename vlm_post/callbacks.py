@@ -1,0 +1,55 @@
+"""Callbacks that every stage gets from the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from vlm_post.models.export import export_hf
+from vlm_post.models.init_from import load_policy_state, policy_state_from_checkpoint
+
+
+class HFExport(Callback):
+    """At the end of fit, export the best (or last) weights in HF format: model + processor.
+
+    Args:
+        dirpath: where the export lands; default ``<trainer.default_root_dir>/export``.
+        weights: ``best`` takes the ModelCheckpoint's best checkpoint (its monitored metric),
+            falling back to the final weights when no checkpoint was monitored; ``last`` takes
+            the final weights.
+        enabled: turn the export off.
+
+    With ``best``, the module's policy is left holding the best weights, as
+    ``trainer.test(ckpt_path="best")`` would.
+    """
+
+    def __init__(self, dirpath: str | None = None, weights: Literal["best", "last"] = "best", enabled: bool = True) -> None:
+        self.dirpath = dirpath
+        self.weights = weights
+        self.enabled = enabled
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or trainer.interrupted:
+            return
+        source = "final weights"
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        if self.weights == "best" and best and Path(best).is_file():
+            load_policy_state(pl_module.policy, policy_state_from_checkpoint(best), best)
+            source = best
+        out = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+        if trainer.is_global_zero:
+            export_hf(pl_module.policy, pl_module.processor, out)
+            provenance = {
+                "weights": source,
+                "global_step": trainer.global_step,
+                "monitor": getattr(checkpoint, "monitor", None),
+                "best_score": float(checkpoint.best_model_score) if getattr(checkpoint, "best_model_score", None) is not None else None,
+            }
+            (out / "vlm_post_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            rank_zero_info(f"exported {source} in HF format to {out}")
+        trainer.strategy.barrier()

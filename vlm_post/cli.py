@@ -1,0 +1,79 @@
+"""The ``vlm_post`` command: Lightning's CLI with our module, data and export defaults.
+
+    vlm_post fit      --config configs/demo/sft.yaml
+    vlm_post validate --config configs/demo/sft.yaml --model.init_from runs/demo/sft/export
+    vlm_post test     --config configs/demo/eval.yaml --model.init_from runs/demo/sft/export
+    vlm_post fit      --config configs/demo/sft.yaml --ckpt_path runs/demo/sft/checkpoints/last.ckpt
+
+The config picks the stage by ``model.class_path`` (``vlm_post.modules.SFTModule``, ...).
+Every config error (unknown key, wrong type, missing file, unresolvable model,
+missing data) ends in one line naming the culprit and exit status 2, before any
+weights are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vlm_post.callbacks import HFExport
+from vlm_post.data.datamodule import VLMDataModule
+from vlm_post.errors import ConfigError
+from vlm_post.modules.base import PolicyModule
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"vlm_post: error: {message}\n")
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+class _Parser(LightningArgumentParser):
+    """jsonargparse's parser, but errors are one short message instead of a usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        lines = [line.rstrip() for line in str(message).strip().splitlines() if line.strip()]
+        # jsonargparse nests the reason under a "Problem with ..." header; keep the header and the deepest reason.
+        short = lines[0] if len(lines) <= 2 else f"{lines[0]} ... {lines[-1].strip()}"
+        prog = self.prog.replace(" [options]", "")
+        _fail(f"{short}\n(see '{prog} --help')")
+
+
+class VLMPostCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("model_class", PolicyModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("datamodule_class", VLMDataModule)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _Parser)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(HFExport, "export")
+
+
+def _quiet_progress_bars() -> None:
+    # Per-file download/convert bars from datasets and transformers drown the training log.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_progress_bars()
+    try:
+        VLMPostCLI(args=args)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+if __name__ == "__main__":
+    main()

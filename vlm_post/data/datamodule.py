@@ -1,0 +1,209 @@
+"""The one LightningDataModule for every stage: Geometry3K, MathVista and the synthetic demo task.
+
+Training reads one source; validation and test read several, each reported
+under its own name (in-domain Geometry3K validation and out-of-domain MathVista
+side by side). Rows are checked once at setup: a bad row is reported with its
+id, skipped and counted, so a run never dies on row 1,734 at hour three. With
+``fail_fast`` the first bad row stops setup instead.
+
+The processor comes from the LightningModule (it owns the policy), so model and
+data can never disagree on the tokenizer or the chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from vlm_post.data.collate import Collator
+from vlm_post.data.prompting import DEFAULT_ANSWER_TEMPLATE, DEFAULT_INSTRUCTION
+from vlm_post.data.schema import Example
+from vlm_post.data.sources import ADAPTERS, BadRow, DataSource, _is_local, fit_pixels, load_rows
+from vlm_post.errors import ConfigError
+
+_REPORTED_PER_SOURCE = 20
+
+
+class ExampleDataset(Dataset):
+    """Rows of one source, normalised lazily to Examples; ``indices`` lists the rows that passed the check."""
+
+    def __init__(self, source: DataSource, min_pixels: int, max_pixels: int, fail_fast: bool = False) -> None:
+        self.source = source
+        self.rows = load_rows(source)
+        self.adapter = ADAPTERS[source.kind]
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        path = Path(source.path).expanduser() if source.path and _is_local(source.path) else None
+        self.base_dir = (path if path.is_dir() else path.parent) if path else None
+        self.skipped: list[tuple[str, str]] = []
+        self.indices: list[int] = []
+        for index in range(len(self.rows)):
+            try:
+                self._example(index)
+            except BadRow as reason:
+                row_id = self._row_id(index)
+                if fail_fast:
+                    raise ConfigError(f"data source {source.name!r}: bad row id={row_id}: {reason}") from None
+                self.skipped.append((row_id, str(reason)))
+                if len(self.skipped) <= _REPORTED_PER_SOURCE:
+                    rank_zero_warn(f"data source {source.name!r}: skipped row id={row_id}: {reason}")
+                continue
+            self.indices.append(index)
+        if self.skipped:
+            rank_zero_warn(f"data source {source.name!r}: skipped {len(self.skipped)} of {len(self.rows)} rows")
+        if not self.indices:
+            first = f" (first: id={self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
+            raise ConfigError(f"data source {source.name!r}: no usable rows in {source.path or source.kind!r}{first}")
+
+    def _row_id(self, index: int) -> str:
+        row = self.rows[index]
+        return str(row.get("id", row.get("pid", index)))
+
+    def _example(self, index: int) -> Example:
+        example = self.adapter(self.rows[index], index, self.source.name, self.base_dir)
+        example.images = [fit_pixels(image, self.min_pixels, self.max_pixels) for image in example.images]
+        return example
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Example:
+        return self._example(self.indices[i])
+
+
+class VLMDataModule(LightningDataModule):
+    def __init__(
+        self,
+        train: DataSource | None = None,
+        val: list[DataSource] | None = None,
+        test: list[DataSource] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        instruction: str = DEFAULT_INSTRUCTION,
+        target_column: str | None = None,
+        answer_template: str = DEFAULT_ANSWER_TEMPLATE,
+        max_target_tokens: int | None = None,
+        min_pixels: int = 3136,
+        max_pixels: int = 1_003_520,
+        fail_fast: bool = False,
+    ) -> None:
+        """
+        Args:
+            train: the training source.
+            val: validation sources, each reported under its own name.
+            test: test sources for ``vlm_post test``.
+            batch_size: prompts per training micro-batch (per device).
+            eval_batch_size: prompts per validation/test batch (default: ``batch_size``).
+            num_workers: DataLoader worker processes.
+            instruction: appended to every question; asks for ``<think>`` reasoning and a ``\\boxed{}`` answer.
+            target_column: SFT target column (e.g. teacher solutions); ``None`` uses ``answer_template``.
+            answer_template: SFT target when no column is given; ``{answer}`` is replaced by the answer.
+            max_target_tokens: truncate SFT targets to this many tokens.
+            min_pixels: images smaller than this (width*height) are scaled up, keeping the aspect ratio.
+            max_pixels: images larger than this are scaled down, keeping the aspect ratio.
+            fail_fast: stop at the first bad row instead of reporting, counting and skipping it.
+        """
+        super().__init__()
+        self.train_source = train
+        self.val_sources = list(val or [])
+        self.test_sources = list(test or [])
+        names = [s.name for s in self.val_sources] + [s.name for s in self.test_sources]
+        for source in ([train] if train else []) + self.val_sources + self.test_sources:
+            source.check()
+        if len(set(s.name for s in self.val_sources)) != len(self.val_sources) or len(
+            set(s.name for s in self.test_sources)
+        ) != len(self.test_sources):
+            raise ConfigError(f"data source names must be unique within val and within test, got {names}")
+        if min_pixels > max_pixels:
+            raise ConfigError(f"data.min_pixels ({min_pixels}) is larger than data.max_pixels ({max_pixels})")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.instruction = instruction
+        self.target_column = target_column
+        self.answer_template = answer_template
+        self.max_target_tokens = max_target_tokens
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.fail_fast = fail_fast
+        self.processor = None  # set by setup() from the LightningModule, or by hand outside a Trainer
+        self.datasets: dict[str, ExampleDataset] = {}
+
+    @property
+    def val_names(self) -> list[str]:
+        return [s.name for s in self.val_sources]
+
+    @property
+    def test_names(self) -> list[str]:
+        return [s.name for s in self.test_sources]
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Rows skipped per source name."""
+        return {name: len(ds.skipped) for name, ds in self.datasets.items()}
+
+    def _dataset(self, source: DataSource) -> ExampleDataset:
+        if source.name not in self.datasets:
+            self.datasets[source.name] = ExampleDataset(source, self.min_pixels, self.max_pixels, self.fail_fast)
+            rank_zero_info(f"data source {source.name!r}: {len(self.datasets[source.name])} examples")
+        return self.datasets[source.name]
+
+    def setup(self, stage: str) -> None:
+        if self.processor is None:
+            self.processor = self.trainer.lightning_module.processor
+        if stage == "fit":
+            if self.train_source is None:
+                raise ConfigError("`fit` needs data.train")
+            self._dataset(self.train_source)
+        if stage in ("fit", "validate"):
+            for source in self.val_sources:
+                self._dataset(source)
+        if stage in ("test", "predict"):
+            if not self.test_sources:
+                raise ConfigError(f"`{stage}` needs data.test")
+            for source in self.test_sources:
+                self._dataset(source)
+
+    def collator(self, with_prompt: bool, with_sft: bool) -> Collator:
+        return Collator(
+            self.processor,
+            instruction=self.instruction,
+            with_prompt=with_prompt,
+            with_sft=with_sft,
+            target_column=self.target_column,
+            answer_template=self.answer_template,
+            max_target_tokens=self.max_target_tokens,
+        )
+
+    def _parts(self, split: str) -> tuple[bool, bool]:
+        """(prompt, sft) parts the LightningModule wants for this split; SFT-only training by default."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        parts = module.batch_parts(split) if module is not None else ({"sft"} if split == "train" else {"prompt"})
+        return "prompt" in parts, "sft" in parts
+
+    def _loader(self, dataset: Dataset, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collator(*self._parts(split)),
+            drop_last=shuffle,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(torch.initial_seed()) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset(self.train_source), "train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self._dataset(s), "val", self.eval_batch_size, False) for s in self.val_sources]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self._dataset(s), "test", self.eval_batch_size, False) for s in self.test_sources]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.test_dataloader()

@@ -1,0 +1,6 @@
+"""Losses: pure torch, no Lightning, so they can be checked against hand-computed values."""
+
+from vlm_post.losses.logprobs import token_logprobs
+from vlm_post.losses.sft import IGNORE_INDEX, sft_cross_entropy
+
+__all__ = ["IGNORE_INDEX", "sft_cross_entropy", "token_logprobs"]

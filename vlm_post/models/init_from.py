@@ -1,0 +1,71 @@
+"""Weights-only initialisation from an HF folder or a vlm_post ``.ckpt``.
+
+This is how one stage hands its result to the next: fresh optimizer, step 0.
+It is deliberately distinct from ``--ckpt_path``, Lightning's full resume
+(optimizer, scheduler, step, RNG) within one stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlm_post.errors import ConfigError
+
+POLICY_PREFIX = "policy."
+
+
+def check_init_from(path: str) -> str:
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".ckpt":
+        return str(p)
+    if p.is_dir() and (p / "config.json").is_file():
+        return str(p)
+    if p.exists():
+        raise ConfigError(f"model.init_from {path!r} is neither an HF model folder nor a .ckpt file")
+    raise ConfigError(f"model.init_from not found: {path!r}")
+
+
+def is_checkpoint(path: str) -> bool:
+    return Path(path).suffix == ".ckpt"
+
+
+def policy_state_from_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The policy's weights from a Lightning checkpoint written by any vlm_post stage."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:
+        raise ConfigError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not state:
+        raise ConfigError(f"checkpoint {path!r} has no state_dict")
+    policy = {k[len(POLICY_PREFIX) :]: v for k, v in state.items() if k.startswith(POLICY_PREFIX)}
+    if not policy:
+        raise ConfigError(f"checkpoint {path!r} holds no '{POLICY_PREFIX}*' weights (not written by vlm_post?)")
+    return policy
+
+
+def load_policy_state(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Copy ``state`` into ``model``; every key must match, so a wrong architecture fails loudly."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("inv_freq")]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"model.init_from {origin!r} does not match the policy architecture: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:2]})"
+        )
+
+
+def check_same_architecture(policy_config, init_config, origin: str) -> None:
+    """An HF folder used as init_from must be the same architecture as model_name_or_path."""
+    def shape(config):
+        text = getattr(config, "text_config", config)
+        return (config.model_type, text.vocab_size, text.hidden_size, text.num_hidden_layers)
+
+    if shape(policy_config) != shape(init_config):
+        raise ConfigError(
+            f"model.init_from {origin!r} is {shape(init_config)} (type, vocab, hidden, layers) "
+            f"but the policy is {shape(policy_config)}"
+        )

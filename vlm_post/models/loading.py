@@ -1,0 +1,101 @@
+"""Policy loading: any HF image-text-to-text model id or local folder.
+
+Paths are resolved before anything heavy is loaded, so a typo in a model id
+fails in a second with a message naming it, not after a download attempt or a
+half-built model. Qwen2.5-VL is the first target; Qwen2-VL and other
+``AutoModelForImageTextToText`` models load through the same code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vlm_post.errors import ConfigError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_model_path(name: str, what: str = "model") -> str:
+    """A local folder with a config.json, or a hub id that is cached or reachable. Raises ConfigError otherwise."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{what} folder {name!r} has no config.json (is it an HF model folder?)")
+        return str(path)
+    if not _HUB_ID.match(name):
+        raise ConfigError(f"{what} path not found: {name!r}")
+    from huggingface_hub import constants, hf_hub_download
+
+    try:
+        hf_hub_download(name, "config.json", local_files_only=True)
+        return name
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"{what} {name!r} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
+            "(HF_HUB_OFFLINE=1): download it first or pass a local folder"
+        )
+    try:
+        hf_hub_download(name, "config.json", etag_timeout=10)
+        return name
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot resolve {what} {name!r}: not a local folder, not cached, and the hub said: {reason}") from None
+
+
+def check_image_text_to_text(path: str, what: str = "model"):
+    """The model's config, after checking that AutoModelForImageTextToText knows its architecture."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ConfigError(f"{what} {path!r} is a {config.model_type!r} model, not an image-text-to-text model")
+    return config
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def load_policy(path: str, dtype: Dtype = "auto", attn_implementation: str | None = "sdpa") -> torch.nn.Module:
+    """The model in train mode (``from_pretrained`` returns eval mode, which would silently disable dropout)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), attn_implementation=attn_implementation
+    )
+    return model.train()
+
+
+def vision_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(vision tower, projector) for the known VLM layouts: Qwen2/2.5-VL (``visual`` with a ``merger``), LLaVA-style."""
+    base = getattr(model, "model", model)
+    if hasattr(base, "visual"):
+        return base.visual, getattr(base.visual, "merger", None)
+    if hasattr(base, "vision_tower"):
+        return base.vision_tower, getattr(base, "multi_modal_projector", None)
+    raise ConfigError(f"cannot find the vision tower of {type(model).__name__} to freeze it")
+
+
+def freeze_vision(model: torch.nn.Module, tower: bool, projector: bool) -> None:
+    """Freeze the vision tower and/or the projector (Qwen's merger sits inside the tower)."""
+    if not (tower or projector):
+        return
+    vision, proj = vision_parts(model)
+    if tower:
+        vision.requires_grad_(False)
+        if proj is not None:
+            proj.requires_grad_(not projector)
+    elif projector:
+        if proj is None:
+            raise ConfigError(f"{type(model).__name__} has no separate projector to freeze")
+        proj.requires_grad_(False)

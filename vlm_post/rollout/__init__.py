@@ -1,0 +1,4 @@
+from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
+from vlm_post.rollout.hf import HFGenerateEngine
+
+__all__ = ["HFGenerateEngine", "RolloutEngine", "Rollouts", "SamplingParams"]

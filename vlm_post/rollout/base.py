@@ -1,0 +1,53 @@
+"""The rollout interface: RL, on-policy distillation and evaluation all sample through it.
+
+An engine turns a batch of prompts (the processor's outputs) into ``n``
+responses per prompt. The HF ``generate`` engine is the reference; a vLLM or
+remote engine implements the same ``generate`` and owns its own weight sync.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. ``temperature == 0`` means greedy decoding."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Rollouts:
+    """Responses for ``B`` prompts x ``n`` samples, row ``i`` answering prompt ``prompt_index[i]``.
+
+    ``response_ids`` (B*n, L) are right-padded; ``response_mask`` marks real
+    tokens, including the EOS token that ended a finished response.
+    """
+
+    prompt_index: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    finished: torch.Tensor
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(self, policy: torch.nn.Module, prompt: dict, params: SamplingParams) -> Rollouts:
+        """Sample ``params.n`` responses for each prompt in ``prompt`` (left-padded processor outputs)."""
