@@ -38,8 +38,10 @@ class _Parser(LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         lines = [line.rstrip() for line in str(message).strip().splitlines() if line.strip()]
-        # jsonargparse nests the reason under a "Problem with ..." header; keep the header and the deepest reason.
-        short = lines[0] if len(lines) <= 2 else f"{lines[0]} ... {lines[-1].strip()}"
+        # jsonargparse puts the culprit key first and the reason and given value below; keep those.
+        short = " ".join(line.strip() for line in lines[:2])
+        if len(lines) > 2:
+            short += f" ... {lines[-1].strip()}"
         prog = self.prog.replace(" [options]", "")
         _fail(f"{short}\n(see '{prog} --help')")
 
