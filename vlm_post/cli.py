@@ -73,8 +73,22 @@ def main(args: list[str] | None = None) -> None:
     _quiet_progress_bars()
     try:
         VLMPostCLI(args=args)
-    except ConfigError as error:
-        _fail(str(error))
+    except Exception as error:
+        # jsonargparse wraps errors raised while instantiating classes; find ours in the chain.
+        cause = _config_error_in_chain(error)
+        if cause is None:
+            raise
+        _fail(str(cause))
+
+
+def _config_error_in_chain(error: BaseException | None) -> ConfigError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -99,6 +99,19 @@ def load_rows(source: DataSource):
         ) from None
     if source.limit is not None:
         rows = rows.select(range(min(source.limit, len(rows))))
+    return _images_undecoded(rows)
+
+
+def _images_undecoded(rows):
+    """Keep image columns as raw ``{"bytes", "path"}``: a corrupt image must reach our adapter as a
+    bad row to skip, not blow up inside ``datasets`` when the row is read."""
+    import datasets
+
+    for name, feature in rows.features.items():
+        if isinstance(feature, datasets.Image):
+            rows = rows.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
+            rows = rows.cast_column(name, type(feature)(datasets.Image(decode=False)))
     return rows
 
 
@@ -151,6 +164,8 @@ def open_image(value: Any, base_dir: Path | None = None):
             path = Path(path)
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
+            if not path.is_file():
+                raise BadRow(f"missing image file {path}")
             image = Image.open(path)
         image.load()
         return image.convert("RGB")

@@ -14,6 +14,7 @@ files, so tests and the demo never depend on a hub.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -121,22 +122,23 @@ def build_tiny_qwen2_5_vl(
     vocab_size: int = 500,
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
+    arch: Literal["qwen2_5_vl", "qwen2_vl"] = "qwen2_5_vl",
 ) -> Path:
-    """Write a random-init tiny Qwen2.5-VL (model + processor) in HF format to ``out_dir``."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    """Write a random-init tiny Qwen2.5-VL (or Qwen2-VL) with its processor, in HF format, to ``out_dir``."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    prefix = "Qwen2_5_VL" if arch == "qwen2_5_vl" else "Qwen2VL"
+    config_class = getattr(transformers, f"{prefix}Config")
+    model_class = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    processor_class = getattr(transformers, f"{prefix}Processor")
 
     out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer(vocab_size)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
     image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    processor = Qwen2_5_VLProcessor(
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -148,7 +150,7 @@ def build_tiny_qwen2_5_vl(
     # mrope splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
     half = head_dim // 2
     mrope_section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    config = Qwen2_5_VLConfig(
+    config = config_class(
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
@@ -162,18 +164,7 @@ def build_tiny_qwen2_5_vl(
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            out_hidden_size=hidden_size,
-            fullatt_block_indexes=[1],
-        ),
+        vision_config=_vision_config(arch, hidden_size),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -181,7 +172,7 @@ def build_tiny_qwen2_5_vl(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
@@ -189,3 +180,12 @@ def build_tiny_qwen2_5_vl(
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def _vision_config(arch: str, text_hidden: int) -> dict:
+    common = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if arch == "qwen2_vl":  # Qwen2-VL names the encoder width embed_dim and the output width hidden_size
+        return dict(common, embed_dim=64, mlp_ratio=2, hidden_size=text_hidden)
+    return dict(
+        common, hidden_size=64, intermediate_size=128, window_size=112, out_hidden_size=text_hidden, fullatt_block_indexes=[1]
+    )

@@ -74,6 +74,11 @@ class EvalConfig:
         return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
 
 
+# Checkpoints keep the hyperparameters, these dataclasses included; let `--ckpt_path` resume
+# load them under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([OptimConfig, EvalConfig])
+
+
 def lr_lambda(config: OptimConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < config.warmup_steps:

@@ -1,0 +1,45 @@
+"""Small builders the tests share (not fixtures, so tests can vary them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from vlm_post.data import DataSource, VLMDataModule
+from vlm_post.modules import EvalConfig, OptimConfig, SFTModule
+
+
+def sft_module(model_dir: Path, **kwargs) -> SFTModule:
+    kwargs.setdefault("optim", OptimConfig(lr=1e-3, warmup_steps=2, schedule="constant"))
+    kwargs.setdefault("eval", EvalConfig(max_new_tokens=12))
+    return SFTModule(str(model_dir), **kwargs)
+
+
+def demo_datamodule(data_dir: Path, batch_size: int = 8, **kwargs) -> VLMDataModule:
+    return VLMDataModule(
+        train=DataSource("demo_train", path=str(data_dir / "train.parquet")),
+        val=[DataSource("demo_val", path=str(data_dir / "validation.parquet"))],
+        test=[DataSource("demo_test", path=str(data_dir / "test.parquet"))],
+        batch_size=batch_size,
+        eval_batch_size=16,
+        min_pixels=12544,
+        max_pixels=12544,
+        **kwargs,
+    )
+
+
+def trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("limit_val_batches", 0)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )

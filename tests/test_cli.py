@@ -1,0 +1,96 @@
+"""Bad configuration ends in one short message naming the culprit, exit status 2, and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from vlm_post.cli import main
+
+DEMO = "configs/demo/sft.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["vlm_post"])  # as from the console script, not pytest's argv
+
+
+def run_main(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("vlm_post: error:")
+    assert len(err.strip().splitlines()) <= 3, err
+    return err
+
+
+@pytest.fixture
+def demo_overrides(tiny_model, demo_data, tmp_path):
+    return [
+        f"--model.init_args.model_name_or_path={tiny_model}",
+        f"--data.train.path={demo_data / 'train.parquet'}",
+        f"--data.val=[{{name: demo_val, path: {demo_data / 'validation.parquet'}}}]",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+
+
+def test_unknown_key(capsys):
+    err = run_main(["fit", "--config", DEMO, "--trainer.bogus_knob", "3"], capsys)
+    assert "bogus_knob" in err
+
+
+def test_wrong_type(capsys):
+    err = run_main(["fit", "--config", DEMO, "--data.batch_size", "many"], capsys)
+    assert "data.batch_size" in err and "many" in err
+
+
+def test_unknown_module_key(capsys):
+    err = run_main(["fit", "--config", DEMO, "--model.init_args.learning_rate", "3"], capsys)
+    assert "learning_rate" in err
+
+
+def test_missing_config_file(capsys):
+    err = run_main(["fit", "--config", "configs/demo/no_such.yaml"], capsys)
+    assert "no_such.yaml" in err
+
+
+def test_unresolvable_model_offline(capsys, demo_overrides):
+    started = time.time()
+    err = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=Qwen/No-Such-VL-7B"], capsys)
+    assert "Qwen/No-Such-VL-7B" in err and "offline" in err
+    assert time.time() - started < 30
+
+
+def test_missing_model_folder(capsys, demo_overrides):
+    err = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=./nowhere/model"], capsys)
+    assert "./nowhere/model" in err
+
+
+def test_missing_data_file(capsys, demo_overrides, monkeypatch):
+    loaded = []
+    import vlm_post.modules.base as base
+
+    monkeypatch.setattr(base, "load_policy", lambda *a, **k: loaded.append(a))
+    err = run_main(["fit", "--config", DEMO, *demo_overrides, "--data.train.path=missing/train.parquet"], capsys)
+    assert "missing/train.parquet" in err and "demo_train" in err
+    assert not loaded, "the model was loaded before the data error"
+
+
+def test_missing_init_from(capsys, demo_overrides):
+    err = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.init_from=runs/none/export"], capsys)
+    assert "runs/none/export" in err
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "vlm_post"
+    command = [str(script), "fit", "--model.help", "vlm_post.modules.SFTModule"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--model.init_from" in result.stdout and "weights only" in result.stdout

@@ -1,0 +1,27 @@
+"""Every shipped config parses and type-checks (class paths, keys, types), without loading any model."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from vlm_post.cli import main
+
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {"configs/demo/sft.yaml", "configs/demo/eval.yaml", "configs/geo3k/sft_qwen2_5_vl_7b.yaml"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_parses(config, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["vlm_post"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code in (0, None), captured.err
+    assert "class_path: vlm_post.modules." in captured.out

@@ -1,0 +1,172 @@
+"""The data module on real Geometry3K/MathVista rows and on deliberately broken rows."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import GEO3K_SAMPLE, MATHVISTA_TESTMINI, needs_shared
+from vlm_post.data import DataSource, VLMDataModule
+from vlm_post.data.collate import IGNORE_INDEX, Collator
+from vlm_post.data.prompting import build_messages
+from vlm_post.data.schema import Example
+from vlm_post.errors import ConfigError
+
+
+def _datamodule(processor, **kwargs) -> VLMDataModule:
+    kwargs.setdefault("min_pixels", 3136)
+    kwargs.setdefault("max_pixels", 12544)
+    dm = VLMDataModule(**kwargs)
+    dm.processor = processor
+    return dm
+
+
+@needs_shared
+def test_geometry3k_sample_normalised(processor):
+    dm = _datamodule(processor, val=[DataSource("geo3k", path=str(GEO3K_SAMPLE))])
+    dm.setup("validate")
+    dataset = dm.datasets["geo3k"]
+    assert len(dataset) == 10 and dm.skipped == {"geo3k": 0}
+    example = dataset[4]
+    assert example.id == "15" and example.answer == "5\\sqrt{3}"
+    assert example.choices == ["5", "5\\sqrt{2}", "5\\sqrt{3}", "10"]
+    assert example.extra["ground_truth"] == "C" and example.source == "geo3k"
+    assert all(im.mode == "RGB" and 3136 <= im.width * im.height <= 12544 for e in dataset for im in e.images)
+    batch = next(iter(dm.val_dataloader()[0]))
+    prompt = batch["prompt"]
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"):
+        assert key in prompt, key
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expected = int((prompt["image_grid_thw"].prod(-1) // 4).sum())
+    assert int((prompt["input_ids"] == image_id).sum()) == expected
+    assert torch.equal(prompt["mm_token_type_ids"].bool(), prompt["input_ids"] == image_id)
+    assert (prompt["attention_mask"][:, -1] == 1).all(), "prompts must be left-padded for generation"
+
+
+@needs_shared
+def test_mathvista_testmini_without_images_is_counted_not_crashed():
+    # testmini.json carries questions and answers but no images: every row is bad, and we say so.
+    dm = VLMDataModule(test=[DataSource("mathvista", kind="mathvista", path=str(MATHVISTA_TESTMINI))])
+    with pytest.warns(UserWarning, match="skipped 1000 of 1000 rows"):
+        with pytest.raises(ConfigError, match=r"'mathvista'.*no usable rows.*missing image file"):
+            dm._dataset(dm.test_sources[0])
+
+
+@needs_shared
+def test_mathvista_rows_normalised(tmp_path):
+    import json
+
+    rows = list(json.loads(MATHVISTA_TESTMINI.read_text()).values())[:40]
+    for row in rows:
+        row["image"] = "img.png"
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "img.png")
+    (tmp_path / "testmini.json").write_text(json.dumps(rows))
+    dm = VLMDataModule(test=[DataSource("mathvista", kind="mathvista", path=str(tmp_path / "testmini.json"))])
+    dataset = dm._dataset(dm.test_sources[0])
+    assert len(dataset) == 40
+    by_id = {e.id: e for e in dataset}
+    multi = next(r for r in rows if r["question_type"] == "multi_choice")
+    example = by_id[multi["pid"]]
+    assert example.choices == multi["choices"] and "(A) " in example.question
+    floats = [r for r in rows if r["answer_type"] == "float"]
+    assert floats and by_id[floats[0]["pid"]].precision == int(floats[0]["precision"])
+
+
+def _bad_rows_parquet(path):
+    good = io.BytesIO()
+    Image.new("RGB", (60, 40), "red").save(good, format="PNG")
+    rows = [
+        {"images": [{"bytes": good.getvalue(), "path": None}], "problem": "<image>Find x.", "answer": "3", "id": 1},
+        {"images": [{"bytes": b"not a png", "path": None}], "problem": "<image>Find y.", "answer": "4", "id": 2},
+        {"images": [], "problem": "<image>Find z.", "answer": "5", "id": 3},
+        {"images": [{"bytes": good.getvalue(), "path": None}], "problem": "  ", "answer": "6", "id": 4},
+        {"images": [{"bytes": good.getvalue(), "path": None}], "problem": "<image>Find w.", "answer": "", "id": 5},
+    ]
+    features = datasets.Features(
+        {
+            "images": datasets.List(datasets.Image()),
+            "problem": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "id": datasets.Value("int64"),
+        }
+    )
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def test_bad_rows_reported_skipped_counted(tmp_path, processor):
+    path = _bad_rows_parquet(tmp_path / "bad.parquet")
+    dm = _datamodule(processor, val=[DataSource("mixed", path=str(path))])
+    with pytest.warns(UserWarning) as warnings:
+        dm.setup("validate")
+    dataset = dm.datasets["mixed"]
+    assert [e.id for e in dataset] == ["1"]
+    assert dm.skipped == {"mixed": 4}
+    reasons = dict(dataset.skipped)
+    assert "corrupt" in reasons["2"] and "missing image" in reasons["3"]
+    assert "empty question" in reasons["4"] and "empty answer" in reasons["5"]
+    messages = " ".join(str(w.message) for w in warnings)
+    assert "id=2" in messages and "skipped 4 of 5 rows" in messages
+
+
+def test_bad_rows_fail_fast(tmp_path, processor):
+    path = _bad_rows_parquet(tmp_path / "bad.parquet")
+    dm = _datamodule(processor, val=[DataSource("mixed", path=str(path))], fail_fast=True)
+    with pytest.raises(ConfigError, match=r"'mixed'.*id=2.*corrupt"):
+        dm.setup("validate")
+
+
+def test_missing_data_file_fails_at_construction():
+    with pytest.raises(ConfigError, match=r"'train'.*not found.*nowhere.parquet"):
+        VLMDataModule(train=DataSource("train", path="data/nowhere.parquet"))
+
+
+def test_hub_source_offline_names_the_source():
+    dm = VLMDataModule(val=[DataSource("geo3k_val", path="hiyouga/geometry3k", split="validation")])
+    with pytest.raises(ConfigError, match=r"'geo3k_val'.*hiyouga/geometry3k.*validation"):
+        dm._dataset(dm.val_sources[0])
+
+
+def test_images_follow_markers():
+    image = Image.new("RGB", (28, 28))
+    example = Example(id="1", images=[image], question="<image>Find y.", answer="3", source="s")
+    content = build_messages(example, "Box it.")[0]["content"]
+    assert [p["type"] for p in content] == ["image", "text", "text"]
+    assert content[1]["text"] == "Find y." and content[2]["text"].strip() == "Box it."
+    two = Example(id="2", images=[image, image], question="Compare <image> with", answer="a", source="s")
+    types = [p["type"] for p in build_messages(two, "")[0]["content"]]
+    assert types.count("image") == 2 and types[:2] == ["image", "image"]
+
+
+def test_sft_labels_cover_the_answer_only(processor):
+    image = Image.new("RGB", (112, 112), "white")
+    examples = [
+        Example(id="1", images=[image], question="<image>Which bar?", answer="red", source="s"),
+        Example(id="2", images=[image], question="<image>Which bar is longer, red or blue?", answer="blue", source="s"),
+    ]
+    batch = Collator(processor, with_prompt=True, with_sft=True)(examples)
+    sft = batch["sft"]
+    for key in batch["prompt"]:
+        assert key in sft, f"processor output {key} dropped from the SFT batch"
+    tokenizer = processor.tokenizer
+    for row, example in enumerate(examples):
+        target = sft["labels"][row][sft["labels"][row] != IGNORE_INDEX]
+        assert tokenizer.decode(target) == f"<think></think>\\boxed{{{example.answer}}}<|im_end|>"
+        length = int(sft["attention_mask"][row].sum())
+        assert (sft["attention_mask"][row][:length] == 1).all(), "SFT rows are right-padded"
+        # mrope needs the image positions marked, and nothing after the prompt marked as image.
+        image_positions = sft["input_ids"][row] == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert torch.equal(sft["mm_token_type_ids"][row].bool(), image_positions)
+    assert torch.equal(sft["pixel_values"], batch["prompt"]["pixel_values"])
+
+
+def test_sft_target_column(processor):
+    image = Image.new("RGB", (56, 56))
+    example = Example(id="1", images=[image], question="Q", answer="3", source="s", extra={"solution": "<think>1+2</think>\\boxed{3}"})
+    sft = Collator(processor, with_prompt=False, with_sft=True, target_column="solution")([example])["sft"]
+    target = sft["labels"][0][sft["labels"][0] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(target) == "<think>1+2</think>\\boxed{3}<|im_end|>"
