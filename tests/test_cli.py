@@ -94,3 +94,13 @@ def test_console_script_help():
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--model.init_from" in result.stdout and "weights only" in result.stdout
+
+
+def test_default_precision_is_fp32_without_a_bf16_gpu():
+    import torch
+
+    from vlm_post.cli import default_precision
+
+    assert default_precision("cpu") == "32-true"
+    expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    assert default_precision("auto") == expected

@@ -54,6 +54,17 @@ def test_fit_select_best_export_then_test(tiny_model, demo_data, tmp_path):
         summaries[label] = json.loads((out / "summary.json").read_text())["results"][0]
         records = [json.loads(line) for line in (out / "demo_test.jsonl").read_text().splitlines()]
         assert len(records) == 16 and {"id", "responses", "extracted", "correct"} <= set(records[0])
+    predictions = tmp_path / "predict"
+    vlm_post(
+        "predict", "--config", "configs/demo/eval.yaml",
+        f"--model.init_args.model_name_or_path={tiny_model}",
+        f"--model.init_args.init_from={run / 'export'}",
+        f"--data.test=[{{name: demo_test, path: {demo_data / 'test.parquet'}}}]",
+        f"--model.init_args.eval.output_dir={predictions}",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (predictions / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all("\\boxed{" in row["response"] for row in rows)
+
     assert summaries["base"]["accuracy"] == 0.0
     assert summaries["sft"]["accuracy"] >= summaries["base"]["accuracy"] + 0.2
     assert summaries["sft"]["format_rate"] == 1.0

@@ -36,4 +36,4 @@ def test_sft_loss_is_masked_token_mean_next_token_nll():
 def test_sft_loss_without_targets_is_zero_with_grad():
     hidden = torch.randn(1, 4, 8, requires_grad=True)
     loss, count = sft_cross_entropy(hidden, torch.randn(5, 8), torch.full((1, 4), IGNORE_INDEX))
-    assert count == 0 and float(loss) == 0.0 and loss.requires_grad
+    assert count == 0 and loss.detach().item() == 0.0 and loss.requires_grad

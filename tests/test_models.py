@@ -63,7 +63,8 @@ def test_freeze_options(tiny_model):
 def test_gradient_checkpointing_trains(tiny_model, demo_data, tmp_path):
     module = sft_module(tiny_model, gradient_checkpointing=True)
     trainer(tmp_path, max_steps=2).fit(module, demo_datamodule(demo_data, batch_size=4))
-    assert module.policy.is_gradient_checkpointing
+    flag = getattr(module.policy, "is_activation_checkpointing", None)
+    assert flag if flag is not None else module.policy.is_gradient_checkpointing
 
 
 def test_export_round_trip(tiny_model, tmp_path):

@@ -58,6 +58,19 @@ class VLMPostCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(HFExport, "export")
 
+    def before_instantiate_classes(self) -> None:
+        # Unset trainer.precision: bf16 mixed precision where the device supports it, fp32 elsewhere.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:
+            config.trainer.precision = default_precision(config.trainer.accelerator)
+
+
+def default_precision(accelerator) -> str:
+    import torch
+
+    wants_gpu = accelerator in ("auto", "gpu", "cuda") or accelerator is None
+    return "bf16-mixed" if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
 
 def _quiet_progress_bars() -> None:
     # Per-file download/convert bars from datasets and transformers drown the training log.

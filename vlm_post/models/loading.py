@@ -9,8 +9,10 @@ half-built model. Qwen2.5-VL is the first target; Qwen2-VL and other
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 
@@ -41,6 +43,14 @@ def resolve_model_path(name: str, what: str = "model") -> str:
             f"{what} {name!r} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
             "(HF_HUB_OFFLINE=1): download it first or pass a local folder"
         )
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:  # a quick name lookup spares the user five noisy retries when there is no network at all
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ConfigError(
+            f"{what} {name!r} is neither a local folder nor in the Hugging Face cache, and the hub ({host}) "
+            "cannot be reached: download it first or pass a local folder"
+        ) from None
     try:
         hf_hub_download(name, "config.json", etag_timeout=10)
         return name

@@ -152,7 +152,11 @@ class PolicyModule(LightningModule):
             rank_zero_info(f"policy weights initialised from {self.init_from}")
         freeze_vision(self.policy, *self.freeze)
         if self.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.policy, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+                self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.policy.config.use_cache = False
 
     def batch_parts(self, split: str) -> set[str]:
@@ -222,10 +226,25 @@ class PolicyModule(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         rollouts = self.engine.generate(self.policy, batch["prompt"], self.eval_config.sampling())
         examples = batch["examples"]
-        return [
+        rows = [
             {"id": examples[int(i)].id, "dataset": examples[int(i)].source, "response": text}
             for text, i in zip(rollouts.texts, rollouts.prompt_index)
         ]
+        self.eval_records.setdefault("predictions", []).extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        if self.trainer.is_global_zero:
+            out = self._output_dir()
+            with open(out / "predictions.jsonl", "w") as handle:
+                for row in self.eval_records.pop("predictions", []):
+                    handle.write(json.dumps(row) + "\n")
+            rank_zero_info(f"predictions written to {out / 'predictions.jsonl'}")
+
+    def _output_dir(self) -> Path:
+        out = Path(self.eval_config.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "eval")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
 
     def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
         summary = {}
@@ -247,8 +266,7 @@ class PolicyModule(LightningModule):
         summary = self._log_eval("test")
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
-        out = Path(self.eval_config.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "eval")
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._output_dir()
         for name, records in self.eval_records.items():
             with open(out / f"{name}.jsonl", "w") as handle:
                 for record in records:
