@@ -82,7 +82,8 @@ class Collator:
             padding_side="left",
         )
         encoding = dict(encoding)
-        batch: dict = {"examples": examples}
+        # Images per example, to regroup pixel rows when prompts are repeated for n samples.
+        batch: dict = {"examples": examples, "image_counts": [len(example.images) for example in examples]}
         if self.with_prompt:
             batch["prompt"] = encoding
         if self.with_sft:
