@@ -43,7 +43,7 @@ class HFGenerateEngine(RolloutEngine):
                 **prompt,
                 **sampling,
                 max_new_tokens=params.max_new_tokens,
-                num_return_sequences=params.n,
+                num_return_sequences=1 if params.greedy else params.n,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_token_id,
                 suppress_tokens=self.banned or None,
@@ -51,6 +51,8 @@ class HFGenerateEngine(RolloutEngine):
         finally:
             policy.train(was_training)
         response = output[:, prompt["input_ids"].shape[1] :]
+        if params.greedy and params.n > 1:  # n greedy samples are one sample n times
+            response = response.repeat_interleave(params.n, dim=0)
         is_stop = torch.isin(response, torch.tensor(self.stop_ids, device=response.device))
         # A response ends at its first stop token, which is kept; everything after is padding.
         after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0

@@ -1,0 +1,72 @@
+"""Sampling through the HF engine, and prompt+response batches that reproduce the sampler's view."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from vlm_post.data.collate import Collator
+from vlm_post.data.schema import Example
+from vlm_post.models.loading import load_policy
+from vlm_post.rollout import HFGenerateEngine, SamplingParams
+from vlm_post.rollout.sequences import policy_inputs, repeat_prompts
+
+
+def _batch(processor):
+    examples = [
+        Example(id="a", images=[Image.new("RGB", (112, 112), "red")], question="<image>Which bar?", answer="red", source="s"),
+        Example(
+            id="b",
+            images=[Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (84, 56), "white")],
+            question="<image> and <image>: which is longer, the red one or the blue one?",
+            answer="blue",
+            source="s",
+        ),
+    ]
+    return Collator(processor)(examples)
+
+
+def test_repeat_prompts_groups_pixels_per_prompt(processor):
+    batch = _batch(processor)
+    prompt = batch["prompt"]
+    repeated = repeat_prompts(prompt, batch["image_counts"], n=3)
+    assert repeated["input_ids"].shape[0] == 6
+    patches = prompt["image_grid_thw"].prod(-1).tolist()  # [64, 16, 24]: one image, then two
+    first, second = prompt["pixel_values"][: patches[0]], prompt["pixel_values"][patches[0] :]
+    expected = torch.cat([first] * 3 + [second] * 3)
+    assert torch.equal(repeated["pixel_values"], expected)
+    assert repeated["image_grid_thw"].shape[0] == 9
+
+
+def test_prompt_plus_response_forward_reproduces_the_sampler_logits(tiny_model, processor):
+    """Positions, mrope (via mm_token_type_ids), image rows: any slip changes the re-scored logits."""
+    torch.manual_seed(0)
+    policy = load_policy(str(tiny_model)).eval()
+    batch = _batch(processor)
+    engine, n = HFGenerateEngine(processor), 2
+    rollouts = engine.generate(policy, batch["prompt"], SamplingParams(n=n, temperature=0.0, max_new_tokens=10))
+    assert rollouts.response_ids.shape[0] == 4 and rollouts.prompt_index.tolist() == [0, 0, 1, 1]
+    with torch.no_grad():
+        steps = policy.generate(
+            **batch["prompt"], do_sample=False, max_new_tokens=10, output_logits=True, return_dict_in_generate=True,
+            eos_token_id=engine.stop_ids, pad_token_id=engine.pad_token_id, suppress_tokens=engine.banned,
+        ).logits  # fmt: skip
+        sampler_logits = torch.stack(steps, dim=1).repeat_interleave(n, dim=0)  # (B*n, L, V)
+        inputs = policy_inputs(batch["prompt"], batch["image_counts"], rollouts, n)
+        logits = policy(**inputs).logits
+    width, length = batch["prompt"]["input_ids"].shape[1], rollouts.response_ids.shape[1]
+    rescored = logits[:, width - 1 : width - 1 + length]
+    mask = rollouts.response_mask.bool()
+    assert torch.equal(rescored.argmax(-1)[mask], rollouts.response_ids[mask])
+    banned = torch.tensor(engine.banned)
+    rescored[..., banned] = sampler_logits[..., banned]  # suppressed tokens are -inf in the sampler's view
+    torch.testing.assert_close(rescored[mask], sampler_logits[:, :length][mask], atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_never_emits_vision_tokens(tiny_model, processor):
+    torch.manual_seed(0)
+    policy = load_policy(str(tiny_model))
+    engine = HFGenerateEngine(processor)
+    rollouts = engine.generate(policy, _batch(processor)["prompt"], SamplingParams(n=8, temperature=1.5, max_new_tokens=24))
+    assert not torch.isin(rollouts.response_ids, torch.tensor(engine.banned)).any()
+    assert policy.training, "the engine must restore train mode"
