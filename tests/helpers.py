@@ -12,7 +12,7 @@ from vlm_post.modules import EvalConfig, OptimConfig, SFTModule
 
 def sft_module(model_dir: Path, **kwargs) -> SFTModule:
     kwargs.setdefault("optim", OptimConfig(lr=1e-3, warmup_steps=2, schedule="constant"))
-    kwargs.setdefault("eval", EvalConfig(max_new_tokens=12))
+    kwargs.setdefault("eval", EvalConfig(n=0, greedy=True, max_new_tokens=12))
     return SFTModule(str(model_dir), **kwargs)
 
 

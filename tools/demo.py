@@ -64,7 +64,8 @@ def main() -> None:
     from vlm_post.modules.base import format_table
 
     (ROOT / RUNS / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n" + format_table([{k: v for k, v in r.items() if k != "weights"} for r in rows]))
+    shown = ["model", "dataset", "accuracy", "mean_accuracy", "pass@16", "entropy", "mean_distinct_answers", "format_rate"]
+    print("\n" + format_table([{k: r[k] for k in shown if k in r} for r in rows]))
     print(f"\nsummary written to {RUNS / 'summary.json'} ({time.time() - started:.0f} s in all)")
     accuracy = {row["model"]: row["accuracy"] for row in rows}
     if accuracy["sft"] - accuracy["base"] < MIN_SFT_GAIN:

@@ -1,34 +1,252 @@
-"""Per-token log-probs from hidden states, chunked over tokens.
+"""Per-token log-probs and entropies from hidden states, chunked over tokens.
 
 Qwen2.5-VL's vocabulary has 151,936 entries: the fp32 logits of 8 x 1024
-tokens alone take 5 GB. We never build them for the whole batch. Each chunk of
-tokens is projected, reduced to what the loss needs, and (when training)
-recomputed in the backward pass instead of kept, so peak memory is one chunk's
-logits whatever the batch.
+tokens alone take 5 GB, and a naive log_softmax + entropy keeps three such
+tensors alive. We never build them for the whole batch. Each chunk of tokens is
+projected, reduced to the per-token numbers we need (log p(target), the
+log-normaliser and the entropy) and dropped; the backward pass recomputes each
+chunk's logits instead of keeping them, so peak memory is one chunk's fp32
+logits whatever the batch (two on GPU, where the exponentials get a
+chunk-sized buffer too, see ``_block_rows``).
+
+The recomputation is a hand-written autograd Function rather than
+``torch.utils.checkpoint``: checkpointing would replay the forward's
+full-vocabulary elementwise ops and then autograd through each of them, while
+the gradient only needs the chunk's softmax, which the saved log-normaliser
+gives in one pass. That keeps forward + backward within reach of the naive
+version's time (bench/logprob_entropy.py measures both).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+# Tokens per chunk. At V = 151,936 one fp32 chunk of logits is 0.6 GB at 1024
+# tokens (about 4% of what the naive computation holds for 8 x 1024 tokens),
+# and large enough that the projection runs at full matmul speed.
+DEFAULT_CHUNK_SIZE = 1024
+
+# On CPU the elementwise passes over a chunk's logits run over blocks of rows
+# of about this many bytes, so that a block stays in cache across its ~5
+# passes instead of streaming the whole chunk from memory for each. On GPU a
+# block is the whole chunk: fewer, larger kernels.
+_CPU_BLOCK_BYTES = 4 << 20
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.t()).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _block_rows(logits: torch.Tensor) -> int:
+    if logits.device.type != "cpu":
+        return max(1, logits.shape[0])
+    return max(1, _CPU_BLOCK_BYTES // (logits.element_size() * logits.shape[1]))
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``hidden @ weight.T`` runs in here: autocast's (bf16-mixed training), else the inputs'."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T, in the dtype of ``weight``, written into the fp32 buffer ``out``."""
+    hidden = hidden.to(weight.dtype)
+    if weight.dtype == torch.float32:
+        return torch.mm(hidden, weight.t(), out=out)
+    return out.copy_(hidden @ weight.t())
+
+
+def _buffers(num_tokens: int, chunk_size: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A chunk-sized fp32 logits buffer, a block-sized one for exponentials, and the block's row count.
+
+    Reused across chunks, so the allocator does not map and fault in fresh
+    pages of vocabulary width for every chunk.
+    """
+    logits = torch.empty(min(chunk_size, num_tokens), weight.shape[0], dtype=torch.float32, device=weight.device)
+    block = _block_rows(logits)
+    exps = torch.empty(min(block, logits.shape[0]), weight.shape[0], dtype=torch.float32, device=weight.device)
+    return logits, exps, block
+
+
+class _ChunkedLogprobsEntropy(torch.autograd.Function):
+    """log p(target) and H(p) per token, p = softmax(hidden @ weight.T / T), chunk by chunk.
+
+    Saved for backward: the inputs and two (N,) fp32 vectors (log-normaliser,
+    entropy); nothing of vocabulary size. The matmuls run in ``matmul_dtype``
+    (autocast is switched off inside and applied by hand, so that the backward
+    pass recomputes exactly the forward's logits); everything else in fp32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+        temperature: float,
+        with_entropy: bool,
+        matmul_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedLogprobsEntropy._forward(
+                ctx, hidden, weight, targets, chunk_size, temperature, with_entropy, matmul_dtype
+            )
+
+    @staticmethod
+    def _forward(
+        ctx: FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+        temperature: float,
+        with_entropy: bool,
+        matmul_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens = hidden.shape[0]
+        head = weight.to(matmul_dtype)  # cast once, not per chunk
+        logprobs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        log_normaliser = torch.empty_like(logprobs)
+        entropy = torch.empty(num_tokens if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        logits, exps, block = _buffers(num_tokens, chunk_size, weight)
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            chunk = _project(hidden[start:stop], head, logits[: stop - start])
+            for offset in range(0, stop - start, block):
+                rows = slice(start + offset, min(start + offset + block, stop))
+                # Work relative to the row max: exp cannot overflow, and the entropy
+                # log(s) - E[z - max] does not cancel two large numbers.
+                shifted = chunk[offset : offset + block]
+                if temperature != 1.0:
+                    shifted.div_(temperature)
+                row_max = shifted.amax(dim=-1, keepdim=True)
+                shifted.sub_(row_max)
+                unnormalised = torch.exp(shifted, out=exps[: shifted.shape[0]])
+                sum_exp = unnormalised.sum(dim=-1)
+                log_sum = sum_exp.log()
+                log_normaliser[rows] = row_max.squeeze(-1) + log_sum
+                logprobs[rows] = shifted.gather(-1, targets[rows, None]).squeeze(-1) - log_sum
+                if with_entropy:
+                    entropy[rows] = log_sum - torch.linalg.vecdot(unnormalised, shifted) / sum_exp
+        ctx.save_for_backward(hidden, weight, targets, log_normaliser, entropy)
+        ctx.chunk_size, ctx.temperature, ctx.with_entropy = chunk_size, temperature, with_entropy
+        ctx.matmul_dtype, ctx.device_type = matmul_dtype, hidden.device.type
+        ctx.set_materialize_grads(False)  # an unused output (often the entropy) arrives as None: skip its work
+        return logprobs, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _ChunkedLogprobsEntropy._backward(ctx, grad_logprobs, grad_entropy)
+
+    @staticmethod
+    def _backward(
+        ctx: FunctionCtx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, targets, log_normaliser, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not ctx.with_entropy:
+            grad_entropy = None  # the (0,) placeholder output carries no gradient
+        if (grad_logprobs is None and grad_entropy is None) or not (need_hidden or need_weight):
+            return None, None, None, None, None, None, None
+        head = weight.to(ctx.matmul_dtype)
+        num_tokens, chunk_size, temperature = hidden.shape[0], ctx.chunk_size, ctx.temperature
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        logits, exps, block = _buffers(num_tokens, chunk_size, weight)
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            h = hidden[start:stop].to(head.dtype)
+            chunk = _project(h, head, logits[: stop - start])  # overwritten, block by block, by dloss/dz
+            for offset in range(0, stop - start, block):
+                rows = slice(start + offset, min(start + offset + block, stop))
+                logp = chunk[offset : offset + block]
+                if temperature != 1.0:
+                    logp.div_(temperature)
+                logp.sub_(log_normaliser[rows, None])
+                probs = torch.exp(logp, out=exps[: logp.shape[0]])
+                # d logp_t / dz = onehot_t - p ;  dH / dz = -p * (log p + H).  Both share the factor -p.
+                if grad_entropy is not None:
+                    logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None])
+                    if grad_logprobs is not None:
+                        logp.add_(grad_logprobs[rows, None])
+                    logp.mul_(probs).neg_()
+                else:
+                    torch.mul(probs, grad_logprobs[rows, None].neg(), out=logp)
+                if grad_logprobs is not None:
+                    logp.scatter_add_(-1, targets[rows, None], grad_logprobs[rows, None])
+            grad_chunk = chunk.to(head.dtype)
+            if grad_hidden is not None:
+                if grad_hidden.dtype == head.dtype:
+                    torch.mm(grad_chunk, head, out=grad_hidden[start:stop])
+                else:
+                    grad_hidden[start:stop] = grad_chunk @ head
+            if grad_weight is not None:
+                if grad_weight.dtype == head.dtype:
+                    grad_weight.addmm_(grad_chunk.t(), h)  # accumulate in place: no (V, H) temporary per chunk
+                else:  # bf16 products summed in the weight's dtype, as autocast's cast-back would
+                    grad_weight.add_(grad_chunk.t() @ h)
+            del grad_chunk
+        if temperature != 1.0:  # z = logits / T: scale the (N, H) and (V, H) results, not every (chunk, V)
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad.div_(temperature)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def token_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = True,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p(target) and full-vocabulary entropy under softmax(hidden @ weight.T / temperature).
+
+    ``hidden`` (N, H) and ``weight`` (V, H) are the last hidden states and the
+    output head (the matmul runs in their dtype, everything after it in fp32),
+    ``targets`` (N,) are token ids. Returns
+    ``(logprobs, entropy)``, both (N,) fp32; ``entropy`` is None when
+    ``with_entropy`` is False. The entropy is exact, -sum_v p_v log p_v over the
+    whole vocabulary, not the one-sample estimate -log p(target).
+
+    Under autocast (bf16-mixed training) the projection runs in autocast's
+    dtype, as ``hidden @ weight.T`` would; gradients come back in the dtypes of
+    ``hidden`` and ``weight``.
+
+    Pass the sampling temperature when scoring responses sampled at T != 1, so
+    that log-probs and entropy are those of the distribution sampled from.
+    Both outputs are differentiable with respect to ``hidden`` and ``weight``;
+    logits are never held for more than ``chunk_size`` tokens, and the backward
+    pass recomputes them chunk by chunk. The result does not depend on
+    ``chunk_size`` beyond float rounding.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {shapes}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected targets of shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    logprobs, entropy = _ChunkedLogprobsEntropy.apply(
+        hidden, weight, targets.long(), chunk_size, float(temperature), with_entropy, _matmul_dtype(hidden, weight)
+    )
+    return logprobs, (entropy if with_entropy else None)
 
 
 def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` (N, H) under the head ``weight`` (V, H); returns (N,) fp32."""
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    outputs = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            outputs.append(checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False))
-        else:
-            outputs.append(_chunk_logprobs(h, weight, t))
-    return torch.cat(outputs)
+    logprobs, _ = token_logprobs_and_entropy(hidden, weight, targets, chunk_size, False, temperature)
+    return logprobs

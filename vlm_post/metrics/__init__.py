@@ -1,5 +1,18 @@
-"""Metrics (torchmetrics, synced across ranks)."""
+"""Metrics (torchmetrics, synced across ranks) and the pure functions behind them."""
 
+from vlm_post.metrics.bootstrap import bootstrap_ci
+from vlm_post.metrics.diversity import AnswerDiversity, distinct_answer_count
+from vlm_post.metrics.entropy import TokenEntropy
 from vlm_post.metrics.evaluation import EvalMetrics
+from vlm_post.metrics.pass_at_k import PassAtK, pass_at_k, pass_at_k_per_problem
 
-__all__ = ["EvalMetrics"]
+__all__ = [
+    "AnswerDiversity",
+    "EvalMetrics",
+    "PassAtK",
+    "TokenEntropy",
+    "bootstrap_ci",
+    "distinct_answer_count",
+    "pass_at_k",
+    "pass_at_k_per_problem",
+]

@@ -1,4 +1,5 @@
-from vlm_post.modules.base import EvalConfig, OptimConfig, PolicyModule
+from vlm_post.modules.base import OptimConfig, PolicyModule
+from vlm_post.modules.evaluation import EvalConfig
 from vlm_post.modules.sft import SFTModule
 
 __all__ = ["EvalConfig", "OptimConfig", "PolicyModule", "SFTModule"]

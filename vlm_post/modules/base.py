@@ -38,8 +38,11 @@ from vlm_post.models.loading import (
     load_processor,
     resolve_model_path,
 )
-from vlm_post.rewards import grade
-from vlm_post.rollout import HFGenerateEngine, SamplingParams
+from vlm_post.losses import token_logprobs_and_entropy
+from vlm_post.metrics import bootstrap_ci, pass_at_k_per_problem
+from vlm_post.modules.evaluation import EvalConfig, evaluate_batch
+from vlm_post.rewards import grading_stats
+from vlm_post.rollout import HFGenerateEngine
 
 
 @dataclass
@@ -53,25 +56,6 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
-
-
-@dataclass
-class EvalConfig:
-    """How evaluation samples. ``temperature: 0`` is greedy; ``n`` responses per problem otherwise.
-
-    ``output_dir`` receives per-problem JSONL and ``summary.json`` after ``vlm_post test``
-    (default ``<log_dir>/eval``).
-    """
-
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    output_dir: str | None = None
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
 
 
 # Checkpoints keep the hyperparameters, these dataclasses included; let `--ckpt_path` resume
@@ -103,6 +87,7 @@ class PolicyModule(LightningModule):
         freeze_projector: bool = False,
         optim: OptimConfig | None = None,
         eval: EvalConfig | None = None,
+        val: EvalConfig | None = None,
         logprob_chunk_size: int = 1024,
     ) -> None:
         """
@@ -116,7 +101,9 @@ class PolicyModule(LightningModule):
             freeze_vision_tower: do not train the vision encoder.
             freeze_projector: do not train the vision-to-text projector (Qwen's merger).
             optim: optimizer and learning-rate schedule.
-            eval: sampling for validation and test.
+            eval: sampling and metrics for ``vlm_post test`` (n samples, greedy, pass@k, entropy).
+            val: the same for validation inside fit (default: ``eval``); keep it cheap, it runs every
+                ``trainer.val_check_interval`` steps.
             logprob_chunk_size: tokens per chunk when projecting hidden states onto the vocabulary.
         """
         super().__init__()
@@ -133,6 +120,7 @@ class PolicyModule(LightningModule):
         self.freeze = (freeze_vision_tower, freeze_projector)
         self.optim = optim or OptimConfig()
         self.eval_config = eval or EvalConfig()
+        self.val_config = val or self.eval_config
         self.logprob_chunk_size = logprob_chunk_size
         self.policy: torch.nn.Module | None = None
         self.eval_metrics = torch.nn.ModuleDict()
@@ -187,57 +175,69 @@ class PolicyModule(LightningModule):
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    def _metrics(self, stage: str, name: str) -> EvalMetrics:
+    def response_logprobs(
+        self, inputs: dict, prompt_width: int, response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs (and entropy) of the response tokens, shaped like ``response_mask`` (rows, L).
+
+        The hidden state that predicts response token j sits at ``prompt_width + j - 1``;
+        only masked positions are projected onto the vocabulary, in chunks.
+        """
+        hidden = self.hidden_states(inputs)
+        length = response_mask.shape[1]
+        mask = response_mask.bool()
+        predicting = hidden[:, prompt_width - 1 : prompt_width - 1 + length][mask]
+        targets = inputs["input_ids"][:, prompt_width : prompt_width + length][mask]
+        logprobs, entropy = token_logprobs_and_entropy(
+            predicting, self.head_weight, targets, self.logprob_chunk_size, with_entropy=with_entropy, temperature=temperature
+        )
+        full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        out_logprobs = full.masked_scatter(mask, logprobs)
+        out_entropy = full.masked_scatter(mask, entropy) if with_entropy else None
+        return out_logprobs, out_entropy
+
+    def _metrics(self, stage: str, name: str, config: EvalConfig) -> EvalMetrics:
         key = f"{stage}__{name}"
         if key not in self.eval_metrics:
-            self.eval_metrics[key] = EvalMetrics().to(self.device)
+            self.eval_metrics[key] = EvalMetrics(config.pass_k, greedy=config.greedy).to(self.device)
         return self.eval_metrics[key]
 
-    def evaluate_batch(self, batch: dict, stage: str) -> str:
-        """Sample, grade and update the data set's metrics; returns the data set's name."""
+    def evaluate(self, batch: dict, stage: str) -> str:
+        """Evaluate one batch of one data set and update its metrics; returns the data set's name."""
+        config = self.val_config if stage == "val" else self.eval_config
         examples = batch["examples"]
         name = examples[0].source
-        rollouts = self.engine.generate(self.policy, batch["prompt"], self.eval_config.sampling())
-        graded = [grade(text, examples[int(i)]) for text, i in zip(rollouts.texts, rollouts.prompt_index)]
-        correct = [ok for ok, _ in graded]
-        self._metrics(stage, name).update_from(correct, [answer is not None for _, answer in graded], rollouts.lengths)
+        result = evaluate_batch(self, batch, config)
+        self._metrics(stage, name, config).update_from(**result.metric_fields())
         if stage == "test":
-            n = self.eval_config.n
-            records = self.eval_records.setdefault(name, [])
-            for j, example in enumerate(examples):
-                rows = range(j * n, (j + 1) * n)
-                records.append(
-                    {
-                        "id": example.id,
-                        "answer": example.answer,
-                        "responses": [rollouts.texts[r] for r in rows],
-                        "extracted": [graded[r][1] for r in rows],
-                        "correct": [graded[r][0] for r in rows],
-                    }
-                )
+            self.eval_records.setdefault(name, []).extend(result.records(examples))
         return name
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluate_batch(batch, "val")
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluate_batch(batch, "test")
+        self.evaluate(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        rollouts = self.engine.generate(self.policy, batch["prompt"], self.eval_config.sampling())
-        examples = batch["examples"]
+        """One row per problem with its ``eval.n`` sampled responses (or the greedy one when n = 0)."""
+        config = self.eval_config
+        params = config.sampling() if config.n else config.greedy_sampling()
+        rollouts = self.engine.generate(self.policy, batch["prompt"], params)
+        examples, n = batch["examples"], params.n
         rows = [
-            {"id": examples[int(i)].id, "dataset": examples[int(i)].source, "response": text}
-            for text, i in zip(rollouts.texts, rollouts.prompt_index)
+            {"id": example.id, "dataset": example.source, "responses": rollouts.texts[i * n : (i + 1) * n]}
+            for i, example in enumerate(examples)
         ]
         self.eval_records.setdefault("predictions", []).extend(rows)
         return rows
 
     def on_predict_epoch_end(self) -> None:
+        rows = self._gather(self.eval_records.pop("predictions", []))
         if self.trainer.is_global_zero:
             out = self._output_dir()
             with open(out / "predictions.jsonl", "w") as handle:
-                for row in self.eval_records.pop("predictions", []):
+                for row in rows:
                     handle.write(json.dumps(row) + "\n")
             rank_zero_info(f"predictions written to {out / 'predictions.jsonl'}")
 
@@ -246,17 +246,27 @@ class PolicyModule(LightningModule):
         out.mkdir(parents=True, exist_ok=True)
         return out
 
+    def _gather(self, rows: list) -> list:
+        """All ranks' rows, on every rank (a no-op in one process)."""
+        if self.trainer.world_size == 1:
+            return rows
+        gathered = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, rows)
+        return [row for part in gathered for row in part]
+
     def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
         summary = {}
         for key, metrics in self.eval_metrics.items():
             metric_stage, name = key.split("__", 1)
             if metric_stage != stage:
                 continue
-            values = {k: float(v) for k, v in metrics.compute().items()}
+            values = {k: float(v) for k, v in metrics.compute().items()}  # compute() syncs across ranks
             metrics.reset()
             summary[name] = values
             for metric, value in values.items():
-                self.log(f"{stage}/{name}/{metric}", value)  # already synced by compute()
+                self.log(f"{stage}/{name}/{metric}", value)
+        timeouts = grading_stats().reset()["timeouts"]  # counted since the last evaluation
+        self.log(f"{stage}/grading_timeouts", float(timeouts), reduce_fx="sum", sync_dist=True)
         return summary
 
     def on_validation_epoch_end(self) -> None:
@@ -264,22 +274,46 @@ class PolicyModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         summary = self._log_eval("test")
-        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
-            return
-        out = self._output_dir()
-        for name, records in self.eval_records.items():
-            with open(out / f"{name}.jsonl", "w") as handle:
-                for record in records:
-                    handle.write(json.dumps(record) + "\n")
-        rows = [
-            {"dataset": name, "problems": len(self.eval_records.get(name, [])), **values}
-            for name, values in summary.items()
-        ]
-        meta = {"model": self.init_from or self.model_path, "global_step": self.global_step, "eval": asdict(self.eval_config)}
-        (out / "summary.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+        records = {name: self._gather(self.eval_records.get(name, [])) for name in summary}
         self.eval_records = {}
-        print(format_table(rows))
+        if not self.trainer.is_global_zero:
+            return
+        config = self.eval_config
+        rows = []
+        for name, values in summary.items():
+            intervals = confidence_intervals(records[name], config)
+            for metric, (low, high) in intervals.items():
+                self.log(f"test/{name}/{metric}_ci_low", low, rank_zero_only=True)
+                self.log(f"test/{name}/{metric}_ci_high", high, rank_zero_only=True)
+            rows.append({"dataset": name, "problems": len(records[name]), **values, "ci": intervals})
+        out = self._output_dir()
+        for name, problem_rows in records.items():
+            with open(out / f"{name}.jsonl", "w") as handle:
+                for row in problem_rows:
+                    handle.write(json.dumps(row) + "\n")
+        meta = {"model": self.init_from or self.model_path, "global_step": self.global_step, "eval": asdict(config)}
+        (out / "summary.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+        print(format_table([{k: v for k, v in row.items() if k != "ci"} for row in rows]))
         rank_zero_info(f"evaluation written to {out}")
+
+
+def confidence_intervals(records: list[dict], config: EvalConfig) -> dict[str, tuple[float, float]]:
+    """Problem-level bootstrap intervals for accuracy (and mean@n) and each pass@k."""
+    if not records:
+        return {}
+    ci = lambda values: bootstrap_ci(values, config.bootstrap_resamples, config.confidence, config.seed)  # noqa: E731
+    out = {}
+    if config.greedy:
+        out["accuracy"] = ci(torch.tensor([float(r["greedy_correct"]) for r in records]))
+    if config.n:
+        correct = torch.tensor([r["correct"] for r in records], dtype=torch.bool)
+        out["mean_accuracy"] = ci(correct.float().mean(-1))
+        if not config.greedy:
+            out["accuracy"] = out["mean_accuracy"]
+        for k in config.pass_k:
+            samples = torch.full((correct.shape[0],), correct.shape[1])
+            out[f"pass@{k}"] = ci(pass_at_k_per_problem(samples, correct.sum(-1), k))
+    return {key: (float(low), float(high)) for key, (low, high) in out.items()}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -38,6 +38,6 @@ class SFTModule(PolicyModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        name = self.evaluate_batch(batch, "val")
+        name = self.evaluate(batch, "val")
         loss, _ = self.sft_loss(batch["sft"])
         self.log(f"val/{name}/loss", loss, batch_size=len(batch["examples"]), add_dataloader_idx=False)

@@ -22,9 +22,7 @@ def extract_boxed(text: str) -> str | None:
     if not isinstance(text, str):
         return None
     stack: list[int | None] = []  # per open brace: the content start if it opened a box, else None
-    # The box that closes last is outermost in its nest (an outer box closes after its inner ones),
-    # so "the last top-level box" is simply the last box to close.
-    last: tuple[int, int] | None = None
+    closed: list[tuple[int, int]] = []  # (content start, content end) of every closed box, in closing order
     for token in _BRACE_TOKENS.finditer(text):
         piece = token.group()
         if piece.startswith("\\") and len(piece) == 2:  # \{ or \}
@@ -34,10 +32,15 @@ def extract_boxed(text: str) -> str | None:
         elif stack:
             start = stack.pop()
             if start is not None:
-                last = (start, token.start())
+                closed.append((start, token.start()))
         # a stray "}" with nothing open is ignored
-    if last is None:
+    if not closed:
         return None
-    inner = text[last[0] : last[1]].strip()
-    nested = extract_boxed(inner)
-    return nested if nested is not None else inner
+    # The box that closes last is outermost in its nest, so it is the last top-level box. Boxes that
+    # close just before it and opened after it are inside it; the last of those is the box inside
+    # the box, and so on down: one pass, however deep the nesting.
+    index = len(closed) - 1
+    while index > 0 and closed[index - 1][0] > closed[index][0]:
+        index -= 1
+    start, end = closed[index]
+    return text[start:end].strip()

@@ -1,71 +1,65 @@
-"""Grading a response against an Example: extract, normalise, compare.
+"""``grade``: the one entry point the evaluator and the accuracy reward call on a response and an Example.
 
-Comparison is by normalised string, then by number (relative tolerance
-``NUMERIC_REL_TOL``), then by multiple-choice letter against the choice text.
-The grader never raises on model output: anything unparseable is simply wrong.
+MathVista examples (``example.extra["question_type"]`` is set) are scored with
+MathVista's semantics (``mathvista_correct``); everything else with
+``math_equal`` against the answer, after mapping a choice letter to its text.
+A response must box its answer: no ``\\boxed{}`` is (False, None), which the
+metrics count as "no answer" for the format rate.
 """
 
 from __future__ import annotations
 
-import re
+from typing import TYPE_CHECKING
 
-from vlm_post.data.schema import Example
 from vlm_post.rewards.extract import extract_boxed
+from vlm_post.rewards.math_equal import NUMERIC_REL_TOL, math_equal
+from vlm_post.rewards.mathvista import answer_correct, choice_index
+from vlm_post.rewards.normalize import normalize_answer
+from vlm_post.rewards.stats import grading_stats
 
-NUMERIC_REL_TOL = 1e-4
-_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
+if TYPE_CHECKING:  # importing vlm_post.data would import torch and datasets: keep `import vlm_post.rewards` cheap
+    from vlm_post.data.schema import Example
 
-
-def normalize_answer(answer: str) -> str:
-    """Lower-case, strip ``$``, spaces, ``\\text{}``, degree marks, a leading ``x =`` and a trailing period."""
-    text = _TEXT.sub(r"\1", str(answer))
-    text = text.replace("$", "").replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "")
-    text = text.replace("\\!", "").replace("\\,", "").replace("\\ ", "").replace("\\left", "").replace("\\right", "")
-    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", text)
-    text = re.sub(r"\s+", "", text).rstrip(".").lower()
-    return text
+__all__ = ["NUMERIC_REL_TOL", "grade", "is_mathvista", "math_equal", "mathvista_row", "normalize_answer"]
 
 
-def _number(text: str) -> float | None:
-    match = re.fullmatch(r"-?\d+(?:\.\d+)?|-?\.\d+", text.replace(",", ""))
-    if match:
-        return float(text.replace(",", ""))
-    frac = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", text)
-    if frac and float(frac.group(3)) != 0:
-        value = float(frac.group(2)) / float(frac.group(3))
-        return -value if frac.group(1) else value
-    return None
+def is_mathvista(example: Example) -> bool:
+    return bool((getattr(example, "extra", None) or {}).get("question_type"))
 
 
-def math_equal(prediction: str, reference: str) -> bool:
-    """True when ``prediction`` and ``reference`` denote the same answer. Never raises."""
-    try:
-        if prediction is None or reference is None:
-            return False
-        boxed = extract_boxed(str(prediction))
-        pred, ref = normalize_answer(boxed if boxed is not None else prediction), normalize_answer(reference)
-        if not pred:
-            return False
-        if pred == ref:
-            return True
-        a, b = _number(pred), _number(ref)
-        if a is not None and b is not None:
-            return abs(a - b) <= NUMERIC_REL_TOL * max(1.0, abs(b))
-        return False
-    except Exception:
-        return False
+def mathvista_row(example: Example) -> dict:
+    """The ``AI4Math/MathVista`` row fields that scoring reads, rebuilt from an Example."""
+    return {
+        "question_type": example.extra["question_type"],
+        "answer_type": example.answer_type,
+        "answer": example.answer,
+        "choices": example.choices,
+        "precision": example.precision,
+        "unit": example.unit,
+    }
 
 
-def grade(response: str, example: Example) -> tuple[bool, str | None]:
-    """(correct, extracted answer) for a full model response."""
+def grade(
+    response: str, example: Example, *, rel_tol: float | None = None, timeout_s: float | None = None
+) -> tuple[bool, str | None]:
+    """(correct, extracted answer) for a full model response. Never raises.
+
+    ``rel_tol`` is ``math_equal``'s numeric tolerance (MathVista rows use their own ``precision``
+    instead); ``timeout_s`` bounds each symbolic comparison.
+    """
     extracted = extract_boxed(response)
     if extracted is None:
         return False, None
-    if math_equal(extracted, example.answer):
-        return True, extracted
-    if example.choices:
-        letter = normalize_answer(extracted).strip("()").upper()
-        if len(letter) == 1 and "A" <= letter < chr(65 + len(example.choices)):
-            return math_equal(example.choices[ord(letter) - 65], example.answer), extracted
-    return False, extracted
+    try:
+        if is_mathvista(example):
+            return answer_correct(extracted, mathvista_row(example), timeout_s=timeout_s), extracted
+        if example.choices:  # a letter or a choice's exact text: cheap, and settles "(B)" / "B. 48"
+            picked = choice_index(extracted, example.choices, by_value=False)
+            if picked is not None:
+                return math_equal(
+                    example.choices[picked], example.answer, rel_tol=rel_tol, timeout_s=timeout_s
+                ), extracted
+        return math_equal(extracted, example.answer, rel_tol=rel_tol, timeout_s=timeout_s), extracted
+    except Exception:  # noqa: BLE001 - the grader never raises on model output
+        grading_stats().add("errors")
+        return False, extracted

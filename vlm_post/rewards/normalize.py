@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textit|textbf|textnormal|mathrm|mathit|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textit|textbf|textnormal|mathrm|mathit|mathbf|mbox|operatorname)\s*\{")
 _SPACING = re.compile(r"\\[,;:! ]|\\q?quad(?![a-zA-Z])|\\displaystyle|\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|~")
-_DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![a-zA-Z])|\\textdegree(?![a-zA-Z])")
+_DEGREES = re.compile(r"\*?\s*\\degree(?![a-zA-Z])|\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\textdegree(?![a-zA-Z])")
 _UNICODE = {
     "π": "\\pi ",
     "×": "\\times ",
@@ -32,8 +32,9 @@ _UNICODE = {
 _UNICODE_CHARS = re.compile("|".join(map(re.escape, _UNICODE)))
 # "√15" means sqrt(15) in plain text, unlike LaTeX's "\sqrt15" = sqrt(1)*5.
 _UNICODE_ROOT = re.compile(r"√\s*(\d+(?:\.\d+)?|[a-zA-Z])")
-# "x =", "AB =", "x_1 =", "m\angle ABC =": a name, not an expression, on the left of the first "=".
-_NAME_PREFIX = re.compile(r"^\s*(?:m\s*)?(?:\\angle\s*)?[A-Za-z][A-Za-z0-9_{}\s]{0,15}=(?!=)")
+# "x =", "AB =", "x_1 =", "m\angle ABC =", "x \in": a name, not an expression, on the left of the first "=".
+_NAME_PREFIX = re.compile(r"^\s*(?:m\s*)?(?:\\angle\s*)?[A-Za-z][A-Za-z0-9_{}\s]{0,15}(?:=(?!=)|\\in(?![a-zA-Z]))")
+_MIXED_NUMBER = re.compile(r"(-?)(\d+)\s*\\frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")  # 1\frac{1}{2} is 1.5
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _PAREN_LETTER = re.compile(r"\(([a-z])\)")
 
@@ -43,12 +44,15 @@ _UNITS = (
     r"ml|mL|l|L|liters?|litres?|meters?|metres?|centimeters?|kilometers?|millimeters?|dollars?|cents?|"
     r"mph|kph|N|J|W|V|kW|Hz|percent"
 )
-# Trailing unit words after a number or a closing brace/parenthesis, with an optional power or "/unit".
+# Trailing unit words right after a number, a closing bracket or \pi (spaces allowed), with an
+# optional power or "/unit"; "R, D, N" keeps its N.
 # Each unit must end at a non-letter, so a run of letters matches one way only (no backtracking blow-up).
 _UNIT = rf"(?:{_UNITS})(?![a-zA-Z])"
-_TRAILING_UNITS = re.compile(rf"(?<=[\d}})\s.])\s*(?:{_UNIT}(?:\s*\^\s*\{{?[23]\}}?|[23])?(?:\s*/\s*{_UNIT})?\s*\.?\s*)+$")
+_TRAILING_UNITS = re.compile(
+    rf"(?:(?<=[\d}}).\]])|(?<=\\pi))\s*(?:{_UNIT}(?:\s*\^\s*\{{?[23]\}}?|[23])?(?:\s*/\s*{_UNIT})?\s*\.?\s*)+$"
+)
 _UNIT_TAIL = 64  # units are short: only the tail is searched, so the cost does not grow with the text
-_TRAILING_CJK = re.compile(r"(?<=[\d}\)\s])\s*[\u4e00-\u9fff]+\s*$")  # 海里, 米, 厘米 ...
+_TRAILING_CJK = re.compile(r"(?<=[\d}\)])\s*[\u4e00-\u9fff]+\s*$")  # 海里, 米, 厘米 ...
 
 
 def clean_answer(answer: object) -> str:
@@ -56,8 +60,7 @@ def clean_answer(answer: object) -> str:
     text = "" if answer is None else str(answer)
     text = _UNICODE_ROOT.sub(r"\\sqrt{\1}", text).replace("√", "\\sqrt")
     text = _UNICODE_CHARS.sub(lambda m: _UNICODE[m.group()], text)
-    for _ in range(3):  # \text{\textbf{x}}: a couple of levels is all real answers use
-        text = _TEXT_WRAPPER.sub(r"\1", text)
+    text = _unwrap_text(text)
     text = text.replace("$", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     text = _DEGREES.sub("", _SPACING.sub(" ", text))
     text = text.replace("{,}", "").replace("\\%", "%")
@@ -65,6 +68,26 @@ def clean_answer(answer: object) -> str:
     text = text.rstrip(".").strip()
     if _THOUSANDS.fullmatch(text):
         text = text.replace(",", "")
+    mixed = _MIXED_NUMBER.fullmatch(text)
+    if mixed:
+        sign, whole, numerator, denominator = mixed.groups()
+        text = f"{sign}({whole} + \\frac{{{numerator}}}{{{denominator}}})"
+    return text
+
+
+def _unwrap_text(text: str, limit: int = 16) -> str:
+    """``\\text{160√{3} m}`` -> ``160√{3} m``: the wrapper goes, the content (nested braces included) stays."""
+    for _ in range(limit):  # a bound, not a loop over arbitrary model output
+        match = _TEXT_WRAPPER.search(text)
+        if not match:
+            return text
+        depth, end = 1, match.end()
+        while end < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        if depth:  # unclosed: drop the wrapper, keep the rest
+            return text[: match.start()] + text[match.end() :]
+        text = text[: match.start()] + text[match.end() : end - 1] + text[end:]
     return text
 
 

@@ -1,0 +1,196 @@
+"""Evaluation, shared by validation inside fit and ``vlm_post test`` in every module.
+
+For each batch of problems:
+  1. optionally a greedy answer (``greedy_accuracy``);
+  2. ``n`` sampled answers at ``temperature`` (mean@n accuracy, pass@k, answer diversity);
+  3. the policy's full-vocabulary entropy on the sampled tokens, from one extra
+     forward over prompt + response (chunked over tokens, never the whole batch's logits);
+  4. grading with the time-bounded grader; format compliance and response length.
+
+``accuracy`` is the greedy accuracy when ``greedy`` is on, mean@n otherwise.
+``vlm_post test`` also writes per-problem JSONL and ``summary.json`` with
+problem-level bootstrap confidence intervals for accuracy and pass@k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlm_post.rewards import grade, normalize_answer
+from vlm_post.rollout import Rollouts, SamplingParams
+from vlm_post.rollout.sequences import policy_inputs
+
+
+@dataclass
+class EvalConfig:
+    """How evaluation samples and what it reports.
+
+    Args:
+        n: sampled responses per problem (0: greedy only).
+        temperature: sampling temperature for the ``n`` samples (entropy is that of the sampling distribution).
+        top_p: nucleus sampling.
+        top_k: top-k sampling (0: off).
+        max_new_tokens: response budget.
+        greedy: also decode one greedy answer per problem.
+        pass_k: the k of pass@k (default: 1, 2, 4, ... up to n).
+        entropy: measure the policy's token entropy on the samples (one extra forward pass).
+        forward_batch_size: rows per entropy forward pass.
+        bootstrap_resamples: resamples of problems for the confidence intervals (test only).
+        confidence: confidence level of the intervals.
+        seed: seed of the bootstrap.
+        output_dir: where ``test`` writes ``<set>.jsonl`` and ``summary.json`` (default ``<log_dir>/eval``).
+    """
+
+    n: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    greedy: bool = True
+    pass_k: list[int] | None = None
+    entropy: bool = True
+    forward_batch_size: int = 16
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or (self.n == 0 and not self.greedy):
+            raise ValueError(f"eval: n={self.n} with greedy={self.greedy} evaluates nothing")
+        if self.pass_k is None:
+            self.pass_k = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= self.n]
+        bad = [k for k in self.pass_k if not 1 <= k <= self.n]
+        if bad:
+            raise ValueError(f"eval.pass_k {bad} must lie in [1, n={self.n}]")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+
+    def greedy_sampling(self) -> SamplingParams:
+        return SamplingParams(1, 0.0, 1.0, 0, self.max_new_tokens)
+
+
+@dataclass
+class BatchEvaluation:
+    """What one batch produced, per problem (B problems, n samples each)."""
+
+    greedy_texts: list[str] | None
+    greedy_graded: list[tuple[bool, str | None]] | None
+    greedy_lengths: torch.Tensor | None  # (B,)
+    sample_texts: list[list[str]]
+    sample_graded: list[list[tuple[bool, str | None]]]
+    sample_lengths: torch.Tensor  # (B, n) response tokens
+    token_entropy: torch.Tensor | None  # (B*n, L) per sampled token, 0 past a response's end
+    response_mask: torch.Tensor | None  # (B*n, L)
+
+    def metric_fields(self) -> dict:
+        """Keyword arguments of ``EvalMetrics.update_from``."""
+        correct = torch.tensor([[ok for ok, _ in graded] for graded in self.sample_graded], dtype=torch.bool)
+        formatted = torch.tensor([[a is not None for _, a in graded] for graded in self.sample_graded], dtype=torch.bool)
+        return dict(
+            greedy_correct=[ok for ok, _ in self.greedy_graded] if self.greedy_graded else None,
+            greedy_formatted=[a is not None for _, a in self.greedy_graded] if self.greedy_graded else None,
+            greedy_lengths=self.greedy_lengths,
+            sample_correct=correct.reshape(len(self.sample_graded), -1),
+            sample_formatted=formatted.reshape(len(self.sample_graded), -1),
+            sample_lengths=self.sample_lengths,
+            answers=self.normalized_answers(),
+            token_entropy=self.token_entropy,
+            entropy_mask=self.response_mask,
+        )
+
+    def records(self, examples) -> list[dict]:
+        rows = []
+        for i, example in enumerate(examples):
+            row = {"id": example.id, "answer": example.answer}
+            if self.greedy_texts is not None:
+                row.update(
+                    greedy_response=self.greedy_texts[i],
+                    greedy_extracted=self.greedy_graded[i][1],
+                    greedy_correct=self.greedy_graded[i][0],
+                )
+            row.update(
+                responses=self.sample_texts[i],
+                extracted=[answer for _, answer in self.sample_graded[i]],
+                correct=[ok for ok, _ in self.sample_graded[i]],
+                response_lengths=self.sample_lengths[i].tolist(),
+            )
+            if self.token_entropy is not None:
+                n = len(self.sample_texts[i])
+                tokens = self.response_mask[i * n : (i + 1) * n].bool()
+                row["mean_token_entropy"] = float(self.token_entropy[i * n : (i + 1) * n][tokens].mean()) if tokens.any() else None
+            rows.append(row)
+        return rows
+
+    def normalized_answers(self) -> list[list[str | None]]:
+        return [[normalize_answer(a) if a is not None else None for _, a in graded] for graded in self.sample_graded]
+
+
+def _grade_all(texts: list[str], examples) -> list[tuple[bool, str | None]]:
+    return [grade(text, example) for text, example in zip(texts, examples)]
+
+
+def _per_problem(values: list, n: int) -> list[list]:
+    return [values[i * n : (i + 1) * n] for i in range(len(values) // n)] if n else []
+
+
+def evaluate_batch(module, batch: dict, config: EvalConfig) -> BatchEvaluation:
+    """Sample, grade and measure one batch with ``module``'s policy and rollout engine."""
+    examples, prompt = batch["examples"], batch["prompt"]
+    greedy_texts = greedy_graded = greedy_lengths = None
+    if config.greedy:
+        greedy = module.engine.generate(module.policy, prompt, config.greedy_sampling())
+        greedy_texts, greedy_lengths = greedy.texts, greedy.lengths
+        greedy_graded = _grade_all(greedy_texts, examples)
+    n = config.n
+    entropy = mask = None
+    if n:
+        samples = module.engine.generate(module.policy, prompt, config.sampling())
+        sample_examples = [examples[int(i)] for i in samples.prompt_index]
+        graded = _per_problem(_grade_all(samples.texts, sample_examples), n)
+        texts = _per_problem(samples.texts, n)
+        lengths = samples.lengths.view(len(examples), n)
+        if config.entropy:
+            entropy, mask = sampled_token_entropy(module, batch, samples, n, config), samples.response_mask
+    else:
+        texts, graded, lengths = [[] for _ in examples], [[] for _ in examples], torch.zeros(len(examples), 0)
+    return BatchEvaluation(greedy_texts, greedy_graded, greedy_lengths, texts, graded, lengths, entropy, mask)
+
+
+@torch.no_grad()
+def sampled_token_entropy(module, batch: dict, samples: Rollouts, n: int, config: EvalConfig) -> torch.Tensor:
+    """Per-token entropy (B*n, L) of the sampling distribution at the sampled positions, in row micro-batches."""
+    inputs = policy_inputs(batch["prompt"], batch["image_counts"], samples, n)
+    width = batch["prompt"]["input_ids"].shape[1]
+    out = torch.zeros(samples.response_mask.shape, dtype=torch.float32, device=samples.response_mask.device)
+    rows = samples.response_mask.shape[0]
+    step = max(1, config.forward_batch_size)
+    for start in range(0, rows, step):
+        chunk = slice(start, min(rows, start + step))
+        micro = slice_rows(inputs, chunk, n, batch["image_counts"])
+        _, entropy = module.response_logprobs(
+            micro, width, samples.response_mask[chunk], temperature=config.temperature, with_entropy=True
+        )
+        out[chunk] = entropy
+    return out
+
+
+def slice_rows(inputs: dict, rows: slice, n: int, image_counts: list[int]) -> dict:
+    """Rows ``rows`` of a repeated prompt+response batch, with their images' pixel rows."""
+    total = inputs["input_ids"].shape[0]
+    out = {k: v[rows] for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (total,) and k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in inputs:
+        # Row r is a copy of prompt r // n, which owns image_counts[r // n] consecutive images.
+        per_row = [count for count in image_counts for _ in range(n)]
+        first_image = [0]
+        for count in per_row:
+            first_image.append(first_image[-1] + count)
+        grids = inputs["image_grid_thw"]
+        patch_start = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)])
+        lo, hi = first_image[rows.start], first_image[rows.stop]
+        out["image_grid_thw"] = grids[lo:hi]
+        out["pixel_values"] = inputs["pixel_values"][int(patch_start[lo]) : int(patch_start[hi])]
+    return out
