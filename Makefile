@@ -24,7 +24,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Bench extras (the side-by-side baselines, e.g. TRL) go into .venv only here, never as runtime dependencies.
 bench: setup
+	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[bench]'
 	@for script in bench/*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(PY) "$$script" || exit 1; done
 
 clean-demo:
