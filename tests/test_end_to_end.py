@@ -30,9 +30,7 @@ def test_fit_select_best_export_then_test(tiny_model, demo_data, tmp_path):
     config["data"]["train"]["path"] = str(demo_data / "train.parquet")
     config["data"]["val"][0]["path"] = str(demo_data / "validation.parquet")
     config["trainer"].update(default_root_dir=str(run), max_steps=60, val_check_interval=20, log_every_n_steps=5)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
-    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
-    config["export"]["dirpath"] = str(run / "export")
+    # checkpoints/, lightning_logs/ and export/ follow default_root_dir
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
     vlm_post("fit", "--config", str(tmp_path / "sft.yaml"))
     provenance = json.loads((run / "export" / "vlm_post_export.json").read_text())
@@ -54,6 +52,16 @@ def test_fit_select_best_export_then_test(tiny_model, demo_data, tmp_path):
         summaries[label] = json.loads((out / "summary.json").read_text())["results"][0]
         records = [json.loads(line) for line in (out / "demo_test.jsonl").read_text().splitlines()]
         assert len(records) == 16 and {"id", "responses", "extracted", "correct"} <= set(records[0])
+    # --ckpt_path: the command line's evaluation protocol wins over the checkpoint's saved hyperparameters.
+    by_checkpoint = tmp_path / "eval" / "by_checkpoint"
+    vlm_post(
+        "test", "--config", "configs/demo/eval.yaml", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        f"--model.init_args.model_name_or_path={tiny_model}",
+        f"--data.test=[{{name: demo_test, path: {demo_data / 'test.parquet'}}}]",
+        f"--model.init_args.eval.output_dir={by_checkpoint}", "--model.init_args.eval.n=2",
+    )  # fmt: skip
+    assert json.loads((by_checkpoint / "summary.json").read_text())["eval"]["n"] == 2
+
     predictions = tmp_path / "predict"
     vlm_post(
         "predict", "--config", "configs/demo/eval.yaml",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -63,6 +64,13 @@ class VLMPostCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
+        # One run folder: checkpoints default to <default_root_dir>/checkpoints (not a per-version logger
+        # folder), so `--trainer.default_root_dir` moves checkpoints, logs and the export together.
+        root = config.trainer.default_root_dir or "."
+        for callback in config.trainer.callbacks or []:
+            init_args = getattr(callback, "init_args", None)
+            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and init_args.dirpath is None:
+                init_args.dirpath = str(Path(root) / "checkpoints")
 
 
 def default_precision(accelerator) -> str:

@@ -107,7 +107,9 @@ class PolicyModule(LightningModule):
             logprob_chunk_size: tokens per chunk when projecting hidden states onto the vocabulary.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
+        # evaluation protocol and the weights' origin belong to the command at hand, not to the checkpoint.
+        self.save_hyperparameters(ignore=["init_from", "eval", "val"])
         self.model_path = resolve_model_path(model_name_or_path)
         self.policy_config = check_image_text_to_text(self.model_path)
         self.init_from = check_init_from(init_from) if init_from else None
