@@ -1,0 +1,337 @@
+"""GRPO-family policy-gradient losses for RL with verifiable rewards (as in verl and EasyR1).
+
+One RL step, for B prompts with n sampled responses each (rows grouped
+consecutively: rows 0..n-1 answer prompt 0):
+
+1. Score each response with a scalar reward. Optionally drop groups whose
+   rewards are all equal (``groups_with_signal``, DAPO's dynamic sampling):
+   their advantages are all zero, so they only dilute the batch.
+2. Advantages without a critic (``group_advantages``): GRPO uses
+   A_i = (r_i - mean_group) / (std_group + eps); Dr. GRPO drops the division
+   by std, which up-weights groups that are nearly all right or all wrong.
+   The sequence's advantage applies to every one of its tokens.
+3. Per token, with ratio rho = pi(x) / pi_old(x), the PPO-clip loss
+       max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))
+   (clip_high > clip_low is DAPO's "clip-higher"). With dual clip (Ye et al.
+   2020) the loss of a token with A < 0 is further capped at dual_clip * |A|,
+   so that a token whose ratio exploded cannot dominate the batch.
+4. Aggregate token losses into a scalar (``aggregate``): token-mean,
+   seq-mean-token-mean or seq-mean-token-sum-norm (Dr. GRPO).
+5. Regularise towards the reference policy, either as a loss term
+   kl_coef * aggregate(KL_t) (GRPO, EasyR1) or as a reward penalty
+   r - kl_coef * sum_t KL_t before step 2 (``kl_reward_penalty``, PPO-RLHF
+   style); optionally subtract entropy_coef * aggregate(entropy).
+
+``grpo_loss`` composes 3-5 under a ``GRPOLossConfig``. Everything here is
+pure torch on (rows, L) tensors of per-token log-probs (see
+``token_logprobs_and_entropy``) and a (rows, L) response mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+from vlm_post.losses.kl import KL_KINDS, KLKind, kl_penalty
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+KLMode = Literal["loss", "reward", "off"]
+KL_MODES: tuple[str, ...] = get_args(KLMode)
+
+# As in verl: the log ratio is clamped before exp so that one token whose
+# probability moved by e^20 cannot overflow the loss (its gradient is then zero).
+_LOG_RATIO_CLAMP = 20.0
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"expected rewards of shape (B*n,), got {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    return rewards.detach().view(-1, group_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Group-relative advantages, (B*n,) from (B*n,) rewards in consecutive groups of ``group_size``.
+
+    GRPO (``normalize_std=True``): (r - mean_group) / (std_group + eps), with
+    the unbiased std (divides by n - 1, torch.std's default, as verl uses).
+    Dr. GRPO (``normalize_std=False``): r - mean_group. A group whose rewards
+    are all equal gets zero advantages either way. Needs ``group_size >= 2``:
+    with one response per prompt there is no group baseline.
+    """
+    if group_size < 2:
+        raise ValueError(f"group-relative advantages need group_size >= 2, got {group_size}")
+    grouped = _grouped(rewards, group_size)
+    advantages = grouped - grouped.mean(dim=-1, keepdim=True)
+    if normalize_std:
+        advantages = advantages / (grouped.std(dim=-1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) bool: True for groups whose rewards are not all equal (DAPO dynamic sampling).
+
+    A group with equal rewards has zero advantages and contributes no policy
+    gradient (only KL and entropy terms), so the trainer can drop it and log
+    the fraction dropped, ``1 - mask.float().mean()``. Pass the verifiable
+    rewards, before any KL reward penalty, which would make every group differ.
+    """
+    grouped = _grouped(rewards, group_size)
+    return grouped.amax(dim=-1) > grouped.amin(dim=-1)
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: Aggregation = "token-mean",
+    max_response_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token ``values`` (rows, L) over the valid tokens of ``mask`` (rows, L) to a scalar.
+
+    - ``token-mean``: sum over all valid tokens / number of valid tokens. Every
+      token weighs the same, so long responses weigh more (DAPO, verl default).
+    - ``seq-mean-token-mean``: mean over sequences of each sequence's token
+      mean. Every sequence weighs the same, so a token of a long response
+      weighs less (original GRPO).
+    - ``seq-mean-token-sum-norm``: mean over sequences of each sequence's token
+      sum / ``max_response_length``, a constant, so there is no length bias
+      (Dr. GRPO). verl divides the sum over sequences by the padded length
+      instead; that differs from this by the number of sequences.
+
+    Masked positions contribute neither value nor gradient, even if they hold
+    inf or nan. Rows without valid tokens (padding rows) are left out of the
+    sequence means; with no valid token at all the result is 0 with a gradient
+    graph. Note that with gradient accumulation the mean of micro-batch
+    token-means is not the batch's token-mean; weigh micro-batches accordingly.
+    """
+    if values.dim() != 2 or values.shape != mask.shape:
+        shapes = f"{tuple(values.shape)} and {tuple(mask.shape)}"
+        raise ValueError(f"expected values and mask of the same (rows, L) shape, got {shapes}")
+    valid = mask.bool()
+    masked = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    tokens_per_row = valid.sum(dim=-1)
+    rows_with_tokens = (tokens_per_row > 0).sum().clamp(min=1)
+    if mode == "token-mean":
+        return masked.sum() / tokens_per_row.sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(dim=-1) / tokens_per_row.clamp(min=1)).sum() / rows_with_tokens
+    if mode == "seq-mean-token-sum-norm":
+        if max_response_length is None or max_response_length < 1:
+            raise ValueError(f"seq-mean-token-sum-norm needs max_response_length >= 1, got {max_response_length}")
+        return masked.sum() / (max_response_length * rows_with_tokens)
+    raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    aggregation: Aggregation = "token-mean",
+    max_response_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip surrogate loss with asymmetric clipping and optional dual clip; returns (loss, stats).
+
+    ``logprobs`` (rows, L) are log pi(x_t) under the policy being trained,
+    ``old_logprobs`` (rows, L) those under the policy that sampled (constant:
+    detached here, so passing ``logprobs`` itself gives ratio 1 with the right
+    gradient), ``advantages`` (rows,) broadcast over tokens, or (rows, L).
+    Per token, with rho = exp(logprobs - old_logprobs):
+
+        loss_t = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))
+        if dual_clip and A < 0:  loss_t = min(loss_t, dual_clip * |A|)
+
+    Where a clip is active the token's loss is constant in rho, so it gets no
+    gradient. The token losses are reduced with ``aggregate(aggregation)``.
+
+    Stats (detached scalars, means over valid tokens whatever the aggregation):
+    ``clip_fraction`` (tokens where the PPO clip is active, i.e. the clipped
+    term is strictly larger), ``dual_clip_fraction`` (tokens capped by the dual
+    clip; disjoint from the former), ``ratio_mean``, ``ratio_min``,
+    ``ratio_max``, and ``approx_kl``, the k3 estimate of KL(pi_old || pi) at the
+    sampled tokens, (rho - 1) - log rho.
+    """
+    if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != response_mask.shape:
+        shapes = f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(response_mask.shape)}"
+        raise ValueError(f"expected logprobs, old_logprobs and response_mask of one (rows, L) shape, got {shapes}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    if advantages.shape not in ((logprobs.shape[0], 1), logprobs.shape):
+        raise ValueError(f"expected advantages of shape (rows,) or (rows, L), got {tuple(advantages.shape)}")
+    if not (0.0 <= clip_low < 1.0 and clip_high >= 0.0):
+        raise ValueError(f"expected 0 <= clip_low < 1 and clip_high >= 0, got {clip_low} and {clip_high}")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it caps the loss above the unclipped one), got {dual_clip}")
+    advantages = advantages.detach().to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    clip_active = clipped > unclipped
+    dual_clip_active = torch.zeros_like(clip_active)
+    if dual_clip is not None:
+        cap = (-advantages * dual_clip).expand_as(token_loss)  # = dual_clip * |A| where A < 0; no gradient
+        dual_clip_active = (advantages < 0) & (token_loss > cap)
+        token_loss = torch.where(dual_clip_active, cap, token_loss)
+    loss = aggregate(token_loss, response_mask, aggregation, max_response_length)
+
+    with torch.no_grad():
+        valid = response_mask.bool()
+        num_valid = valid.sum().clamp(min=1)
+
+        def token_mean(values: torch.Tensor) -> torch.Tensor:
+            return torch.where(valid, values.to(ratio.dtype), 0.0).sum() / num_valid
+
+        any_valid = valid.any()
+        one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+        stats = {
+            "clip_fraction": token_mean(clip_active),
+            "dual_clip_fraction": token_mean(dual_clip_active),
+            "ratio_mean": token_mean(ratio),
+            "ratio_min": torch.where(any_valid, torch.where(valid, ratio, torch.inf).amin(), one),
+            "ratio_max": torch.where(any_valid, torch.where(valid, ratio, -torch.inf).amax(), one),
+            # k3 of KL(pi_old || pi): kl_penalty(old, new, "k3"), on the clamped log ratio
+            "approx_kl": token_mean(torch.expm1(log_ratio) - log_ratio),
+        }
+    return loss, stats
+
+
+def kl_reward_penalty(
+    rewards: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    kind: KLKind = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL as a reward penalty: returns (penalised rewards, per-sequence KL (rows,)); no gradient.
+
+    Sequence rewards (rows,) become r - kl_coef * sum_t KL_t over the valid
+    tokens; token-level rewards (rows, L) become r_t - kl_coef * KL_t on valid
+    tokens, which sums to the same sequence reward. KL_t is
+    ``kl_penalty(logprobs, ref_logprobs, kind)``, by default k1 as in verl's
+    in-reward KL: as a reward its gradient issue (see ``kl``) does not arise.
+    Apply before ``group_advantages``.
+    """
+    if logprobs.shape != ref_logprobs.shape or logprobs.shape != response_mask.shape or logprobs.dim() != 2:
+        raise ValueError("expected logprobs, ref_logprobs and response_mask of one (rows, L) shape")
+    if rewards.shape not in ((logprobs.shape[0],), logprobs.shape):
+        raise ValueError(f"expected rewards of shape (rows,) or (rows, L), got {tuple(rewards.shape)}")
+    with torch.no_grad():
+        valid = response_mask.bool()
+        token_kl = torch.where(valid, kl_penalty(logprobs, ref_logprobs, kind), 0.0)
+        sequence_kl = token_kl.sum(dim=-1)
+        penalty = sequence_kl if rewards.dim() == 1 else token_kl
+        return rewards.detach() - kl_coef * penalty.to(rewards.dtype), sequence_kl
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """Loss settings of GRPO-family RL. Defaults: EasyR1's Geometry3K recipe."""
+
+    clip_low: float = 0.2
+    """PPO clip below: the ratio is clipped at 1 - clip_low."""
+    clip_high: float = 0.3
+    """PPO clip above: the ratio is clipped at 1 + clip_high (> clip_low is DAPO's clip-higher)."""
+    dual_clip: float | None = 3.0
+    """For A < 0, cap a token's loss at dual_clip * |A| (Ye et al. 2020); None: no cap. EasyR1 and verl use 3."""
+    aggregation: Aggregation = "token-mean"
+    """How token losses become a scalar, for the policy loss, the KL term and the entropy bonus; see ``aggregate``."""
+    max_response_length: int | None = None
+    """The constant divisor of ``seq-mean-token-sum-norm``: the rollout's max new tokens."""
+    kl_coef: float = 1e-2
+    """Weight of the KL to the reference policy, in the loss or in the reward (``kl_mode``)."""
+    kl_kind: KLKind = "low_var_kl"
+    """Per-token KL estimator, see ``kl_penalty``."""
+    kl_mode: KLMode = "loss"
+    """``loss``: add kl_coef * aggregate(KL) to the loss; ``reward``: subtract kl_coef * sum(KL) from
+    each reward (``kl_reward_penalty``) before the advantages; ``off``: no reference model."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss gets -entropy_coef * aggregate(entropy). 0 disables it."""
+    normalize_std: bool = True
+    """GRPO advantages divide by the group's std; False is Dr. GRPO (pair with seq-mean-token-sum-norm)."""
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
+        if self.aggregation == "seq-mean-token-sum-norm" and not self.max_response_length:
+            raise ValueError("seq-mean-token-sum-norm needs max_response_length")
+        if self.kl_kind not in KL_KINDS:
+            raise ValueError(f"unknown KL estimator {self.kl_kind!r}; expected one of {KL_KINDS}")
+        if self.kl_mode not in KL_MODES:
+            raise ValueError(f"unknown kl_mode {self.kl_mode!r}; expected one of {KL_MODES}")
+        if not (0.0 <= self.clip_low < 1.0 and self.clip_high >= 0.0):
+            raise ValueError(f"expected 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a step needs the reference model's log-probs."""
+        return self.kl_mode != "off" and self.kl_coef > 0
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: GRPOLossConfig,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """policy_loss + kl_coef * aggregate(KL to ref) [kl_mode "loss"] - entropy_coef * aggregate(entropy).
+
+    ``ref_logprobs`` (rows, L) is needed when the config puts a KL term in the
+    loss; with kl_mode "reward" or "off" it only serves the ``kl`` stat, the
+    penalty having gone into the rewards (``kl_reward_penalty``).
+    ``entropy`` (rows, L) is needed when ``entropy_coef > 0`` and logged when
+    given. Stats: those of ``policy_loss`` plus ``pg_loss``, ``loss``, and
+    ``kl`` / ``entropy`` (aggregated like the loss) when their inputs are given.
+    """
+    pg_loss, stats = policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        clip_low=config.clip_low,
+        clip_high=config.clip_high,
+        dual_clip=config.dual_clip,
+        aggregation=config.aggregation,
+        max_response_length=config.max_response_length,
+    )
+    loss = pg_loss
+    stats["pg_loss"] = pg_loss.detach()
+    kl_in_loss = config.kl_mode == "loss" and config.kl_coef > 0
+    if kl_in_loss and ref_logprobs is None:
+        raise ValueError("kl_mode 'loss' with kl_coef > 0 needs ref_logprobs")
+    if ref_logprobs is not None:
+        with torch.set_grad_enabled(kl_in_loss and torch.is_grad_enabled()):  # only a stat otherwise
+            token_kl = kl_penalty(logprobs, ref_logprobs.detach(), config.kl_kind)
+            kl = aggregate(token_kl, response_mask, config.aggregation, config.max_response_length)
+        stats["kl"] = kl.detach()
+        if kl_in_loss:
+            loss = loss + config.kl_coef * kl
+    if config.entropy_coef > 0 and entropy is None:
+        raise ValueError("entropy_coef > 0 needs the per-token entropy")
+    if entropy is not None:
+        mean_entropy = aggregate(entropy, response_mask, config.aggregation, config.max_response_length)
+        stats["entropy"] = mean_entropy.detach()
+        if config.entropy_coef > 0:
+            loss = loss - config.entropy_coef * mean_entropy
+    stats["loss"] = loss.detach()
+    return loss, stats
