@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -70,3 +71,28 @@ def test_sampling_never_emits_vision_tokens(tiny_model, processor):
     rollouts = engine.generate(policy, _batch(processor)["prompt"], SamplingParams(n=8, temperature=1.5, max_new_tokens=24))
     assert not torch.isin(rollouts.response_ids, torch.tensor(engine.banned)).any()
     assert policy.training, "the engine must restore train mode"
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_vision_encoder_runs_once_per_prompt_not_per_sample(arch, tiny_model, processor, tmp_path):
+    """transformers >= 5 encodes images before expanding to n samples; a regression would cost n x vision time."""
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    path = tiny_model if arch == "qwen2_5_vl" else build_tiny_qwen2_5_vl(tmp_path / arch, arch=arch)
+    policy = load_policy(str(path))
+    batch = _batch(processor)
+    images_per_call = []
+
+    def count(module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        images_per_call.append(grid.shape[0])
+
+    handle = policy.model.visual.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        rollouts = HFGenerateEngine(processor).generate(
+            policy, batch["prompt"], SamplingParams(n=4, temperature=1.0, max_new_tokens=6)
+        )
+    finally:
+        handle.remove()
+    assert rollouts.response_ids.shape[0] == 8
+    assert images_per_call == [3], images_per_call  # one call over the 3 images of 2 prompts, for 8 samples
