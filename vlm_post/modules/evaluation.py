@@ -20,7 +20,7 @@ import torch
 
 from vlm_post.rewards import grade, normalize_answer
 from vlm_post.rollout import Rollouts, SamplingParams
-from vlm_post.rollout.sequences import policy_inputs
+from vlm_post.rollout.sequences import policy_inputs, select_rows
 
 
 @dataclass
@@ -170,27 +170,9 @@ def sampled_token_entropy(module, batch: dict, samples: Rollouts, n: int, config
     step = max(1, config.forward_batch_size)
     for start in range(0, rows, step):
         chunk = slice(start, min(rows, start + step))
-        micro = slice_rows(inputs, chunk, n, batch["image_counts"])
+        micro = select_rows(inputs, chunk, n, batch["image_counts"])
         _, entropy = module.response_logprobs(
             micro, width, samples.response_mask[chunk], temperature=config.temperature, with_entropy=True
         )
         out[chunk] = entropy
-    return out
-
-
-def slice_rows(inputs: dict, rows: slice, n: int, image_counts: list[int]) -> dict:
-    """Rows ``rows`` of a repeated prompt+response batch, with their images' pixel rows."""
-    total = inputs["input_ids"].shape[0]
-    out = {k: v[rows] for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (total,) and k not in ("pixel_values", "image_grid_thw")}
-    if "image_grid_thw" in inputs:
-        # Row r is a copy of prompt r // n, which owns image_counts[r // n] consecutive images.
-        per_row = [count for count in image_counts for _ in range(n)]
-        first_image = [0]
-        for count in per_row:
-            first_image.append(first_image[-1] + count)
-        grids = inputs["image_grid_thw"]
-        patch_start = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)])
-        lo, hi = first_image[rows.start], first_image[rows.stop]
-        out["image_grid_thw"] = grids[lo:hi]
-        out["pixel_values"] = inputs["pixel_values"][int(patch_start[lo]) : int(patch_start[hi])]
     return out

@@ -71,3 +71,27 @@ def policy_inputs(prompt: dict, image_counts: list[int], rollouts: Rollouts, n: 
         if value.shape[:2] == (rows, prompt_width):  # per-token: zeros (text) over the response
             inputs[key] = torch.cat([value, value.new_zeros(rows, response_ids.shape[1])], dim=1)
     return inputs
+
+
+def select_rows(inputs: dict, rows: list[int] | slice, n: int, image_counts: list[int]) -> dict:
+    """Rows ``rows`` (indices or a slice) of a repeated prompt+response batch, with their images' pixel rows.
+
+    Row r is a copy of prompt r // n, which owns ``image_counts[r // n]`` consecutive images.
+    """
+    total = inputs["input_ids"].shape[0]
+    index = torch.arange(total)[rows] if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+    out = {
+        key: value[index.to(value.device)]
+        for key, value in inputs.items()
+        if isinstance(value, torch.Tensor) and value.shape[:1] == (total,) and key not in ("pixel_values", "image_grid_thw")
+    }
+    if "image_grid_thw" in inputs:
+        grids = inputs["image_grid_thw"]
+        per_row = torch.tensor([count for count in image_counts for _ in range(n)])
+        first_image = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]).tolist()
+        patch_start = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)]).tolist()
+        images = [i for r in index.tolist() for i in range(first_image[r], first_image[r + 1])]
+        out["image_grid_thw"] = grids[images] if images else grids[:0]
+        pixels = [inputs["pixel_values"][patch_start[i] : patch_start[i + 1]] for i in images]
+        out["pixel_values"] = torch.cat(pixels) if pixels else inputs["pixel_values"][:0]
+    return out
