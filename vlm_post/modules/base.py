@@ -109,7 +109,7 @@ class PolicyModule(LightningModule):
         super().__init__()
         # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
         # evaluation protocol and the weights' origin belong to the command at hand, not to the checkpoint.
-        self.save_hyperparameters(ignore=["init_from", "eval", "val"])
+        self.save_hyperparameters(ignore=["init_from", "eval", "val", "reward"])
         self.model_path = resolve_model_path(model_name_or_path)
         self.policy_config = check_image_text_to_text(self.model_path)
         self.init_from = check_init_from(init_from) if init_from else None
@@ -153,10 +153,11 @@ class PolicyModule(LightningModule):
         """Which collated parts this module needs per split: ``prompt`` (for sampling) and/or ``sft``."""
         return {"prompt"}
 
-    def hidden_states(self, inputs: dict) -> torch.Tensor:
-        """The decoder's last hidden states; the vocabulary projection is left to the chunked losses."""
+    def hidden_states(self, inputs: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The decoder's last hidden states (of the policy, or of ``model``, e.g. a frozen reference);
+        the vocabulary projection is left to the chunked losses."""
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        return self.policy.model(**inputs, use_cache=False).last_hidden_state
+        return (model or self.policy).model(**inputs, use_cache=False).last_hidden_state
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -178,20 +179,32 @@ class PolicyModule(LightningModule):
     # --- evaluation ----------------------------------------------------------------------------------
 
     def response_logprobs(
-        self, inputs: dict, prompt_width: int, response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
+        self,
+        inputs: dict,
+        prompt_width: int,
+        response_mask: torch.Tensor,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs (and entropy) of the response tokens, shaped like ``response_mask`` (rows, L).
 
         The hidden state that predicts response token j sits at ``prompt_width + j - 1``;
         only masked positions are projected onto the vocabulary, in chunks.
         """
-        hidden = self.hidden_states(inputs)
+        model = model or self.policy
+        hidden = self.hidden_states(inputs, model)
         length = response_mask.shape[1]
         mask = response_mask.bool()
         predicting = hidden[:, prompt_width - 1 : prompt_width - 1 + length][mask]
         targets = inputs["input_ids"][:, prompt_width : prompt_width + length][mask]
         logprobs, entropy = token_logprobs_and_entropy(
-            predicting, self.head_weight, targets, self.logprob_chunk_size, with_entropy=with_entropy, temperature=temperature
+            predicting,
+            model.get_output_embeddings().weight,
+            targets,
+            self.logprob_chunk_size,
+            with_entropy=with_entropy,
+            temperature=temperature,
         )
         full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         out_logprobs = full.masked_scatter(mask, logprobs)

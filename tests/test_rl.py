@@ -1,0 +1,58 @@
+"""RLModule on the tiny model: a training step runs the whole GRPO loop and moves the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from tests.helpers import demo_datamodule, trainer
+from vlm_post.losses import GRPOLossConfig
+from vlm_post.modules import EvalConfig, OptimConfig, RLModule, RolloutConfig
+
+
+def length_reward(responses, examples):
+    """A reward a random policy can earn: groups differ, so advantages (and gradients) are not zero."""
+    return [len(text) / 10.0 for text in responses]
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.metrics: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+@pytest.mark.parametrize("kl_mode", ["loss", "reward", "off"])
+def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl_mode):
+    torch.manual_seed(0)
+    module = RLModule(
+        str(tiny_model),
+        optim=OptimConfig(lr=1e-3),
+        eval=EvalConfig(n=0, max_new_tokens=8),
+        rollout=RolloutConfig(n=4, temperature=1.0, max_new_tokens=8),
+        loss=GRPOLossConfig(kl_mode=kl_mode),
+        reward="tests.test_rl.length_reward",
+        mini_batch_size=2,
+        micro_batch_size=3,
+        ppo_epochs=2,
+    )
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    record = Record()
+    trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
+    # 4 prompts, mini-batches of 2 prompts, 2 epochs: 4 optimizer steps per rollout batch.
+    assert module.trainer.global_step == 4
+    changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "no weight moved"
+    logged = record.metrics[-1]
+    for key in ("train/reward_mean", "train/clip_fraction", "train/entropy", "train/ratio_mean",
+                "train/response_length", "train/groups_filtered", "train/time_generate_s", "train/tokens_per_s"):
+        assert key in logged, key
+    assert ("train/kl" in logged) == (kl_mode == "loss")
+    assert (module.reference is not None) == (kl_mode != "off")
+    if module.reference is not None:
+        assert not any(k.startswith("reference") for k in module.state_dict()), "the reference must not be checkpointed"
+        for key, value in module.reference.state_dict().items():
+            assert torch.equal(value, before[key]), "the reference must stay at the initial weights"

@@ -1,0 +1,185 @@
+"""RLModule: GRPO-family reinforcement learning with verifiable rewards (stage 2).
+
+Algorithm, per training step (one batch of ``data.batch_size`` prompts = the rollout batch):
+  1. sample ``rollout.n`` responses per prompt with the current policy (the rollout engine);
+  2. score them with the reward function (default: 0.9 * accuracy + 0.1 * format);
+  3. old log-probs from the rollout policy, and reference log-probs from the frozen initial
+     weights when a KL term is used (as a loss term, or subtracted from the rewards);
+  4. group-normalised advantages (GRPO; Dr. GRPO without the std), optionally dropping groups
+     whose rewards are all equal (dynamic sampling);
+  5. ``ppo_epochs`` passes over the rows in mini-batches of ``mini_batch_size`` prompts' rows;
+     each mini-batch is one optimizer step, accumulated over micro-batches of ``micro_batch_size``
+     rows weighted by their share of the mini-batch's response tokens (so token-mean stays exact).
+
+Launch:
+    vlm_post fit --config configs/demo/rl.yaml --model.init_from runs/demo/sft/export
+
+Status: the training loop below runs and is tested for one step; the demo config, the learning
+signal, exact resume and the TRL benchmark are the remaining work of the RL issue.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vlm_post.losses import GRPOLossConfig, group_advantages, groups_with_signal, grpo_loss, kl_reward_penalty
+from vlm_post.modules.base import PolicyModule
+from vlm_post.rewards import RewardFn, load_reward_fn
+from vlm_post.rollout import SamplingParams
+from vlm_post.rollout.sequences import policy_inputs, select_rows
+
+
+@dataclass
+class RolloutConfig:
+    """How training samples: ``n`` responses per prompt (the group), at ``temperature``, ``top_p``, ``top_k``."""
+
+    n: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+
+
+# Checkpoints keep these dataclasses in their hyperparameters (see base.py).
+torch.serialization.add_safe_globals([RolloutConfig, GRPOLossConfig])
+
+
+class RLModule(PolicyModule):
+    def __init__(
+        self,
+        *args,
+        rollout: RolloutConfig | None = None,
+        loss: GRPOLossConfig | None = None,
+        reward: RewardFn | str = "vlm_post.rewards.MathReward",
+        mini_batch_size: int | None = None,
+        micro_batch_size: int = 8,
+        ppo_epochs: int = 1,
+        dynamic_sampling: bool = False,
+        grad_clip: float | None = 1.0,
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            rollout: sampling of the training responses (the GRPO group size is ``rollout.n``).
+            loss: the GRPO-family loss (clip, aggregation, KL estimator and mode, entropy bonus).
+            reward: a RewardFn (by ``class_path``) or a dotted path to a class or function.
+            mini_batch_size: prompts per optimizer step (default: the whole rollout batch, one step).
+            micro_batch_size: rows (responses) per forward/backward pass.
+            ppo_epochs: passes over each rollout batch.
+            dynamic_sampling: drop groups whose rewards are all equal (no learning signal).
+            grad_clip: gradient norm clipping per optimizer step (RL steps the optimizer itself, so
+                ``trainer.gradient_clip_val`` must stay unset).
+        """
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.rollout = rollout or RolloutConfig()
+        self.loss_config = loss or GRPOLossConfig()
+        self.reward_fn = load_reward_fn(reward)
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.ppo_epochs = ppo_epochs
+        self.dynamic_sampling = dynamic_sampling
+        self.grad_clip = grad_clip
+        self.reference: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.loss_config.uses_reference and self.reference is None:
+            # The reference is the initial weights (after init_from): frozen, never saved in checkpoints.
+            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            object.__setattr__(self, "reference", reference)  # not a submodule: no optimizer, no state_dict
+
+    def batch_parts(self, split: str) -> set[str]:
+        return {"prompt"}
+
+    # --- one training step -----------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    @torch.no_grad()
+    def _logprobs(self, model: torch.nn.Module, inputs: dict, width: int, mask: torch.Tensor, n: int, counts) -> torch.Tensor:
+        """Log-probs of all rows under ``model`` (the rollout policy or the reference), in micro-batches."""
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        for start in range(0, mask.shape[0], self.micro_batch_size):
+            rows = slice(start, min(mask.shape[0], start + self.micro_batch_size))
+            micro = select_rows(inputs, rows, n, counts)
+            out[rows] = self.response_logprobs(micro, width, mask[rows], self.rollout.temperature, model=model)[0]
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        examples, prompt, counts = batch["examples"], batch["prompt"], batch["image_counts"]
+        n = self.rollout.n
+        started = time.perf_counter()
+        samples = self.engine.generate(self.policy, prompt, self.rollout.sampling())
+        generated = time.perf_counter()
+        rewarded = self.reward_fn(samples.texts, [examples[int(i)] for i in samples.prompt_index])
+        rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
+        inputs = policy_inputs(prompt, counts, samples, n)
+        width, mask = prompt["input_ids"].shape[1], samples.response_mask
+        old_logprobs = self._logprobs(self.policy, inputs, width, mask, n, counts)
+        ref_logprobs = self._logprobs(self.reference, inputs, width, mask, n, counts) if self.reference is not None else None
+        config = self.loss_config
+        signal = groups_with_signal(rewards, n)  # on the raw rewards: a KL penalty makes every group differ
+        if config.kl_mode == "reward" and ref_logprobs is not None:
+            rewards, _ = kl_reward_penalty(rewards, old_logprobs, ref_logprobs, mask, config.kl_coef, config.kl_kind)
+        advantages = group_advantages(rewards, n, normalize_std=config.normalize_std)
+        keep_groups = signal if self.dynamic_sampling else torch.ones_like(signal)
+        rows = torch.arange(len(rewards), device=self.device).view(-1, n)[keep_groups].flatten().tolist()
+        stats = self._update(inputs, width, mask, n, counts, rows, old_logprobs, ref_logprobs, advantages)
+        size = len(examples)
+        logged = {
+            "train/reward_mean": rewards.mean(),
+            "train/reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+            "train/response_length": samples.lengths.float().mean(),
+            "train/groups_filtered": 1.0 - keep_groups.float().mean(),
+            "train/time_generate_s": torch.tensor(generated - started),
+            "train/time_train_s": torch.tensor(time.perf_counter() - generated),
+            "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, time.perf_counter() - started),
+        }
+        logged.update({f"train/{name}": torch.tensor(values).float().mean() for name, values in rewarded.components.items()})
+        logged.update({f"train/{name}": value for name, value in stats.items()})
+        self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=size, prog_bar=False)
+
+    def _update(self, inputs, width, mask, n, counts, rows, old_logprobs, ref_logprobs, advantages) -> dict:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        config = self.loss_config
+        per_step = (self.mini_batch_size or len(rows) // n or 1) * n
+        totals: dict[str, list[torch.Tensor]] = {}
+        for _ in range(self.ppo_epochs):
+            for step_start in range(0, len(rows), per_step):
+                step_rows = rows[step_start : step_start + per_step]
+                step_tokens = mask[step_rows].sum().clamp(min=1)
+                optimizer.zero_grad()
+                for micro_start in range(0, len(step_rows), self.micro_batch_size):
+                    micro = step_rows[micro_start : micro_start + self.micro_batch_size]
+                    micro_inputs = select_rows(inputs, micro, n, counts)
+                    logprobs, entropy = self.response_logprobs(  # entropy: logged every step, a bonus if configured
+                        micro_inputs, width, mask[micro], self.rollout.temperature, with_entropy=True
+                    )
+                    loss, stats = grpo_loss(
+                        logprobs,
+                        old_logprobs[micro],
+                        advantages[micro],
+                        mask[micro],
+                        config,
+                        ref_logprobs=ref_logprobs[micro] if ref_logprobs is not None and config.kl_mode == "loss" else None,
+                        entropy=entropy,
+                    )
+                    # token-mean over the whole mini-batch: weigh each micro-batch by its share of tokens
+                    self.manual_backward(loss * (mask[micro].sum() / step_tokens))
+                    for name, value in stats.items():
+                        totals.setdefault(name, []).append(value.detach().float())
+                if self.grad_clip:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+        return {name: torch.stack(values).mean() for name, values in totals.items()}
