@@ -8,7 +8,8 @@ from lightning.pytorch import Callback
 
 from tests.helpers import demo_datamodule, trainer
 from vlm_post.losses import GRPOLossConfig
-from vlm_post.modules import EvalConfig, OptimConfig, RLModule, RolloutConfig
+from vlm_post.modules import EvalConfig, OptimConfig, RLModule
+from vlm_post.rollout import SamplingParams
 
 
 def length_reward(responses, examples):
@@ -31,7 +32,7 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
         str(tiny_model),
         optim=OptimConfig(lr=1e-3),
         eval=EvalConfig(n=0, max_new_tokens=8),
-        rollout=RolloutConfig(n=4, temperature=1.0, max_new_tokens=8),
+        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8),
         loss=GRPOLossConfig(kl_mode=kl_mode),
         reward="tests.test_rl.length_reward",
         mini_batch_size=2,

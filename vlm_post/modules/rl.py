@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-
 import torch
 
 from vlm_post.losses import GRPOLossConfig, group_advantages, groups_with_signal, grpo_loss, kl_reward_penalty
@@ -33,29 +31,15 @@ from vlm_post.rollout import SamplingParams
 from vlm_post.rollout.sequences import policy_inputs, select_rows
 
 
-@dataclass
-class RolloutConfig:
-    """How training samples: ``n`` responses per prompt (the group), at ``temperature``, ``top_p``, ``top_k``."""
-
-    n: int = 5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 1024
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
-
-
 # Checkpoints keep these dataclasses in their hyperparameters (see base.py).
-torch.serialization.add_safe_globals([RolloutConfig, GRPOLossConfig])
+torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig])
 
 
 class RLModule(PolicyModule):
     def __init__(
         self,
         *args,
-        rollout: RolloutConfig | None = None,
+        rollout: SamplingParams | None = None,
         loss: GRPOLossConfig | None = None,
         reward: RewardFn | str = "vlm_post.rewards.MathReward",
         mini_batch_size: int | None = None,
@@ -79,7 +63,7 @@ class RLModule(PolicyModule):
         """
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        self.rollout = rollout or RolloutConfig()
+        self.rollout = rollout or SamplingParams(n=5, temperature=1.0, max_new_tokens=1024)
         self.loss_config = loss or GRPOLossConfig()
         self.reward_fn = load_reward_fn(reward)
         self.mini_batch_size = mini_batch_size
@@ -119,7 +103,7 @@ class RLModule(PolicyModule):
         examples, prompt, counts = batch["examples"], batch["prompt"], batch["image_counts"]
         n = self.rollout.n
         started = time.perf_counter()
-        samples = self.engine.generate(self.policy, prompt, self.rollout.sampling())
+        samples = self.engine.generate(self.policy, prompt, self.rollout)
         generated = time.perf_counter()
         rewarded = self.reward_fn(samples.texts, [examples[int(i)] for i in samples.prompt_index])
         rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)

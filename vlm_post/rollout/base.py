@@ -15,7 +15,7 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """How to sample. ``temperature == 0`` means greedy decoding."""
+    """How to sample: ``n`` responses per prompt (the GRPO group in RL). ``temperature == 0`` is greedy."""
 
     n: int = 1
     temperature: float = 1.0
