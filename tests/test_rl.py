@@ -57,3 +57,34 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
         assert not any(k.startswith("reference") for k in module.state_dict()), "the reference must not be checkpointed"
         for key, value in module.reference.state_dict().items():
             assert torch.equal(value, before[key]), "the reference must stay at the initial weights"
+
+
+def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_path, monkeypatch):
+    import vlm_post.modules.rl as rl
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    real = rl.grpo_loss
+    monkeypatch.setattr(rl, "grpo_loss", poisoned)
+    module = RLModule(
+        str(tiny_model),
+        eval=EvalConfig(n=0, max_new_tokens=8),
+        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8),
+        loss=GRPOLossConfig(kl_mode="off"),
+        reward="tests.test_rl.length_reward",
+    )
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2).fit(module, demo_datamodule(demo_data, batch_size=4))
+    assert module.skipped_steps == 2
+    assert all(torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in module.policy.state_dict().values())
+
+    stopping = RLModule(
+        str(tiny_model), eval=EvalConfig(n=0, max_new_tokens=8), rollout=SamplingParams(n=4, max_new_tokens=8),
+        loss=GRPOLossConfig(kl_mode="off"), reward="tests.test_rl.length_reward", on_nonfinite="stop",
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer(tmp_path, max_steps=1).fit(stopping, demo_datamodule(demo_data, batch_size=4))

@@ -93,3 +93,15 @@ def test_resume_restores_optimizer_scheduler_and_step(tiny_model, demo_data, tmp
         if key.startswith("policy."):
             assert torch.equal(seen["weights"][key[len("policy.") :]], value), key
     assert resumed.trainer.global_step == 6
+
+
+def test_nonfinite_sft_loss_is_skipped(tiny_model, demo_data, tmp_path, monkeypatch):
+    import vlm_post.modules.sft as sft
+
+    monkeypatch.setattr(sft, "sft_cross_entropy", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), 1))
+    module = sft_module(tiny_model)
+    module.configure_model()
+    before = _weights(module)
+    trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2).fit(module, demo_datamodule(demo_data))
+    assert module.skipped_steps == 2
+    assert all(torch.equal(v, before[k]) for k, v in _weights(module).items())

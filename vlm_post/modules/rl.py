@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Literal
 import torch
 
 from vlm_post.losses import GRPOLossConfig, group_advantages, groups_with_signal, grpo_loss, kl_reward_penalty
@@ -47,6 +48,7 @@ class RLModule(PolicyModule):
         ppo_epochs: int = 1,
         dynamic_sampling: bool = False,
         grad_clip: float | None = 1.0,
+        on_nonfinite: Literal["skip", "stop"] = "skip",
         **kwargs,
     ) -> None:
         """
@@ -60,6 +62,8 @@ class RLModule(PolicyModule):
             dynamic_sampling: drop groups whose rewards are all equal (no learning signal).
             grad_clip: gradient norm clipping per optimizer step (RL steps the optimizer itself, so
                 ``trainer.gradient_clip_val`` must stay unset).
+            on_nonfinite: a NaN/inf loss or gradient never reaches the weights: ``skip`` drops that
+                optimizer step and counts it (``train/skipped_steps``), ``stop`` ends the run with a message.
         """
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
@@ -71,6 +75,8 @@ class RLModule(PolicyModule):
         self.ppo_epochs = ppo_epochs
         self.dynamic_sampling = dynamic_sampling
         self.grad_clip = grad_clip
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
         self.reference: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -162,8 +168,23 @@ class RLModule(PolicyModule):
                     self.manual_backward(loss * (mask[micro].sum() / step_tokens))
                     for name, value in stats.items():
                         totals.setdefault(name, []).append(value.detach().float())
+                if not self._gradients_finite():
+                    optimizer.zero_grad()
+                    self.skipped_steps += 1
+                    if self.on_nonfinite == "stop":
+                        raise FloatingPointError(
+                            f"non-finite RL loss or gradient at global step {self.global_step}; the weights were not "
+                            "updated (set model.on_nonfinite: skip to drop such steps instead)"
+                        )
+                    continue
                 if self.grad_clip:
                     self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
-        return {name: torch.stack(values).mean() for name, values in totals.items()}
+        stats = {name: torch.stack(values).mean() for name, values in totals.items()}
+        stats["skipped_steps"] = torch.tensor(float(self.skipped_steps))
+        return stats
+
+    def _gradients_finite(self) -> bool:
+        norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True

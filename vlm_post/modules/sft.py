@@ -23,6 +23,8 @@ from vlm_post.modules.base import PolicyModule
 
 
 class SFTModule(PolicyModule):
+    skipped_steps = 0  # batches whose loss was NaN/inf, dropped before they touch the weights
+
     def batch_parts(self, split: str) -> set[str]:
         return {"sft"} if split == "train" else {"prompt", "sft"}
 
@@ -30,9 +32,14 @@ class SFTModule(PolicyModule):
         hidden = self.hidden_states(batch)
         return sft_cross_entropy(hidden, self.head_weight, batch["labels"], self.logprob_chunk_size)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, tokens = self.sft_loss(batch["sft"])
         size = batch["sft"]["input_ids"].shape[0]
+        if not torch.isfinite(loss):
+            # Returning None skips backward and the optimizer step: a NaN never reaches the weights.
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/target_tokens", float(tokens), batch_size=size)
         return loss
