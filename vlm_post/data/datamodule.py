@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlm_post.data.collate import Collator
 from vlm_post.data.prompting import DEFAULT_ANSWER_TEMPLATE, DEFAULT_INSTRUCTION
 from vlm_post.data.schema import Example
+from vlm_post.data.sampler import ResumableRandomSampler
 from vlm_post.data.sources import ADAPTERS, BadRow, DataSource, _is_local, fit_pixels, load_rows
 from vlm_post.errors import ConfigError
 
@@ -90,6 +90,7 @@ class VLMDataModule(LightningDataModule):
         min_pixels: int = 3136,
         max_pixels: int = 1_003_520,
         fail_fast: bool = False,
+        seed: int = 0,
     ) -> None:
         """
         Args:
@@ -106,6 +107,7 @@ class VLMDataModule(LightningDataModule):
             min_pixels: images smaller than this (width*height) are scaled up, keeping the aspect ratio.
             max_pixels: images larger than this are scaled down, keeping the aspect ratio.
             fail_fast: stop at the first bad row instead of reporting, counting and skipping it.
+            seed: seed of the training order (epoch e is shuffled with seed + e).
         """
         super().__init__()
         self.train_source = train
@@ -129,6 +131,8 @@ class VLMDataModule(LightningDataModule):
         self.max_target_tokens = max_target_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.fail_fast = fail_fast
+        self.seed = seed
+        self._resume: dict | None = None
         self.processor = None  # set by setup() from the LightningModule, or by hand outside a Trainer
         self.datasets: dict[str, ExampleDataset] = {}
 
@@ -184,26 +188,39 @@ class VLMDataModule(LightningDataModule):
         parts = module.batch_parts(split) if module is not None else ({"sft"} if split == "train" else {"prompt"})
         return "prompt" in parts, "sft" in parts
 
-    def _loader(self, dataset: Dataset, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, split: str, batch_size: int, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator(*self._parts(split)),
-            drop_last=shuffle,
+            drop_last=sampler is not None,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(torch.initial_seed()) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset(self.train_source), "train", self.batch_size, shuffle=True)
+        dataset = self._dataset(self.train_source)
+        self.train_sampler = ResumableRandomSampler(len(dataset), seed=self.seed)
+        if self._resume is not None:
+            self.train_sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+        return self._loader(dataset, "train", self.batch_size, self.train_sampler)
+
+    # The training position, saved in every checkpoint, so that `--ckpt_path` resumes mid-epoch exactly.
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state or None
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self._dataset(s), "val", self.eval_batch_size, False) for s in self.val_sources]
+        return [self._loader(self._dataset(s), "val", self.eval_batch_size) for s in self.val_sources]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self._dataset(s), "test", self.eval_batch_size, False) for s in self.test_sources]
+        return [self._loader(self._dataset(s), "test", self.eval_batch_size) for s in self.test_sources]
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()

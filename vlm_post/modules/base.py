@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -148,6 +150,20 @@ class PolicyModule(LightningModule):
             else:
                 self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.policy.config.use_cache = False
+
+    # --- exact resume: the global RNG streams (sampling, dropout) continue where the checkpoint left them --
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vlm_post_rng"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("vlm_post_rng")
+
+    def on_train_start(self) -> None:
+        # Applied here, not at load time: setup between loading and training may draw random numbers.
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states:
+            restore_rng_states(states)
 
     def batch_parts(self, split: str) -> set[str]:
         """Which collated parts this module needs per split: ``prompt`` (for sampling) and/or ``sft``."""
@@ -310,6 +326,25 @@ class PolicyModule(LightningModule):
         (out / "summary.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
         print(format_table([{k: v for k, v in row.items() if k != "ci"} for row in rows]))
         rank_zero_info(f"evaluation written to {out}")
+
+
+def rng_states() -> dict:
+    """The global RNG states, in types a weights-only checkpoint load accepts."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss)
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def confidence_intervals(records: list[dict], config: EvalConfig) -> dict[str, tuple[float, float]]:
