@@ -1,11 +1,13 @@
 """The CPU demo, end to end, exactly as a user would run it (``make demo``).
 
 1. Build the tiny Qwen2.5-VL and the synthetic data set if they are absent (offline, deterministic).
-2. ``vlm_post fit --config configs/demo/sft.yaml``: SFT, best checkpoint exported in HF format.
-3. ``vlm_post test`` on the untrained (base) model and on the SFT export.
-4. Print a table and write ``runs/demo/summary.json``: one row per model evaluated.
+2. ``vlm_post fit --config configs/demo/sft.yaml``: a short SFT (a weak warm start), exported in HF format.
+3. ``vlm_post fit --config configs/demo/rl.yaml``: GRPO from the SFT export.
+4. ``vlm_post test`` on the untrained (base) model, the SFT export and the RL export.
+5. Print a table and write ``runs/demo/summary.json``: one row per model evaluated.
 
-Exits non-zero when a stage fails or when SFT does not beat the base model by ``MIN_SFT_GAIN``.
+Exits non-zero when a stage fails, when SFT does not beat the base model by ``MIN_SFT_GAIN``, or when RL
+does not beat SFT by ``MIN_RL_GAIN`` (greedy accuracy).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ RUNS = Path("runs/demo")
 TINY_MODEL = Path("artifacts/tiny-qwen2.5-vl")
 DEMO_DATA = Path("artifacts/demo-data")
 MIN_SFT_GAIN = 0.2
+MIN_RL_GAIN = 0.05
 
 
 def run(*args: str) -> None:
@@ -59,7 +62,9 @@ def main() -> None:
     shutil.rmtree(RUNS, ignore_errors=True)  # a demo run starts clean: no stale checkpoints to pick "best" from
 
     run("fit", "--config", "configs/demo/sft.yaml")
+    run("fit", "--config", "configs/demo/rl.yaml", f"--model.init_args.init_from={RUNS / 'sft' / 'export'}")
     rows = evaluate("base", None) + evaluate("sft", str(RUNS / "sft" / "export"))
+    rows += evaluate("rl_from_sft", str(RUNS / "rl" / "export"))
 
     from vlm_post.modules.base import format_table
 
@@ -70,6 +75,8 @@ def main() -> None:
     accuracy = {row["model"]: row["accuracy"] for row in rows}
     if accuracy["sft"] - accuracy["base"] < MIN_SFT_GAIN:
         sys.exit(f"demo: SFT accuracy {accuracy['sft']:.3f} is not {MIN_SFT_GAIN} above base {accuracy['base']:.3f}")
+    if accuracy["rl_from_sft"] - accuracy["sft"] < MIN_RL_GAIN:
+        sys.exit(f"demo: RL accuracy {accuracy['rl_from_sft']:.3f} is not {MIN_RL_GAIN} above SFT {accuracy['sft']:.3f}")
 
 
 if __name__ == "__main__":
