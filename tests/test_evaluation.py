@@ -8,7 +8,6 @@ import torch
 from tests.helpers import demo_datamodule, sft_module, trainer
 from vlm_post.metrics import EvalMetrics, pass_at_k
 from vlm_post.modules.evaluation import EvalConfig, evaluate_batch, sampled_token_entropy
-from vlm_post.rollout import SamplingParams
 from vlm_post.rollout.sequences import policy_inputs
 
 

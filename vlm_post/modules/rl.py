@@ -116,9 +116,14 @@ class RLModule(PolicyModule):
         rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
         inputs = policy_inputs(prompt, counts, samples, n)
         width, mask = prompt["input_ids"].shape[1], samples.response_mask
-        old_logprobs = self._logprobs(self.policy, inputs, width, mask, n, counts)
-        ref_logprobs = self._logprobs(self.reference, inputs, width, mask, n, counts) if self.reference is not None else None
         config = self.loss_config
+        # One update over the whole rollout batch is exactly on-policy: the old log-probs equal the current
+        # ones (ratio 1), so the separate no-grad forward over every row is skipped. A KL reward penalty
+        # still needs the policy's log-probs before the update.
+        single_update = self.ppo_epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= len(examples))
+        ref_logprobs = self._logprobs(self.reference, inputs, width, mask, n, counts) if self.reference is not None else None
+        needs_old = not single_update or (config.kl_mode == "reward" and ref_logprobs is not None)
+        old_logprobs = self._logprobs(self.policy, inputs, width, mask, n, counts) if needs_old else None
         signal = groups_with_signal(rewards, n)  # on the raw rewards: a KL penalty makes every group differ
         if config.kl_mode == "reward" and ref_logprobs is not None:
             rewards, _ = kl_reward_penalty(rewards, old_logprobs, ref_logprobs, mask, config.kl_coef, config.kl_kind)
@@ -158,7 +163,7 @@ class RLModule(PolicyModule):
                     )
                     loss, stats = grpo_loss(
                         logprobs,
-                        old_logprobs[micro],
+                        old_logprobs[micro] if old_logprobs is not None else logprobs.detach(),
                         advantages[micro],
                         mask[micro],
                         config,
