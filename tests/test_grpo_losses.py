@@ -15,6 +15,7 @@ from vlm_post.losses import (
     grpo_loss,
     kl_penalty,
     kl_reward_penalty,
+    overlong_penalty,
     policy_loss,
 )
 
@@ -312,3 +313,15 @@ def test_kl_reward_mode_changes_rewards_and_not_the_loss():
     token_rewards[torch.arange(4), mask.sum(-1) - 1] = rewards  # the reward on each response's last token
     penalised_tokens, _ = kl_reward_penalty(token_rewards, logprobs, ref, mask, kl_coef=0.1, kind="k1")
     torch.testing.assert_close(penalised_tokens.sum(-1), penalised)
+
+
+def test_overlong_penalty_is_soft_over_the_buffer_and_full_for_truncated_responses():
+    lengths = torch.tensor([4, 6, 7, 8, 8])
+    finished = torch.tensor([True, True, True, True, False])
+    # max 8, buffer 4: free up to 4 tokens, then -0.5 * excess / 4; truncated: -0.5
+    shaped = overlong_penalty(lengths, finished, max_length=8, buffer=4, penalty=0.5)
+    assert shaped.tolist() == pytest.approx([0.0, -0.25, -0.375, -0.5, -0.5])
+    only_truncation = overlong_penalty(lengths, finished, max_length=8, buffer=0, penalty=1.0)
+    assert only_truncation.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, -1.0])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, finished, max_length=8, buffer=8, penalty=1.0)

@@ -73,6 +73,13 @@ def test_format_reward(response, think, opens, expected):
     assert FormatReward(think=think, prompt_opens_think=opens).is_formatted(response) is expected
 
 
+def test_format_reward_can_accept_an_empty_think_block():
+    assert FormatReward(require_reasoning=False).is_formatted("<think></think>\\boxed{3}")
+    assert not FormatReward(require_reasoning=False).is_formatted("<think></think> 3")
+    out = MathReward(require_reasoning=False)(["<think></think>\\boxed{red}"], [GEO])
+    assert out.components["format"] == [1.0]
+
+
 def test_load_reward_fn_by_dotted_path_mapping_class_and_function():
     by_path = load_reward_fn("vlm_post.rewards.MathReward", format_weight=0.2, accuracy_weight=0.8)
     assert isinstance(by_path, MathReward) and by_path.format_weight == 0.2

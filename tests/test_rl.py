@@ -88,3 +88,60 @@ def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_pat
     )  # fmt: skip
     with pytest.raises(FloatingPointError, match="non-finite"):
         trainer(tmp_path, max_steps=1).fit(stopping, demo_datamodule(demo_data, batch_size=4))
+
+
+def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(tiny_model, demo_data, tmp_path, monkeypatch):
+    import vlm_post.modules.on_policy as on_policy
+    import vlm_post.modules.rl as rl
+
+    events = []  # in call order: each step's finished flags, then the rows of each micro-batch it trained on
+    real_select, real_penalty = on_policy.select_rows, rl.overlong_penalty
+
+    def select(inputs, rows, n, counts):
+        events.append(("rows", rows))
+        return real_select(inputs, rows, n, counts)
+
+    def penalty(lengths, finished, *args):
+        events.append(("finished", finished.clone()))
+        return real_penalty(lengths, finished, *args)
+
+    monkeypatch.setattr(on_policy, "select_rows", select)
+    monkeypatch.setattr(rl, "overlong_penalty", penalty)
+    module = RLModule(
+        str(tiny_model),
+        eval=EvalConfig(n=0, max_new_tokens=8),
+        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=3),
+        loss=GRPOLossConfig(kl_mode="off"),
+        reward="tests.test_rl.length_reward",
+        overlong=rl.OverlongConfig(penalty=1.0, filter_truncated=True),
+    )
+    real_generate = module.engine.generate
+
+    def generate(*args, **kwargs):  # a random policy rarely stops within 3 tokens: call every 3rd row finished
+        rollouts = real_generate(*args, **kwargs)
+        rollouts.finished[::3] = True
+        return rollouts
+
+    module.engine.generate = generate
+    record = Record()
+    trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2, callbacks=[record]).fit(
+        module, demo_datamodule(demo_data, batch_size=4)
+    )
+    steps = [value for kind, value in events if kind == "finished"]
+    assert len(steps) == 2 and not torch.cat(steps).all(), "a random policy truncates at 3 new tokens"
+    assert any(kind == "rows" for kind, _ in events), "the finished rows must still be trained on"
+    finished = None
+    for kind, value in events:
+        if kind == "finished":
+            finished = value
+        else:
+            assert all(bool(finished[row]) for row in value), "a truncated row reached the loss"
+    assert record.metrics[-1]["train/truncated_rate"] > 0
+
+
+def test_overlong_buffer_must_fit_the_response_budget(tiny_model):
+    from vlm_post.errors import ConfigError
+    from vlm_post.losses import OverlongConfig
+
+    with pytest.raises(ConfigError, match="overlong.buffer"):
+        RLModule(str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4), overlong=OverlongConfig(penalty=1, buffer=4))

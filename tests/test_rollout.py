@@ -96,3 +96,33 @@ def test_vision_encoder_runs_once_per_prompt_not_per_sample(arch, tiny_model, pr
         handle.remove()
     assert rollouts.response_ids.shape[0] == 8
     assert images_per_call == [3], images_per_call  # one call over the 3 images of 2 prompts, for 8 samples
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_shared_prefill_samples_what_plain_generate_samples(arch, tiny_model, processor, tmp_path, monkeypatch):
+    """Prefilling each prompt once and repeating its cache n times changes nothing but the cost: same seed,
+    same tokens, on prompts of different lengths (left padding) with one and two images."""
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    path = tiny_model if arch == "qwen2_5_vl" else build_tiny_qwen2_5_vl(tmp_path / arch, arch=arch)
+    policy = load_policy(str(path))
+    batch = _batch(processor)
+    engine, params = HFGenerateEngine(processor), SamplingParams(n=4, temperature=1.0, max_new_tokens=12)
+    assert engine._can_share_prefill(policy, batch["prompt"])
+    prefills = []
+    handle = policy.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
+    )
+    try:
+        torch.manual_seed(0)
+        shared = engine.generate(policy, batch["prompt"], params)
+    finally:
+        handle.remove()
+    width = batch["prompt"]["input_ids"].shape[1]
+    assert prefills[0] == (2, width - 1) and prefills[1] == (8, 1), prefills[:2]  # 2 prompts prefilled, not 8 rows
+    monkeypatch.setattr(HFGenerateEngine, "_can_share_prefill", staticmethod(lambda policy, prompt: False))
+    torch.manual_seed(0)
+    plain = engine.generate(policy, batch["prompt"], params)
+    assert torch.equal(shared.response_ids, plain.response_ids)
+    assert torch.equal(shared.response_mask, plain.response_mask)
+    assert shared.texts == plain.texts

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_post.data.collate import Collator
 from vlm_post.data.prompting import DEFAULT_ANSWER_TEMPLATE, DEFAULT_INSTRUCTION
-from vlm_post.data.schema import Example
 from vlm_post.data.sampler import ResumableRandomSampler
+from vlm_post.data.schema import Example
 from vlm_post.data.sources import ADAPTERS, BadRow, DataSource, _is_local, fit_pixels, load_rows
 from vlm_post.errors import ConfigError
 

@@ -1,5 +1,15 @@
 """Losses: pure torch, no Lightning, so they can be checked against hand-computed values."""
 
+from vlm_post.losses.distill import (
+    TAIL_FLOOR,
+    coarsened_reverse_kl,
+    sampled_reverse_kl_advantages,
+    sampled_reverse_kl_loss,
+    topk_entropy,
+    topk_reverse_kl,
+    topk_reverse_kl_and_entropy_from_hidden,
+    topk_reverse_kl_from_hidden,
+)
 from vlm_post.losses.grpo import (
     GRPOLossConfig,
     aggregate,
@@ -11,19 +21,30 @@ from vlm_post.losses.grpo import (
 )
 from vlm_post.losses.kl import kl_penalty
 from vlm_post.losses.logprobs import token_logprobs, token_logprobs_and_entropy
+from vlm_post.losses.overlong import OverlongConfig, overlong_penalty
 from vlm_post.losses.sft import IGNORE_INDEX, sft_cross_entropy
 
 __all__ = [
     "GRPOLossConfig",
     "IGNORE_INDEX",
+    "OverlongConfig",
+    "TAIL_FLOOR",
     "aggregate",
+    "coarsened_reverse_kl",
     "group_advantages",
     "groups_with_signal",
     "grpo_loss",
     "kl_penalty",
     "kl_reward_penalty",
+    "overlong_penalty",
     "policy_loss",
+    "sampled_reverse_kl_advantages",
+    "sampled_reverse_kl_loss",
     "sft_cross_entropy",
     "token_logprobs",
     "token_logprobs_and_entropy",
+    "topk_entropy",
+    "topk_reverse_kl",
+    "topk_reverse_kl_and_entropy_from_hidden",
+    "topk_reverse_kl_from_hidden",
 ]

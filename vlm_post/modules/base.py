@@ -24,7 +24,8 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from vlm_post.metrics import EvalMetrics
+from vlm_post.losses import token_logprobs_and_entropy
+from vlm_post.metrics import EvalMetrics, bootstrap_ci, pass_at_k_per_problem
 from vlm_post.models.init_from import (
     check_init_from,
     check_same_architecture,
@@ -40,8 +41,6 @@ from vlm_post.models.loading import (
     load_processor,
     resolve_model_path,
 )
-from vlm_post.losses import token_logprobs_and_entropy
-from vlm_post.metrics import bootstrap_ci, pass_at_k_per_problem
 from vlm_post.modules.evaluation import EvalConfig, evaluate_batch
 from vlm_post.rewards import grading_stats
 from vlm_post.rollout import HFGenerateEngine

@@ -24,26 +24,36 @@ from __future__ import annotations
 import copy
 import time
 from typing import Literal
+
 import torch
 
-from vlm_post.losses import GRPOLossConfig, group_advantages, groups_with_signal, grpo_loss, kl_reward_penalty
-from vlm_post.modules.base import PolicyModule
+from vlm_post.errors import ConfigError
+from vlm_post.losses import (
+    GRPOLossConfig,
+    OverlongConfig,
+    group_advantages,
+    groups_with_signal,
+    grpo_loss,
+    kl_reward_penalty,
+    overlong_penalty,
+)
+from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.rewards import RewardFn, load_reward_fn
 from vlm_post.rollout import SamplingParams
-from vlm_post.rollout.sequences import policy_inputs, select_rows
-
+from vlm_post.rollout.sequences import policy_inputs
 
 # Checkpoints keep these dataclasses in their hyperparameters (see base.py).
-torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig])
+torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig, OverlongConfig])
 
 
-class RLModule(PolicyModule):
+class RLModule(OnPolicyModule):
     def __init__(
         self,
         *args,
         rollout: SamplingParams | None = None,
         loss: GRPOLossConfig | None = None,
         reward: RewardFn | str = "vlm_post.rewards.MathReward",
+        overlong: OverlongConfig | None = None,
         mini_batch_size: int | None = None,
         micro_batch_size: int = 8,
         ppo_epochs: int = 1,
@@ -57,6 +67,8 @@ class RLModule(PolicyModule):
             rollout: sampling of the training responses (the GRPO group size is ``rollout.n``).
             loss: the GRPO-family loss (clip, aggregation, KL estimator and mode, entropy bonus).
             reward: a RewardFn (by ``class_path``) or a dotted path to a class or function.
+            overlong: DAPO's handling of truncated and nearly truncated responses (a reward penalty,
+                and/or leaving truncated responses out of the loss); default: off.
             mini_batch_size: prompts per optimizer step (default: the whole rollout batch, one step).
             micro_batch_size: rows (responses) per forward/backward pass.
             ppo_epochs: passes over each rollout batch.
@@ -66,18 +78,25 @@ class RLModule(PolicyModule):
             on_nonfinite: a NaN/inf loss or gradient never reaches the weights: ``skip`` drops that
                 optimizer step and counts it (``train/skipped_steps``), ``stop`` ends the run with a message.
         """
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-        self.rollout = rollout or SamplingParams(n=5, temperature=1.0, max_new_tokens=1024)
+        super().__init__(
+            *args,
+            rollout=rollout,
+            mini_batch_size=mini_batch_size,
+            micro_batch_size=micro_batch_size,
+            grad_clip=grad_clip,
+            on_nonfinite=on_nonfinite,
+            **kwargs,
+        )
         self.loss_config = loss or GRPOLossConfig()
         self.reward_fn = load_reward_fn(reward)
-        self.mini_batch_size = mini_batch_size
-        self.micro_batch_size = micro_batch_size
+        self.overlong = overlong or OverlongConfig()
+        if self.overlong.buffer >= self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"model.overlong.buffer ({self.overlong.buffer}) must be below rollout.max_new_tokens "
+                f"({self.rollout.max_new_tokens})"
+            )
         self.ppo_epochs = ppo_epochs
         self.dynamic_sampling = dynamic_sampling
-        self.grad_clip = grad_clip
-        self.on_nonfinite = on_nonfinite
-        self.skipped_steps = 0
         self.reference: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -87,24 +106,11 @@ class RLModule(PolicyModule):
             reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             object.__setattr__(self, "reference", reference)  # not a submodule: no optimizer, no state_dict
 
-    def batch_parts(self, split: str) -> set[str]:
-        return {"prompt"}
-
-    # --- one training step -----------------------------------------------------------------------
-
     def on_fit_start(self) -> None:
         if self.reference is not None:
             self.reference.to(self.device)
 
-    @torch.no_grad()
-    def _logprobs(self, model: torch.nn.Module, inputs: dict, width: int, mask: torch.Tensor, n: int, counts) -> torch.Tensor:
-        """Log-probs of all rows under ``model`` (the rollout policy or the reference), in micro-batches."""
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        for start in range(0, mask.shape[0], self.micro_batch_size):
-            rows = slice(start, min(mask.shape[0], start + self.micro_batch_size))
-            micro = select_rows(inputs, rows, n, counts)
-            out[rows] = self.response_logprobs(micro, width, mask[rows], self.rollout.temperature, model=model)[0]
-        return out
+    # --- one training step -----------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples, prompt, counts = batch["examples"], batch["prompt"], batch["image_counts"]
@@ -114,83 +120,62 @@ class RLModule(PolicyModule):
         generated = time.perf_counter()
         rewarded = self.reward_fn(samples.texts, [examples[int(i)] for i in samples.prompt_index])
         rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
+        finished = samples.finished.to(self.device)
+        if self.overlong.penalty:
+            lengths = samples.lengths.to(self.device)
+            rewards = rewards + overlong_penalty(
+                lengths, finished, self.rollout.max_new_tokens, self.overlong.buffer, self.overlong.penalty
+            )
         inputs = policy_inputs(prompt, counts, samples, n)
         width, mask = prompt["input_ids"].shape[1], samples.response_mask
         config = self.loss_config
         # One update over the whole rollout batch is exactly on-policy: the old log-probs equal the current
         # ones (ratio 1), so the separate no-grad forward over every row is skipped. A KL reward penalty
         # still needs the policy's log-probs before the update.
-        single_update = self.ppo_epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= len(examples))
-        ref_logprobs = self._logprobs(self.reference, inputs, width, mask, n, counts) if self.reference is not None else None
-        needs_old = not single_update or (config.kl_mode == "reward" and ref_logprobs is not None)
-        old_logprobs = self._logprobs(self.policy, inputs, width, mask, n, counts) if needs_old else None
+        ref_logprobs = (
+            self.rows_logprobs(self.reference, inputs, width, mask, n, counts) if self.reference is not None else None
+        )
+        kl_in_reward = config.kl_mode == "reward" and ref_logprobs is not None
+        needs_old = not self.single_update(self.ppo_epochs, len(examples)) or kl_in_reward
+        old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts) if needs_old else None
         signal = groups_with_signal(rewards, n)  # on the raw rewards: a KL penalty makes every group differ
-        if config.kl_mode == "reward" and ref_logprobs is not None:
+        if kl_in_reward:
             rewards, _ = kl_reward_penalty(rewards, old_logprobs, ref_logprobs, mask, config.kl_coef, config.kl_kind)
         advantages = group_advantages(rewards, n, normalize_std=config.normalize_std)
         keep_groups = signal if self.dynamic_sampling else torch.ones_like(signal)
-        rows = torch.arange(len(rewards), device=self.device).view(-1, n)[keep_groups].flatten().tolist()
-        stats = self._update(inputs, width, mask, n, counts, rows, old_logprobs, ref_logprobs, advantages)
-        size = len(examples)
+        keep_rows = keep_groups.repeat_interleave(n)
+        if self.overlong.filter_truncated:
+            keep_rows = keep_rows & finished.bool()
+        rows = torch.nonzero(keep_rows).flatten().tolist()
+
+        def micro_loss(micro: list[int], micro_inputs: dict) -> tuple[torch.Tensor, dict]:
+            logprobs, entropy = self.response_logprobs(  # entropy: logged every step, a bonus if configured
+                micro_inputs, width, mask[micro], self.rollout.temperature, with_entropy=True
+            )
+            return grpo_loss(
+                logprobs,
+                old_logprobs[micro] if old_logprobs is not None else logprobs.detach(),
+                advantages[micro],
+                mask[micro],
+                config,
+                ref_logprobs=ref_logprobs[micro] if ref_logprobs is not None and config.kl_mode == "loss" else None,
+                entropy=entropy,
+            )
+
+        stats = self._update(inputs, mask, n, counts, rows, self.ppo_epochs, micro_loss)
+        elapsed = time.perf_counter() - started
         logged = {
             "train/reward_mean": rewards.mean(),
             "train/reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
             "train/response_length": samples.lengths.float().mean(),
             "train/groups_filtered": 1.0 - keep_groups.float().mean(),
+            "train/truncated_rate": 1.0 - finished.float().mean(),
             "train/time_generate_s": torch.tensor(generated - started),
-            "train/time_train_s": torch.tensor(time.perf_counter() - generated),
-            "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, time.perf_counter() - started),
+            "train/time_train_s": torch.tensor(elapsed - (generated - started)),
+            "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, elapsed),
         }
-        logged.update({f"train/{name}": torch.tensor(values).float().mean() for name, values in rewarded.components.items()})
+        logged.update(
+            {f"train/{name}": torch.tensor(values).float().mean() for name, values in rewarded.components.items()}
+        )
         logged.update({f"train/{name}": value for name, value in stats.items()})
-        self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=size, prog_bar=False)
-
-    def _update(self, inputs, width, mask, n, counts, rows, old_logprobs, ref_logprobs, advantages) -> dict:
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        config = self.loss_config
-        per_step = (self.mini_batch_size or len(rows) // n or 1) * n
-        totals: dict[str, list[torch.Tensor]] = {}
-        for _ in range(self.ppo_epochs):
-            for step_start in range(0, len(rows), per_step):
-                step_rows = rows[step_start : step_start + per_step]
-                step_tokens = mask[step_rows].sum().clamp(min=1)
-                optimizer.zero_grad()
-                for micro_start in range(0, len(step_rows), self.micro_batch_size):
-                    micro = step_rows[micro_start : micro_start + self.micro_batch_size]
-                    micro_inputs = select_rows(inputs, micro, n, counts)
-                    logprobs, entropy = self.response_logprobs(  # entropy: logged every step, a bonus if configured
-                        micro_inputs, width, mask[micro], self.rollout.temperature, with_entropy=True
-                    )
-                    loss, stats = grpo_loss(
-                        logprobs,
-                        old_logprobs[micro] if old_logprobs is not None else logprobs.detach(),
-                        advantages[micro],
-                        mask[micro],
-                        config,
-                        ref_logprobs=ref_logprobs[micro] if ref_logprobs is not None and config.kl_mode == "loss" else None,
-                        entropy=entropy,
-                    )
-                    # token-mean over the whole mini-batch: weigh each micro-batch by its share of tokens
-                    self.manual_backward(loss * (mask[micro].sum() / step_tokens))
-                    for name, value in stats.items():
-                        totals.setdefault(name, []).append(value.detach().float())
-                if not self._gradients_finite():
-                    optimizer.zero_grad()
-                    self.skipped_steps += 1
-                    if self.on_nonfinite == "stop":
-                        raise FloatingPointError(
-                            f"non-finite RL loss or gradient at global step {self.global_step}; the weights were not "
-                            "updated (set model.on_nonfinite: skip to drop such steps instead)"
-                        )
-                    continue
-                if self.grad_clip:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-                optimizer.step()
-                scheduler.step()
-        stats = {name: torch.stack(values).mean() for name, values in totals.items()}
-        stats["skipped_steps"] = torch.tensor(float(self.skipped_steps))
-        return stats
-
-    def _gradients_finite(self) -> bool:
-        norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
-        return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+        self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)

@@ -95,10 +95,13 @@ class FormatReward(RewardFn):
         think: require the think block; False: only the box.
         prompt_opens_think: the chat template already ends the prompt with ``<think>``, so the
             response starts inside the block and only ``</think>`` must appear.
+        require_reasoning: the think block must hold some text. EasyR1's format regex accepts an
+            empty one; set False for that, or for answer-only targets like the CPU demo's.
     """
 
-    def __init__(self, think: bool = True, prompt_opens_think: bool = False):
+    def __init__(self, think: bool = True, prompt_opens_think: bool = False, require_reasoning: bool = True):
         self.think, self.prompt_opens_think = think, prompt_opens_think
+        self.require_reasoning = require_reasoning
 
     def is_formatted(self, response: str) -> bool:
         if not isinstance(response, str):
@@ -113,7 +116,9 @@ class FormatReward(RewardFn):
         elif opens != 1 or closes != 1 or not text.startswith("<think>"):
             return False
         reasoning, _, answer = text.partition("</think>")
-        return bool(reasoning.replace("<think>", "").strip()) and extract_boxed(answer) is not None
+        if self.require_reasoning and not reasoning.replace("<think>", "").strip():
+            return False
+        return extract_boxed(answer) is not None
 
     def scores(self, responses: list[str], examples: list[Example] | None = None) -> list[float]:
         return [1.0 if self.is_formatted(r) else 0.0 for r in responses]
@@ -130,7 +135,7 @@ class MathReward(RewardFn):
         accuracy_weight: weight of ``AccuracyReward`` (EasyR1/verl: 0.9).
         format_weight: weight of ``FormatReward`` (EasyR1/verl: 0.1).
         rel_tol, timeout_s, batch_budget_s: as for ``AccuracyReward``.
-        think, prompt_opens_think: as for ``FormatReward``.
+        think, prompt_opens_think, require_reasoning: as for ``FormatReward``.
     """
 
     def __init__(
@@ -142,10 +147,11 @@ class MathReward(RewardFn):
         batch_budget_s: float | None = 10.0,
         think: bool = True,
         prompt_opens_think: bool = False,
+        require_reasoning: bool = True,
     ):
         self.accuracy_weight, self.format_weight = float(accuracy_weight), float(format_weight)
         self.accuracy = AccuracyReward(rel_tol=rel_tol, timeout_s=timeout_s, batch_budget_s=batch_budget_s)
-        self.format = FormatReward(think=think, prompt_opens_think=prompt_opens_think)
+        self.format = FormatReward(think=think, prompt_opens_think=prompt_opens_think, require_reasoning=require_reasoning)
 
     def __call__(self, responses: list[str], examples: list[Example]) -> RewardOutput:
         accuracy = self.accuracy.scores(responses, examples)

@@ -1,6 +1,15 @@
-"""Rollouts with Hugging Face ``generate``, on the policy's current weights (nothing to sync)."""
+"""Rollouts with Hugging Face ``generate``, on the policy's current weights (nothing to sync).
+
+With ``n`` samples per prompt, ``generate`` would run the prompt (prefill) once per sample.
+For the models whose positions we know how to carry over (Qwen2-VL, Qwen2.5-VL), the engine
+prefills each prompt once instead, repeats its KV cache ``n`` times and lets ``generate``
+continue from it: the same samples under the same seed (tests/test_rollout.py), n times less
+prefill work.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -9,6 +18,12 @@ from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
 # Tokens that only the processor may place. A sampled one makes the next forward
 # fail ("Image features and image tokens do not match"), so they are never sampled.
 VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+# Models whose 3D (mrope) positions continue from a shared prefill: the base model keeps the
+# prompt's position offsets in ``rope_deltas``, which ``generate`` reuses once a cache exists.
+SHARED_PREFILL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# Per-token processor outputs, cut to the prefill and repeated per sample; the rest (pixels, grids) are per image.
+PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -39,15 +54,17 @@ class HFGenerateEngine(RolloutEngine):
                 if params.greedy
                 else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or None}
             )
-            output = policy.generate(
-                **prompt,
+            common = dict(
                 **sampling,
                 max_new_tokens=params.max_new_tokens,
-                num_return_sequences=1 if params.greedy else params.n,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_token_id,
                 suppress_tokens=self.banned or None,
             )
+            if not params.greedy and params.n > 1 and self._can_share_prefill(policy, prompt):
+                output = self._generate_from_shared_prefill(policy, prompt, params.n, common)
+            else:
+                output = policy.generate(**prompt, **common, num_return_sequences=1 if params.greedy else params.n)
         finally:
             policy.train(was_training)
         response = output[:, prompt["input_ids"].shape[1] :]
@@ -62,3 +79,39 @@ class HFGenerateEngine(RolloutEngine):
         batch = prompt["input_ids"].shape[0]
         prompt_index = torch.arange(batch, device=response.device).repeat_interleave(params.n)
         return Rollouts(prompt_index, response, mask.long(), finished, texts)
+
+    @staticmethod
+    def _can_share_prefill(policy: torch.nn.Module, prompt: dict) -> bool:
+        base = getattr(policy, "model", None)
+        if getattr(policy.config, "model_type", None) not in SHARED_PREFILL_MODEL_TYPES or not hasattr(base, "rope_deltas"):
+            return False
+        if prompt["input_ids"].shape[1] < 2 or not bool(prompt["attention_mask"][:, -1].all()):
+            return False  # the prompts must be left-padded: the last column is every prompt's last token
+        shape = tuple(prompt["input_ids"].shape)
+        if any(isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == shape and k not in PER_TOKEN_KEYS for k, v in prompt.items()):
+            return False  # a per-token input we would not know how to cut and repeat
+        token_types = prompt.get("mm_token_type_ids")
+        return token_types is None or not bool(token_types[:, -1].any())  # the last token is text
+
+    @staticmethod
+    def _generate_from_shared_prefill(policy: torch.nn.Module, prompt: dict, n: int, common: dict) -> torch.Tensor:
+        """``generate`` with ``num_return_sequences=n``, but each prompt's prefill runs once.
+
+        The prompts minus their last token go through the model once (images included), the KV
+        cache and the position offsets are repeated ``n`` times, and ``generate`` continues from
+        there with the full prompts repeated: it only runs the uncached last token, and samples
+        exactly as it would have without the cache.
+        """
+        from transformers import DynamicCache
+
+        per_token = {k: v for k, v in prompt.items() if k in PER_TOKEN_KEYS and isinstance(v, torch.Tensor)}
+        cache_kwarg = "cache" if "cache" in inspect.signature(policy.model.forward).parameters else "past_key_values"
+        cache = DynamicCache(config=policy.config)
+        base = policy.model
+        base.rope_deltas = None  # computed afresh by the prefill, for these prompts
+        prefill = {k: (v[:, :-1] if k in per_token else v) for k, v in prompt.items()}
+        base(**prefill, **{cache_kwarg: cache}, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        base.rope_deltas = base.rope_deltas.repeat_interleave(n, dim=0)
+        repeated = {k: v.repeat_interleave(n, dim=0) for k, v in per_token.items()}
+        return policy.generate(**repeated, **common, **{cache_kwarg: cache})

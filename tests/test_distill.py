@@ -1,0 +1,185 @@
+"""DistillModule on tiny models: the OPD loop, teacher alignment, the teacher cache and teacher checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from tests.helpers import demo_datamodule, trainer
+from vlm_post.errors import ConfigError
+from vlm_post.modules import DistillLossConfig, DistillModule, EvalConfig, OptimConfig, TeacherConfig
+from vlm_post.rollout import SamplingParams
+from vlm_post.teacher import TeacherCache
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A wider tiny Qwen2.5-VL with the student's tokenizer (the tokenizer is trained deterministically)."""
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("teacher") / "teacher", seed=1, hidden_size=192)
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.metrics: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def distill_module(student, teacher: TeacherConfig, **kwargs) -> DistillModule:
+    kwargs.setdefault("rollout", SamplingParams(n=2, temperature=1.0, max_new_tokens=6))
+    return DistillModule(
+        str(student),
+        teacher=teacher,
+        optim=kwargs.pop("optim", OptimConfig(lr=1e-3)),
+        eval=EvalConfig(n=0, max_new_tokens=6),
+        micro_batch_size=3,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_opd_step_trains_the_student_and_logs(tiny_model, tiny_teacher, demo_data, tmp_path, kind):
+    torch.manual_seed(0)
+    module = distill_module(
+        tiny_model,
+        TeacherConfig(model_name_or_path=str(tiny_teacher), top_k=16),
+        loss=DistillLossConfig(kind=kind),
+        epochs=2,
+        mini_batch_size=2,
+    )
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    record = Record()
+    trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
+    assert module.trainer.global_step == 4  # 4 prompts, mini-batches of 2, 2 epochs: 4 updates per round
+    assert any(not torch.equal(v, before[k]) for k, v in module.policy.state_dict().items()), "no weight moved"
+    logged = record.metrics[-1]
+    for key in (
+        "train/reverse_kl",
+        "train/entropy",
+        "train/teacher_entropy_topk",
+        "train/accuracy",
+        "train/response_length",
+        "train/time_teacher_s",
+        "train/tokens_per_s",
+    ):
+        assert key in logged, key
+    assert logged["train/reverse_kl"] > 0 and logged["train/teacher_scored_rows"] == 8
+
+
+def test_a_teacher_equal_to_the_student_scores_zero_reverse_kl(tiny_model, demo_data, tmp_path):
+    """With k = the whole vocabulary the top-k KL is the exact KL, so a teacher with the student's own weights
+    gives 0 at every position: any misalignment of teacher positions (off by one token, lost mrope inputs)
+    would show up as a large KL."""
+    vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(str(tiny_model)))
+    module = distill_module(
+        tiny_model, TeacherConfig(model_name_or_path=str(tiny_model), top_k=vocab), optim=OptimConfig(lr=0.0)
+    )
+    record = Record()
+    trainer(tmp_path, max_steps=2, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
+    assert all(abs(m["train/reverse_kl"]) < 1e-4 for m in record.metrics), [
+        m["train/reverse_kl"] for m in record.metrics
+    ]
+    # ... and the student's exact entropy equals the teacher's (its top-k coarsening is exact at k = V)
+    last = record.metrics[-1]
+    assert last["train/entropy"] == pytest.approx(last["train/teacher_entropy_topk"], rel=1e-3)
+
+
+def test_the_cache_is_written_and_a_rerun_reuses_it_without_scoring(tiny_model, tiny_teacher, demo_data, tmp_path):
+    teacher = TeacherConfig(model_name_or_path=str(tiny_teacher), cache_dir=str(tmp_path / "cache"), top_k=8)
+    runs = []
+    for attempt in range(2):
+        torch.manual_seed(0)  # the same samples again: every row is a cache hit
+        module = distill_module(tiny_model, teacher, optim=OptimConfig(lr=0.0))
+        record = Record()
+        trainer(tmp_path / str(attempt), max_steps=2, callbacks=[record]).fit(
+            module, demo_datamodule(demo_data, batch_size=4)
+        )
+        runs.append((module.teacher_scored_rows, [m["train/reverse_kl"] for m in record.metrics]))
+    assert runs[0][0] == 16 and runs[1][0] == 0
+    assert runs[1][1] == pytest.approx(runs[0][1], abs=1e-3), "cached scores must give the same loss (fp16 rounding)"
+    assert len(TeacherCache(tmp_path / "cache")) <= 16
+
+
+def test_cache_only_mode_without_scores_stops_with_a_message(tiny_model, demo_data, tmp_path):
+    module = distill_module(tiny_model, TeacherConfig(cache_dir=str(tmp_path / "empty_cache"), wait_s=0))
+    with pytest.raises(ConfigError, match=r"empty_cache.*no scores for 8 of 8 responses.*score_teacher"):
+        trainer(tmp_path, max_steps=1).fit(module, demo_datamodule(demo_data, batch_size=4))
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tiny_model, tmp_path):
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    other = build_tiny_qwen2_5_vl(tmp_path / "other", vocab_size=420)
+    with pytest.raises(ConfigError, match=r"teacher .*other.*tokenizer differs from the student's"):
+        distill_module(tiny_model, TeacherConfig(model_name_or_path=str(other)))
+
+
+def test_a_teacher_is_required(tiny_model):
+    with pytest.raises(ConfigError, match="model.teacher"):
+        distill_module(tiny_model, TeacherConfig())
+
+
+def test_an_external_scorer_fills_the_cache_the_student_waits_for(tiny_model, tiny_teacher, demo_data, tmp_path):
+    """Cache-only training writes rollout files; tools/score_teacher.py scores them from the student's config;
+    the rerun trains on exactly the scores an in-process teacher gives."""
+    import importlib.util
+
+    import yaml
+
+    cache = tmp_path / "cache"
+    config = {
+        "model": {"class_path": "vlm_post.modules.DistillModule", "init_args": {
+            "model_name_or_path": str(tiny_model), "teacher": {"cache_dir": str(cache), "top_k": 8}}},
+        "data": {"train": {"name": "demo_train", "path": str(demo_data / "train.parquet")},
+                 "batch_size": 4, "min_pixels": 12544, "max_pixels": 12544},
+    }  # fmt: skip
+    (tmp_path / "opd.yaml").write_text(yaml.safe_dump(config))
+
+    def fit(teacher: TeacherConfig, root: str) -> tuple[DistillModule, Record]:
+        torch.manual_seed(0)
+        module, record = distill_module(tiny_model, teacher, optim=OptimConfig(lr=0.0)), Record()
+        trainer(tmp_path / root, max_steps=1, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
+        return module, record
+
+    with pytest.raises(ConfigError, match="no scores for 8 of 8"):
+        fit(TeacherConfig(cache_dir=str(cache), top_k=8), "waiting")
+    assert [p.name for p in (cache / "rollouts").glob("*.jsonl")] == ["rank0-step000000000.jsonl"]
+
+    spec = importlib.util.spec_from_file_location("score_teacher", "tools/score_teacher.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--config", str(tmp_path / "opd.yaml"), "--teacher", str(tiny_teacher)]) == 0
+    assert (cache / "rollouts" / "rank0-step000000000.jsonl.done").exists()
+
+    cached, cached_record = fit(TeacherConfig(cache_dir=str(cache), top_k=8), "cached")
+    assert cached.teacher_scored_rows == 0
+    live, live_record = fit(TeacherConfig(model_name_or_path=str(tiny_teacher), top_k=8), "live")
+    assert live.teacher_scored_rows == 8
+    assert cached_record.metrics[0]["train/reverse_kl"] == pytest.approx(
+        live_record.metrics[0]["train/reverse_kl"], abs=1e-3
+    )
+
+
+def test_the_scorer_refuses_prompts_that_differ_from_the_students(tiny_model, tiny_teacher, demo_data, tmp_path):
+    from vlm_post.teacher import HFTeacher, TeacherCacheWriter
+    from vlm_post.teacher.external import RolloutScorer
+    from vlm_post.teacher.rollout_files import write_rollout_file
+
+    data = demo_datamodule(demo_data, batch_size=4)
+    processor = __import__("vlm_post.models.loading", fromlist=["x"]).load_processor(str(tiny_model))
+    teacher = HFTeacher(str(tiny_teacher), processor, top_k=4).load("cpu")
+    with TeacherCacheWriter(tmp_path, k=4) as writer:
+        scorer = RolloutScorer(data, teacher, writer)
+        first_id = scorer.dataset[0].id
+        path = write_rollout_file(
+            tmp_path, "bad", [{"example_id": first_id, "prompt_ids": [1, 2, 3], "response_ids": [5]}]
+        )
+        with pytest.raises(
+            ConfigError, match=rf"bad.jsonl: example '{first_id}': this config's prompt has other token ids"
+        ):
+            scorer.score_file(path)

@@ -1,0 +1,56 @@
+"""Reward shaping for responses that run out of tokens (DAPO's overlong handling), pure torch.
+
+Without it, a policy whose correct answer sits early in a truncated response
+is rewarded for never emitting EOS: on the CPU demo, GRPO learnt to repeat
+``\\boxed{red}`` until ``max_new_tokens``. DAPO (Yu et al. 2025) offers two fixes:
+
+- soft overlong punishment: once a response is longer than
+  ``max_length - buffer`` tokens, subtract ``penalty * excess / buffer`` from
+  its reward, reaching ``penalty`` at ``max_length``;
+- overlong filtering: leave truncated responses out of the loss altogether
+  (``truncated_rows_mask``), so they are neither rewarded nor punished.
+
+A truncated response (no EOS within ``max_length``) always gets the full
+``penalty``; with ``buffer == 0`` that is the only case punished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OverlongConfig:
+    """How RL treats long and truncated responses (DAPO).
+
+    Args:
+        penalty: reward subtracted from a truncated response (0: no punishment).
+        buffer: soft punishment over the last ``buffer`` tokens before ``max_new_tokens``, growing
+            linearly to ``penalty`` (0: only truncation is punished).
+        filter_truncated: leave truncated responses out of the loss (their tokens get no gradient).
+    """
+
+    penalty: float = 0.0
+    buffer: int = 0
+    filter_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.penalty < 0 or self.buffer < 0:
+            raise ValueError(f"overlong: penalty and buffer must be >= 0, got {self.penalty} and {self.buffer}")
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, finished: torch.Tensor, max_length: int, buffer: int, penalty: float
+) -> torch.Tensor:
+    """(rows,) non-positive reward shaping for responses of ``lengths`` tokens (``finished``: ended by EOS)."""
+    if buffer >= max_length:
+        raise ValueError(f"overlong buffer ({buffer}) must be shorter than the max length ({max_length})")
+    lengths = lengths.float()
+    if buffer > 0:
+        excess = (lengths - (max_length - buffer)).clamp(min=0) / buffer
+        shaped = -penalty * excess.clamp(max=1.0)
+    else:
+        shaped = torch.zeros_like(lengths)
+    return torch.where(finished.bool(), shaped, torch.full_like(shaped, -penalty))

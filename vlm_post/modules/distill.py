@@ -1,0 +1,302 @@
+"""DistillModule: on-policy distillation (OPD), the stage-1 warm start by reverse KL to a teacher.
+
+Algorithm, per training step (one round: a batch of ``data.batch_size`` prompts):
+  1. the student samples ``rollout.n`` responses per prompt with the rollout engine (as in RL);
+  2. the teacher scores the student's own tokens: at each response position its top-k token ids
+     and log-probs, and the log-prob of the token the student sampled. Scores come from the
+     teacher-logit cache (``teacher.cache_dir``) when it holds them; the in-process teacher
+     (``teacher.model_name_or_path``) scores the rest and appends them to the cache, so a resumed
+     run re-uses them instead of scoring again;
+  3. the student minimises the per-token reverse KL, KL(student || teacher), over its samples:
+     ``loss.kind: topk`` (the exact KL of the top-k + tail coarsening) or ``sampled`` (the
+     one-sample estimate log pi_s(y) - log pi_t(y) as a per-token advantage in a policy-gradient
+     loss, optionally discounted); docs/distillation.md says when to use which;
+  4. ``epochs`` passes over the round's rows in mini-batches (``mini_batch_size`` prompts each).
+     ``epochs: 1`` with one mini-batch is fully on-policy (score every step); more is the
+     round-based schedule (sample a round, score it all, train on it for E epochs, repeat).
+
+Launch:
+    vlm_post fit --config configs/demo/opd.yaml
+    vlm_post fit --config configs/geo3k/opd_qwen2_5_vl_7b_from_72b.yaml
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vlm_post.errors import ConfigError
+from vlm_post.losses.distill import sampled_reverse_kl_loss, topk_entropy, topk_reverse_kl_and_entropy_from_hidden
+from vlm_post.losses.grpo import Aggregation, aggregate
+from vlm_post.models.loading import Dtype
+from vlm_post.modules.on_policy import OnPolicyModule
+from vlm_post.rewards import AccuracyReward
+from vlm_post.rollout import SamplingParams
+from vlm_post.rollout.sequences import policy_inputs, select_rows
+from vlm_post.teacher import TeacherBatch, TeacherCache, TeacherCacheWriter, TeacherScores, pad_scores
+from vlm_post.teacher.rollout_files import write_rollout_file
+from vlm_post.teacher.scoring import HFTeacher
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher's scores come from.
+
+    Args:
+        model_name_or_path: an in-process teacher (HF hub id or folder of an image-text-to-text
+            model with the student's tokenizer). None: scores come only from ``cache_dir``,
+            written by ``tools/score_teacher.py``.
+        cache_dir: the teacher-logit cache, read first and appended to by the in-process teacher.
+        top_k: teacher log-probs kept per position.
+        dtype: the teacher's parameter dtype (``auto``: as saved).
+        cache_dtype: the cached log-probs' dtype.
+        wait_s: without an in-process teacher, a step writes the responses the cache lacks to
+            ``<cache_dir>/rollouts/`` and waits this long for ``tools/score_teacher.py`` to score
+            them before it stops with a message.
+    """
+
+    model_name_or_path: str | None = None
+    cache_dir: str | None = None
+    top_k: int = 32
+    dtype: Dtype = "auto"
+    cache_dtype: Literal["float16", "bfloat16"] = "float16"
+    wait_s: float = 0.0
+
+
+@dataclass
+class DistillLossConfig:
+    """The reverse-KL objective.
+
+    Args:
+        kind: ``topk``: differentiable KL over the teacher's top-k ids plus a tail bucket;
+            ``sampled``: the sampled-token estimator as a per-token advantage.
+        discount: ``sampled`` only: 0 scores each token by its own KL sample; up to 1 adds the
+            discounted KL-to-go of the rest of the response.
+        aggregation: how token losses become a scalar (as in RL).
+    """
+
+    kind: Literal["topk", "sampled"] = "topk"
+    discount: float = 0.0
+    aggregation: Aggregation = "token-mean"
+
+
+torch.serialization.add_safe_globals([TeacherConfig, DistillLossConfig, SamplingParams])
+
+
+class DistillModule(OnPolicyModule):
+    def __init__(
+        self,
+        *args,
+        teacher: TeacherConfig,
+        loss: DistillLossConfig | None = None,
+        rollout: SamplingParams | None = None,
+        epochs: int = 1,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int = 8,
+        grad_clip: float | None = 1.0,
+        on_nonfinite: Literal["skip", "stop"] = "skip",
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            teacher: the in-process teacher and/or the teacher-logit cache.
+            loss: the reverse-KL objective.
+            rollout: the student's sampling (``n`` responses per prompt; temperature 1 samples the
+                distribution the KL is taken of).
+            epochs: passes over each round's samples (1: fully on-policy).
+            mini_batch_size, micro_batch_size, grad_clip, on_nonfinite: as in RLModule.
+        """
+        super().__init__(
+            *args,
+            rollout=rollout or SamplingParams(n=1, temperature=1.0, max_new_tokens=1024),
+            mini_batch_size=mini_batch_size,
+            micro_batch_size=micro_batch_size,
+            grad_clip=grad_clip,
+            on_nonfinite=on_nonfinite,
+            **kwargs,
+        )
+        if teacher.model_name_or_path is None and teacher.cache_dir is None:
+            raise ConfigError("model.teacher: set model_name_or_path (an in-process teacher), cache_dir, or both")
+        if epochs < 1:
+            raise ConfigError(f"model.epochs must be >= 1, got {epochs}")
+        self.teacher_config = teacher
+        self.loss_config = loss or DistillLossConfig()
+        self.epochs = epochs
+        self.teacher = (
+            HFTeacher(
+                teacher.model_name_or_path, self.processor, teacher.top_k, teacher.dtype, self.attn_implementation
+            )
+            if teacher.model_name_or_path
+            else None
+        )
+        self.accuracy = AccuracyReward()
+        self.teacher_scored_rows = 0  # rows the in-process teacher scored (not found in the cache)
+        self._cache: TeacherCache | None = None
+        self._writer: TeacherCacheWriter | None = None
+
+    # --- teacher ---------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.load(self.device)
+        if self.teacher_config.cache_dir:
+            rank = self.global_rank
+            if self.teacher is not None:
+                self._writer = TeacherCacheWriter(
+                    self.teacher_config.cache_dir,
+                    k=self.teacher_config.top_k,
+                    dtype=self.teacher_config.cache_dtype,
+                    writer_id=f"rank{rank}",
+                )
+            self._cache = (
+                TeacherCache(self.teacher_config.cache_dir) if _has_manifest(self.teacher_config.cache_dir) else None
+            )
+
+    def on_fit_end(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _row_keys(self, prompt: dict, samples, n: int, examples) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        keys = []
+        for row in range(samples.response_ids.shape[0]):
+            p = row // n
+            prompt_ids = prompt["input_ids"][p][prompt["attention_mask"][p].bool()]
+            response_ids = samples.response_ids[row][samples.response_mask[row].bool()]
+            keys.append((examples[p].id, prompt_ids.cpu(), response_ids.cpu()))
+        return keys
+
+    def teacher_scores(self, keys, inputs: dict, width: int, mask: torch.Tensor, n: int, counts) -> TeacherBatch:
+        """Scores of every row: from the cache where it has them, else from the in-process teacher."""
+        scores: list[TeacherScores | None] = [None] * len(keys)
+        if self._cache is not None:
+            self._cache.reload()
+            scores = [self._cache.get(*key) for key in keys]
+        missing = [row for row, s in enumerate(scores) if s is None]
+        if missing and self.teacher is None:
+            records = [
+                {"example_id": keys[row][0], "prompt_ids": keys[row][1].tolist(), "response_ids": keys[row][2].tolist()}
+                for row in missing
+            ]
+            name = f"rank{self.global_rank}-step{self.global_step:09d}"
+            write_rollout_file(self.teacher_config.cache_dir, name, records)
+            scores = self._wait_for_cache(keys, scores)
+            missing = []
+        for start in range(0, len(missing), self.micro_batch_size):
+            rows = missing[start : start + self.micro_batch_size]
+            scored = self.teacher.score(select_rows(inputs, rows, n, counts), width, mask[rows])
+            dtype = getattr(torch, self.teacher_config.cache_dtype)
+            for i, row in enumerate(rows):
+                valid = mask[row].bool()
+                entry = TeacherScores(
+                    scored["topk_ids"][i][valid].cpu(),
+                    scored["topk_logprobs"][i][valid].to(dtype).cpu(),
+                    scored["sampled_logprobs"][i][valid].to(dtype).cpu(),
+                )
+                scores[row] = entry
+                if self._writer is not None:
+                    self._writer.add(*keys[row], entry)
+        self.teacher_scored_rows += len(missing)
+        if self._writer is not None and missing:
+            self._writer.flush()  # each round's scores are on disk before its update: a kill loses none
+            if self._cache is None:
+                self._cache = TeacherCache(self.teacher_config.cache_dir)
+        return pad_scores(scores, length=mask.shape[1]).to(self.device)
+
+    def _wait_for_cache(self, keys, scores):
+        deadline = time.monotonic() + self.teacher_config.wait_s
+        while True:
+            missing = [row for row, s in enumerate(scores) if s is None]
+            if not missing:
+                return scores
+            if time.monotonic() >= deadline:
+                example_id = keys[missing[0]][0]
+                raise ConfigError(
+                    f"teacher cache {self.teacher_config.cache_dir}: no scores for {len(missing)} of {len(keys)} "
+                    f"responses (first: example {example_id!r}) after waiting {self.teacher_config.wait_s:.0f} s; "
+                    "set model.teacher.model_name_or_path to score in-process, or run tools/score_teacher.py "
+                    f"on {self.teacher_config.cache_dir}/rollouts (and raise model.teacher.wait_s)"
+                )
+            time.sleep(1.0)
+            if self._cache is None and _has_manifest(self.teacher_config.cache_dir):
+                self._cache = TeacherCache(self.teacher_config.cache_dir)
+            if self._cache is not None:
+                self._cache.reload()
+                scores = [s if s is not None else self._cache.get(*key) for s, key in zip(scores, keys)]
+
+    # --- one training step -----------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        examples, prompt, counts = batch["examples"], batch["prompt"], batch["image_counts"]
+        n = self.rollout.n
+        started = time.perf_counter()
+        samples = self.engine.generate(self.policy, prompt, self.rollout)
+        generated = time.perf_counter()
+        inputs = policy_inputs(prompt, counts, samples, n)
+        width, mask = prompt["input_ids"].shape[1], samples.response_mask
+        teacher = self.teacher_scores(self._row_keys(prompt, samples, n, examples), inputs, width, mask, n, counts)
+        scored = time.perf_counter()
+        config = self.loss_config
+        old_logprobs = None
+        if config.kind == "sampled" and not self.single_update(self.epochs, len(examples)):
+            old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts)
+
+        def micro_loss(micro: list[int], micro_inputs: dict) -> tuple[torch.Tensor, dict]:
+            micro_mask = mask[micro]
+            if config.kind == "sampled":
+                logprobs, entropy = self.response_logprobs(
+                    micro_inputs, width, micro_mask, self.rollout.temperature, with_entropy=True
+                )
+                old = old_logprobs[micro] if old_logprobs is not None else logprobs.detach()
+                loss, stats = sampled_reverse_kl_loss(
+                    logprobs,
+                    old,
+                    teacher.sampled_logprobs[micro].float(),
+                    micro_mask,
+                    config.discount,
+                    config.aggregation,
+                    self.rollout.max_new_tokens,
+                )
+                stats = {**stats, "entropy": entropy[micro_mask.bool()].mean()}
+                return loss, stats
+            valid = micro_mask.bool()
+            hidden = self.hidden_states(micro_inputs)
+            predicting = hidden[:, width - 1 : width - 1 + micro_mask.shape[1]][valid]
+            kl, entropy = topk_reverse_kl_and_entropy_from_hidden(
+                predicting,
+                self.head_weight,
+                teacher.topk_ids[micro][valid],
+                teacher.topk_logprobs[micro][valid],
+                self.logprob_chunk_size,
+                temperature=self.rollout.temperature,
+            )
+            per_token = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)
+            loss = aggregate(per_token, micro_mask, config.aggregation, self.rollout.max_new_tokens)
+            return loss, {"reverse_kl": kl.detach().mean(), "entropy": entropy.detach().mean()}
+
+        stats = self._update(inputs, mask, n, counts, list(range(mask.shape[0])), self.epochs, micro_loss)
+        elapsed = time.perf_counter() - started
+        valid = mask.bool()
+        accuracy = self.accuracy.scores(samples.texts, [examples[int(i)] for i in samples.prompt_index])
+        logged = {
+            "train/accuracy": torch.tensor(accuracy).mean(),
+            "train/response_length": samples.lengths.float().mean(),
+            "train/teacher_entropy_topk": topk_entropy(teacher.topk_logprobs.float())[valid].mean(),
+            "train/teacher_logprob": teacher.sampled_logprobs.float()[valid].mean(),
+            "train/teacher_scored_rows": torch.tensor(float(self.teacher_scored_rows)),
+            "train/time_generate_s": torch.tensor(generated - started),
+            "train/time_teacher_s": torch.tensor(scored - generated),
+            "train/time_train_s": torch.tensor(elapsed - (scored - started)),
+            "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, elapsed),
+        }
+        logged.update({f"train/{name}": value for name, value in stats.items()})
+        self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)
+
+
+def _has_manifest(cache_dir: str) -> bool:
+    from pathlib import Path
+
+    return any(Path(cache_dir).glob("manifest*.json"))

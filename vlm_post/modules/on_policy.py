@@ -1,0 +1,124 @@
+"""OnPolicyModule: what RL and on-policy distillation share.
+
+Both stages train on the policy's own samples. One training step takes a batch
+of prompts, samples ``rollout.n`` responses per prompt with the rollout engine,
+scores them (rewards in RL, teacher log-probs in OPD), and then makes one or
+more optimizer updates over those rows:
+
+- ``epochs`` passes over the rows (RL's ``ppo_epochs``, OPD's epochs per round);
+- each pass in mini-batches of ``mini_batch_size`` prompts' rows, one optimizer step each;
+- each mini-batch accumulated over micro-batches of ``micro_batch_size`` rows, each
+  weighted by its share of the mini-batch's response tokens, so a token-mean loss is
+  the same whatever the micro-batch size.
+
+A NaN or inf loss or gradient never reaches the weights: the optimizer step is
+dropped and counted (``on_nonfinite: skip``) or the run stops with a message.
+Subclasses give ``_update`` a ``micro_loss(rows, inputs) -> (loss, stats)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from vlm_post.modules.base import PolicyModule
+from vlm_post.rollout import SamplingParams
+from vlm_post.rollout.sequences import select_rows
+
+MicroLoss = Callable[[list[int], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class OnPolicyModule(PolicyModule):
+    def __init__(
+        self,
+        *args,
+        rollout: SamplingParams | None = None,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int = 8,
+        grad_clip: float | None = 1.0,
+        on_nonfinite: Literal["skip", "stop"] = "skip",
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            rollout: sampling of the training responses (``rollout.n`` per prompt).
+            mini_batch_size: prompts per optimizer step (default: the whole batch, one step per pass).
+            micro_batch_size: rows (responses) per forward/backward pass.
+            grad_clip: gradient norm clipping per optimizer step (these modules step the optimizer
+                themselves, so ``trainer.gradient_clip_val`` must stay unset).
+            on_nonfinite: a NaN/inf loss or gradient never reaches the weights: ``skip`` drops that
+                optimizer step and counts it (``train/skipped_steps``), ``stop`` ends the run with a message.
+        """
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.rollout = rollout or SamplingParams(n=5, temperature=1.0, max_new_tokens=1024)
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.grad_clip = grad_clip
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+
+    def batch_parts(self, split: str) -> set[str]:
+        return {"prompt"}
+
+    def single_update(self, epochs: int, num_prompts: int) -> bool:
+        """One optimizer step per batch of samples: training is exactly on-policy (ratio 1)."""
+        return epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= num_prompts)
+
+    @torch.no_grad()
+    def rows_logprobs(
+        self, model: torch.nn.Module, inputs: dict, width: int, mask: torch.Tensor, n: int, counts
+    ) -> torch.Tensor:
+        """Log-probs of all rows under ``model`` (the rollout policy or a frozen one), in micro-batches."""
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        for start in range(0, mask.shape[0], self.micro_batch_size):
+            rows = slice(start, min(mask.shape[0], start + self.micro_batch_size))
+            micro = select_rows(inputs, rows, n, counts)
+            out[rows] = self.response_logprobs(micro, width, mask[rows], self.rollout.temperature, model=model)[0]
+        return out
+
+    def _update(
+        self, inputs: dict, mask: torch.Tensor, n: int, counts, rows: list[int], epochs: int, micro_loss: MicroLoss
+    ) -> dict:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        # A mini-batch is the kept rows of ``mini_batch_size`` prompts (filters may have dropped some rows).
+        prompts = sorted({row // n for row in rows})
+        per_step = self.mini_batch_size or max(1, len(prompts))
+        mini_batches = [
+            [row for row in rows if row // n in set(prompts[start : start + per_step])]
+            for start in range(0, len(prompts), per_step)
+        ]
+        totals: dict[str, list[torch.Tensor]] = {}
+        for _ in range(epochs):
+            for step_rows in mini_batches:
+                step_tokens = mask[step_rows].sum().clamp(min=1)
+                optimizer.zero_grad()
+                for micro_start in range(0, len(step_rows), self.micro_batch_size):
+                    micro = step_rows[micro_start : micro_start + self.micro_batch_size]
+                    loss, stats = micro_loss(micro, select_rows(inputs, micro, n, counts))
+                    # token-mean over the whole mini-batch: weigh each micro-batch by its share of tokens
+                    self.manual_backward(loss * (mask[micro].sum() / step_tokens))
+                    for name, value in stats.items():
+                        totals.setdefault(name, []).append(value.detach().float())
+                if not self._gradients_finite():
+                    optimizer.zero_grad()
+                    self.skipped_steps += 1
+                    if self.on_nonfinite == "stop":
+                        raise FloatingPointError(
+                            f"non-finite loss or gradient at global step {self.global_step}; the weights were not "
+                            "updated (set model.on_nonfinite: skip to drop such steps instead)"
+                        )
+                    continue
+                if self.grad_clip:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+        stats = {name: torch.stack(values).mean() for name, values in totals.items()}
+        stats["skipped_steps"] = torch.tensor(float(self.skipped_steps))
+        return stats
+
+    def _gradients_finite(self) -> bool:
+        norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
