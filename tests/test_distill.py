@@ -183,3 +183,24 @@ def test_the_scorer_refuses_prompts_that_differ_from_the_students(tiny_model, ti
             ConfigError, match=rf"bad.jsonl: example '{first_id}': this config's prompt has other token ids"
         ):
             scorer.score_file(path)
+
+
+def test_resume_from_a_checkpoint_reuses_the_cached_scores(tiny_model, tiny_teacher, demo_data, tmp_path):
+    """A run resumed with --ckpt_path re-samples the same responses (RNG and data position restored), so the
+    teacher scores none of them again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    teacher = TeacherConfig(model_name_or_path=str(tiny_teacher), cache_dir=str(tmp_path / "cache"), top_k=8)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    torch.manual_seed(0)
+    first = distill_module(tiny_model, teacher)
+    trainer(tmp_path / "a", max_steps=2, enable_checkpointing=True, callbacks=[checkpoints]).fit(
+        first, demo_datamodule(demo_data, batch_size=4)
+    )
+    assert first.teacher_scored_rows == 16
+    step1 = next((tmp_path / "ckpt").glob("*step=1.ckpt"))
+    resumed = distill_module(tiny_model, teacher)
+    trainer(tmp_path / "b", max_steps=2).fit(resumed, demo_datamodule(demo_data, batch_size=4), ckpt_path=step1)
+    assert resumed.trainer.global_step == 2 and resumed.teacher_scored_rows == 0
+    for key, value in resumed.policy.state_dict().items():
+        assert torch.allclose(value, first.policy.state_dict()[key], atol=1e-6), key

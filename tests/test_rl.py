@@ -145,3 +145,23 @@ def test_overlong_buffer_must_fit_the_response_budget(tiny_model):
 
     with pytest.raises(ConfigError, match="overlong.buffer"):
         RLModule(str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4), overlong=OverlongConfig(penalty=1, buffer=4))
+
+
+def test_old_logprobs_from_the_sampler_skip_the_extra_forward(tiny_model, demo_data, tmp_path, monkeypatch):
+    module = RLModule(
+        str(tiny_model),
+        eval=EvalConfig(n=0, max_new_tokens=8),
+        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8),
+        loss=GRPOLossConfig(kl_mode="off"),
+        reward="tests.test_rl.length_reward",
+        mini_batch_size=2,
+        ppo_epochs=2,
+        old_logprobs="sampler",
+    )
+    calls = []
+    monkeypatch.setattr(module, "rows_logprobs", lambda *args: calls.append(args))
+    record = Record()
+    trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
+    assert calls == [] and module.trainer.global_step == 4
+    # the first of the 4 updates is on-policy: its ratio is 1 but for the suppressed tokens' ~1% of mass
+    assert 0.9 < record.metrics[-1]["train/ratio_mean"] < 1.1

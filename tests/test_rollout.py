@@ -126,3 +126,57 @@ def test_shared_prefill_samples_what_plain_generate_samples(arch, tiny_model, pr
     assert torch.equal(shared.response_ids, plain.response_ids)
     assert torch.equal(shared.response_mask, plain.response_mask)
     assert shared.texts == plain.texts
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_the_policy_forward(temperature, tiny_model, processor):
+    """The engine's own log-probs of the drawn tokens (top_p 1, top_k 0) are the policy's at the sampling
+    temperature, recomputed by a training forward (over the vocabulary the sampler may draw from); padding
+    gets 0. The shared-prefill path is covered (n > 1)."""
+    from vlm_post.losses import token_logprobs
+    from vlm_post.models.forward import decoder_hidden_states
+
+    policy = load_policy(str(tiny_model))
+    batch = _batch(processor)
+    torch.manual_seed(0)
+    samples = HFGenerateEngine(processor).generate(
+        policy, batch["prompt"], SamplingParams(n=4, temperature=temperature, max_new_tokens=10)
+    )
+    assert samples.logprobs is not None and samples.logprobs.shape == samples.response_ids.shape
+    policy.eval()
+    inputs = policy_inputs(batch["prompt"], batch["image_counts"], samples, 4)
+    width, mask = batch["prompt"]["input_ids"].shape[1], samples.response_mask.bool()
+    with torch.no_grad():
+        hidden = decoder_hidden_states(policy, inputs)
+    predicting = hidden[:, width - 1 : width - 1 + mask.shape[1]][mask]
+    targets = inputs["input_ids"][:, width : width + mask.shape[1]][mask]
+    logits = (predicting @ policy.get_output_embeddings().weight.t()) / temperature
+    engine = HFGenerateEngine(processor)
+    full = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(full, token_logprobs(predicting, policy.get_output_embeddings().weight, targets,
+                                                    temperature=temperature))  # fmt: skip
+    # The sampler never draws the suppressed vision tokens: its distribution is the policy's renormalised without them.
+    logits[:, engine.banned] = float("-inf")
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(samples.logprobs[mask], expected, rtol=1e-4, atol=1e-4)
+    assert (samples.logprobs[~mask] == 0).all() and (samples.logprobs[mask] < 0).all()
+
+
+def test_sampler_ignores_a_checkpoints_generation_settings(tiny_model, processor, tmp_path):
+    """A generation_config.json with Qwen-Instruct-like settings (repetition penalty, top_k 1) must not change what
+    the engine samples: RL scores the samples under the plain policy."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    path = tmp_path / "instruct-like"
+    shutil.copytree(tiny_model, path)
+    config = GenerationConfig.from_pretrained(path)
+    config.update(do_sample=True, repetition_penalty=1.3, top_k=1, top_p=0.001, temperature=0.01)
+    config.save_pretrained(path)
+    batch, params = _batch(processor), SamplingParams(n=3, temperature=1.0, max_new_tokens=10)
+    outputs = []
+    for model_path in (tiny_model, path):
+        torch.manual_seed(0)
+        outputs.append(HFGenerateEngine(processor).generate(load_policy(str(model_path)), batch["prompt"], params))
+    assert torch.equal(outputs[0].response_ids, outputs[1].response_ids)

@@ -20,7 +20,6 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlm_post.callbacks import HFExport
-from vlm_post.checkpoint_io import AtomicCheckpointIO
 from vlm_post.data.datamodule import VLMDataModule
 from vlm_post.errors import ConfigError
 from vlm_post.modules.base import PolicyModule
@@ -56,7 +55,7 @@ class VLMPostCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", _Parser)
         # Checkpoints are written atomically unless the config names its own plugins.
-        kwargs.setdefault("trainer_defaults", {"plugins": [AtomicCheckpointIO()]})
+        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "vlm_post.checkpoint_io.AtomicCheckpointIO"}]})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.losses import token_logprobs_and_entropy
 from vlm_post.metrics import EvalMetrics, bootstrap_ci, pass_at_k_per_problem
+from vlm_post.models.forward import decoder_hidden_states
 from vlm_post.models.init_from import (
     check_init_from,
     check_same_architecture,
@@ -171,8 +172,7 @@ class PolicyModule(LightningModule):
     def hidden_states(self, inputs: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
         """The decoder's last hidden states (of the policy, or of ``model``, e.g. a frozen reference);
         the vocabulary projection is left to the chunked losses."""
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        return (model or self.policy).model(**inputs, use_cache=False).last_hidden_state
+        return decoder_hidden_states(model or self.policy, inputs)
 
     @property
     def head_weight(self) -> torch.Tensor:

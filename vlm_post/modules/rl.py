@@ -58,6 +58,7 @@ class RLModule(OnPolicyModule):
         micro_batch_size: int = 8,
         ppo_epochs: int = 1,
         dynamic_sampling: bool = False,
+        old_logprobs: Literal["recompute", "sampler"] = "recompute",
         grad_clip: float | None = 1.0,
         on_nonfinite: Literal["skip", "stop"] = "skip",
         **kwargs,
@@ -73,6 +74,10 @@ class RLModule(OnPolicyModule):
             micro_batch_size: rows (responses) per forward/backward pass.
             ppo_epochs: passes over each rollout batch.
             dynamic_sampling: drop groups whose rewards are all equal (no learning signal).
+            old_logprobs: where the PPO ratio's denominator comes from when a rollout batch gets several
+                updates: ``recompute`` (a no-grad forward of the rollout policy, as verl does) or ``sampler``
+                (the engine's own log-probs of the drawn tokens: no extra forward; those of the distribution
+                sampled from, i.e. after top-k/top-p and without the never-sampled vision tokens).
             grad_clip: gradient norm clipping per optimizer step (RL steps the optimizer itself, so
                 ``trainer.gradient_clip_val`` must stay unset).
             on_nonfinite: a NaN/inf loss or gradient never reaches the weights: ``skip`` drops that
@@ -97,6 +102,7 @@ class RLModule(OnPolicyModule):
             )
         self.ppo_epochs = ppo_epochs
         self.dynamic_sampling = dynamic_sampling
+        self.old_logprobs_source = old_logprobs
         self.reference: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -137,7 +143,13 @@ class RLModule(OnPolicyModule):
         )
         kl_in_reward = config.kl_mode == "reward" and ref_logprobs is not None
         needs_old = not self.single_update(self.ppo_epochs, len(examples)) or kl_in_reward
-        old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts) if needs_old else None
+        old_logprobs = None
+        if needs_old and self.old_logprobs_source == "sampler":
+            if samples.logprobs is None:
+                raise ConfigError("model.old_logprobs: sampler, but the rollout engine reports no log-probs (use recompute)")
+            old_logprobs = samples.logprobs.to(self.device)
+        elif needs_old:
+            old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts)
         signal = groups_with_signal(rewards, n)  # on the raw rewards: a KL penalty makes every group differ
         if kl_in_reward:
             rewards, _ = kl_reward_penalty(rewards, old_logprobs, ref_logprobs, mask, config.kl_coef, config.kl_kind)

@@ -33,7 +33,10 @@ class Rollouts:
     """Responses for ``B`` prompts x ``n`` samples, row ``i`` answering prompt ``prompt_index[i]``.
 
     ``response_ids`` (B*n, L) are right-padded; ``response_mask`` marks real
-    tokens, including the EOS token that ended a finished response.
+    tokens, including the EOS token that ended a finished response. ``logprobs``
+    (B*n, L) are the sampler's log-probs of the drawn tokens, under the
+    distribution it drew from (after temperature, top-k and top-p), 0 on padding;
+    None from an engine that cannot report them.
     """
 
     prompt_index: torch.Tensor
@@ -41,6 +44,7 @@ class Rollouts:
     response_mask: torch.Tensor
     finished: torch.Tensor
     texts: list[str]
+    logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:

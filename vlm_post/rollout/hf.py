@@ -13,7 +13,10 @@ import inspect
 
 import torch
 
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
 from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
+from vlm_post.rollout.sampler_logprobs import SampledLogprobs
 
 # Tokens that only the processor may place. A sampled one makes the next forward
 # fail ("Image features and image tokens do not match"), so they are never sampled.
@@ -49,13 +52,9 @@ class HFGenerateEngine(RolloutEngine):
         was_training = policy.training
         policy.eval()
         try:
-            sampling = (
-                {"do_sample": False}
-                if params.greedy
-                else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or None}
-            )
+            recorder = SampledLogprobs()
             common = dict(
-                **sampling,
+                **self._sampling(params, recorder),
                 max_new_tokens=params.max_new_tokens,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_token_id,
@@ -75,10 +74,37 @@ class HFGenerateEngine(RolloutEngine):
         after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0
         mask = ~after_stop
         finished = is_stop.any(-1)
+        logprobs = recorder.finish(output[:, prompt["input_ids"].shape[1] :])
+        if params.greedy and params.n > 1:
+            logprobs = logprobs.repeat_interleave(params.n, dim=0)
+        logprobs = logprobs.masked_fill(~mask, 0.0)
         texts = self.processor.batch_decode(response.masked_fill(~mask, self.pad_token_id), skip_special_tokens=True)
         batch = prompt["input_ids"].shape[0]
         prompt_index = torch.arange(batch, device=response.device).repeat_interleave(params.n)
-        return Rollouts(prompt_index, response, mask.long(), finished, texts)
+        return Rollouts(prompt_index, response, mask.long(), finished, texts, logprobs)
+
+    @staticmethod
+    def _sampling(params: SamplingParams, recorder: SampledLogprobs) -> dict:
+        """generate's sampling arguments: our warpers, then the log-prob recorder, and every other knob neutral.
+
+        The warpers are passed as processors (in HF's order) rather than as ``temperature``/``top_k``/``top_p``,
+        because ``generate`` runs its own warpers after any given processor, and the recorder must see the
+        distribution the tokens are drawn from. Everything a checkpoint's ``generation_config.json`` may set
+        (Qwen2.5-VL-Instruct ships ``repetition_penalty`` 1.05, top_k 1, ...) is overridden: RL scores the
+        samples under the plain policy, so the sampler must draw from it.
+        """
+        processors = []
+        if not params.greedy:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+        processors.append(recorder)
+        neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0)
+        neutral = neutral if not params.greedy else dict(repetition_penalty=1.0, temperature=None, top_k=None, top_p=None)
+        return dict(do_sample=not params.greedy, logits_processor=LogitsProcessorList(processors), **neutral)
 
     @staticmethod
     def _can_share_prefill(policy: torch.nn.Module, prompt: dict) -> bool:

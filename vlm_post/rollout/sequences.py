@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vlm_post.models.forward import IMAGE_SOURCE
 from vlm_post.rollout.base import Rollouts
 
 
@@ -37,17 +38,19 @@ def repeat_prompts(prompt: dict, image_counts: list[int], n: int) -> dict:
         patches = grids.prod(-1).tolist()
         pixel_chunks = list(torch.split(prompt["pixel_values"], patches))
         grid_rows = list(grids.unbind(0))
-        pixels, grid_out, start = [], [], 0
+        pixels, grid_out, sources, start = [], [], [], 0
         for count in image_counts:
             chunk_pixels, chunk_grids = pixel_chunks[start : start + count], grid_rows[start : start + count]
-            start += count
             for _ in range(n):
                 pixels += chunk_pixels
                 grid_out += chunk_grids
+                sources += range(start, start + count)
+            start += count
         if start != len(patches):
             raise ValueError(f"image_counts sum to {start} but the batch has {len(patches)} images")
         out["pixel_values"] = torch.cat(pixels) if pixels else prompt["pixel_values"][:0]
         out["image_grid_thw"] = torch.stack(grid_out) if grid_out else grids[:0]
+        out[IMAGE_SOURCE] = torch.tensor(sources, dtype=torch.long)  # lets the forward encode each image once
     return out
 
 
@@ -66,7 +69,7 @@ def policy_inputs(prompt: dict, image_counts: list[int], rollouts: Rollouts, n: 
     inputs["input_ids"] = torch.cat([prompt_ids, response_ids.masked_fill(response_mask == 0, 0)], dim=1)
     inputs["attention_mask"] = torch.cat([prompt_attention, response_mask.to(prompt_attention.dtype)], dim=1)
     for key, value in repeated.items():
-        if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+        if key in ("input_ids", "attention_mask", IMAGE_SOURCE) or not isinstance(value, torch.Tensor):
             continue
         if value.shape[:2] == (rows, prompt_width):  # per-token: zeros (text) over the response
             inputs[key] = torch.cat([value, value.new_zeros(rows, response_ids.shape[1])], dim=1)
@@ -83,7 +86,9 @@ def select_rows(inputs: dict, rows: list[int] | slice, n: int, image_counts: lis
     out = {
         key: value[index.to(value.device)]
         for key, value in inputs.items()
-        if isinstance(value, torch.Tensor) and value.shape[:1] == (total,) and key not in ("pixel_values", "image_grid_thw")
+        if isinstance(value, torch.Tensor)
+        and value.shape[:1] == (total,)
+        and key not in ("pixel_values", "image_grid_thw", IMAGE_SOURCE)
     }
     if "image_grid_thw" in inputs:
         grids = inputs["image_grid_thw"]
@@ -92,6 +97,8 @@ def select_rows(inputs: dict, rows: list[int] | slice, n: int, image_counts: lis
         patch_start = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)]).tolist()
         images = [i for r in index.tolist() for i in range(first_image[r], first_image[r + 1])]
         out["image_grid_thw"] = grids[images] if images else grids[:0]
+        if IMAGE_SOURCE in inputs:
+            out[IMAGE_SOURCE] = inputs[IMAGE_SOURCE][images] if images else inputs[IMAGE_SOURCE][:0]
         pixels = [inputs["pixel_values"][patch_start[i] : patch_start[i + 1]] for i in images]
         out["pixel_values"] = torch.cat(pixels) if pixels else inputs["pixel_values"][:0]
     return out

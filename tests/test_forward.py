@@ -1,0 +1,48 @@
+"""The policy forward over n rows per prompt encodes each distinct image once, with unchanged values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_rollout import _batch
+from vlm_post.models.forward import IMAGE_SOURCE, decoder_hidden_states
+from vlm_post.models.loading import load_policy
+from vlm_post.rollout import HFGenerateEngine, SamplingParams
+from vlm_post.rollout.sequences import policy_inputs, select_rows
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_each_image_is_encoded_once_with_the_same_values_and_gradients(arch, tiny_model, processor, tmp_path):
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    path = tiny_model if arch == "qwen2_5_vl" else build_tiny_qwen2_5_vl(tmp_path / arch, arch=arch)
+    policy = load_policy(str(path))
+    batch = _batch(processor)  # 2 prompts with 1 and 2 images
+    n = 3
+    torch.manual_seed(0)
+    samples = HFGenerateEngine(processor).generate(policy, batch["prompt"], SamplingParams(n=n, max_new_tokens=6))
+    inputs = select_rows(policy_inputs(batch["prompt"], batch["image_counts"], samples, n), [0, 2, 3, 5], n,
+                         batch["image_counts"])  # fmt: skip
+    assert inputs[IMAGE_SOURCE].tolist() == [0, 0, 1, 2, 1, 2]  # rows 0, 2 show image 0; rows 3, 5 images 1, 2
+
+    patches = []
+    handle = policy.model.visual.register_forward_pre_hook(lambda module, args: patches.append(args[0].shape[0]))
+    results = []
+    try:
+        for shared in (True, False):
+            policy.zero_grad()
+            rows = inputs if shared else {k: v for k, v in inputs.items() if k != IMAGE_SOURCE}
+            hidden = decoder_hidden_states(policy, rows)
+            (hidden.square().mean()).backward()
+            grads = {name: p.grad.clone() for name, p in policy.model.visual.named_parameters() if p.grad is not None}
+            results.append((hidden.detach(), grads))
+    finally:
+        handle.remove()
+    grid_patches = batch["prompt"]["image_grid_thw"].prod(-1).sum().item()  # the 3 distinct images
+    assert patches == [grid_patches, 2 * grid_patches]  # shared: each image once; repeated: every copy
+    (shared_hidden, shared_grads), (plain_hidden, plain_grads) = results
+    torch.testing.assert_close(shared_hidden, plain_hidden, rtol=1e-5, atol=1e-5)
+    assert shared_grads.keys() == plain_grads.keys() and shared_grads
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
