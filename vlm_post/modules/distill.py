@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -297,6 +298,4 @@ class DistillModule(OnPolicyModule):
 
 
 def _has_manifest(cache_dir: str) -> bool:
-    from pathlib import Path
-
     return any(Path(cache_dir).glob("manifest*.json"))
