@@ -1,4 +1,4 @@
-"""HFTeacher.score: rows that share a prompt run it once and score as the plain full forward does."""
+"""HFTeacher.score: rows that share a prompt run it once (models.forward) and score as the full forward does."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from vlm_post.data import DataSource
 from vlm_post.data.collate import Collator
 from vlm_post.data.datamodule import ExampleDataset
+from vlm_post.models import forward
+from vlm_post.models.forward import prompt_groups
 from vlm_post.rollout.base import Rollouts
 from vlm_post.rollout.sequences import policy_inputs, select_rows
 from vlm_post.teacher.scoring import HFTeacher
@@ -26,12 +28,12 @@ def examples(demo_data, count: int):
 
 
 def full_forward_scores(teacher: HFTeacher, inputs: dict, width: int, mask: torch.Tensor) -> dict:
-    plain = HFTeacher._prompt_groups
-    HFTeacher._prompt_groups = lambda self, inputs, width: None
+    plain = forward.prompt_groups
+    forward.prompt_groups = lambda model, inputs, width: None
     try:
         return teacher.score(inputs, width, mask)
     finally:
-        HFTeacher._prompt_groups = plain
+        forward.prompt_groups = plain
 
 
 def test_rows_sharing_a_prompt_score_as_the_full_forward(teacher, processor, demo_data):
@@ -53,7 +55,7 @@ def test_rows_sharing_a_prompt_score_as_the_full_forward(teacher, processor, dem
     # all rows, then a micro-batch that cuts the first prompt's rows
     for rows, leaders in ([list(range(9)), [0, 3, 6]], [[2, 3, 4, 5, 6, 7, 8], [0, 1, 4]]):
         micro = select_rows(inputs, rows, n, counts)
-        assert teacher._prompt_groups(micro, width)[0] == leaders
+        assert prompt_groups(teacher.model, micro, width)[0] == leaders
         shared, full = teacher.score(micro, width, mask[rows]), full_forward_scores(teacher, micro, width, mask[rows])
         assert torch.equal(shared["topk_ids"], full["topk_ids"])
         for key in ("topk_logprobs", "sampled_logprobs"):
@@ -70,7 +72,7 @@ def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
     rollouts = Rollouts(torch.arange(2).repeat_interleave(n), response, mask, mask[:, -1] == 0, [""] * 4)
     inputs = policy_inputs(batch["prompt"], batch["image_counts"], rollouts, n)
     width = batch["prompt"]["input_ids"].shape[1]
-    assert teacher._prompt_groups(inputs, width)[0] == [0, 2]
+    assert prompt_groups(teacher.model, inputs, width)[0] == [0, 2]
     shared, full = teacher.score(inputs, width, mask), full_forward_scores(teacher, inputs, width, mask)
     assert torch.equal(shared["topk_ids"], full["topk_ids"])
     assert torch.allclose(shared["topk_logprobs"], full["topk_logprobs"], atol=1e-5)
@@ -79,4 +81,4 @@ def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
 def test_prompts_with_the_same_text_and_other_images_are_not_shared(teacher, processor, demo_data):
     batch = Collator(processor)(examples(demo_data, 4))
     assert len(set(Collator(processor).prompt_texts(batch["examples"]))) == 1
-    assert teacher._prompt_groups(batch["prompt"], batch["prompt"]["input_ids"].shape[1]) is None
+    assert prompt_groups(teacher.model, batch["prompt"], batch["prompt"]["input_ids"].shape[1]) is None

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.losses import token_logprobs_and_entropy
 from vlm_post.metrics import EvalMetrics, bootstrap_ci, pass_at_k_per_problem
-from vlm_post.models.forward import decoder_hidden_states
+from vlm_post.models.forward import decoder_hidden_states, response_hidden_states
 from vlm_post.models.init_from import (
     check_init_from,
     check_same_architecture,
@@ -208,10 +208,10 @@ class PolicyModule(LightningModule):
         only masked positions are projected onto the vocabulary, in chunks.
         """
         model = model or self.policy
-        hidden = self.hidden_states(inputs, model)
         length = response_mask.shape[1]
         mask = response_mask.bool()
-        predicting = hidden[:, prompt_width - 1 : prompt_width - 1 + length][mask]
+        hidden = response_hidden_states(model, inputs, prompt_width, length)  # each shared prompt runs once
+        predicting = hidden[mask]
         targets = inputs["input_ids"][:, prompt_width : prompt_width + length][mask]
         logprobs, entropy = token_logprobs_and_entropy(
             predicting,

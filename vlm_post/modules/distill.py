@@ -32,6 +32,7 @@ import torch
 from vlm_post.errors import ConfigError
 from vlm_post.losses.distill import sampled_reverse_kl_loss, topk_entropy, topk_reverse_kl_and_entropy_from_hidden
 from vlm_post.losses.grpo import Aggregation, aggregate
+from vlm_post.models.forward import response_hidden_states
 from vlm_post.models.loading import Dtype
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.rewards import AccuracyReward
@@ -264,8 +265,7 @@ class DistillModule(OnPolicyModule):
                 stats = {**stats, "entropy": entropy[micro_mask.bool()].mean()}
                 return loss, stats
             valid = micro_mask.bool()
-            hidden = self.hidden_states(micro_inputs)
-            predicting = hidden[:, width - 1 : width - 1 + micro_mask.shape[1]][valid]
+            predicting = response_hidden_states(self.policy, micro_inputs, width, micro_mask.shape[1])[valid]
             kl, entropy = topk_reverse_kl_and_entropy_from_hidden(
                 predicting,
                 self.head_weight,

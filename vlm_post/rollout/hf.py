@@ -15,6 +15,7 @@ import torch
 
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from vlm_post.models.forward import PER_TOKEN_KEYS, SHARED_PREFILL_MODEL_TYPES
 from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
 from vlm_post.rollout.sampler_logprobs import SampledLogprobs
 
@@ -22,11 +23,6 @@ from vlm_post.rollout.sampler_logprobs import SampledLogprobs
 # fail ("Image features and image tokens do not match"), so they are never sampled.
 VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
-# Models whose 3D (mrope) positions continue from a shared prefill: the base model keeps the
-# prompt's position offsets in ``rope_deltas``, which ``generate`` reuses once a cache exists.
-SHARED_PREFILL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-# Per-token processor outputs, cut to the prefill and repeated per sample; the rest (pixels, grids) are per image.
-PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 class HFGenerateEngine(RolloutEngine):
