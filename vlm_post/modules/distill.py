@@ -175,7 +175,8 @@ class DistillModule(OnPolicyModule):
         """Scores of every row: from the cache where it has them, else from the in-process teacher."""
         scores: list[TeacherScores | None] = [None] * len(keys)
         if self._cache is not None:
-            self._cache.reload()
+            if self.teacher is None:  # an external scorer appends shards while we train
+                self._cache.reload()
             scores = [self._cache.get(*key) for key in keys]
         missing = [row for row, s in enumerate(scores) if s is None]
         if missing and self.teacher is None:
@@ -203,9 +204,9 @@ class DistillModule(OnPolicyModule):
                     self._writer.add(*keys[row], entry)
         self.teacher_scored_rows += len(missing)
         if self._writer is not None and missing:
-            self._writer.flush()  # each round's scores are on disk before its update: a kill loses none
-            if self._cache is None:
-                self._cache = TeacherCache(self.teacher_config.cache_dir)
+            # Each round's scores are on disk before its update, so a resumed run finds them. This run does not
+            # read them back: its later samples differ, and re-reading the growing index every step costs.
+            self._writer.flush()
         return pad_scores(scores, length=mask.shape[1]).to(self.device)
 
     def _wait_for_cache(self, keys, scores):

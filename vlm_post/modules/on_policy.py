@@ -86,10 +86,10 @@ class OnPolicyModule(PolicyModule):
         # A mini-batch is the kept rows of ``mini_batch_size`` prompts (filters may have dropped some rows).
         prompts = sorted({row // n for row in rows})
         per_step = self.mini_batch_size or max(1, len(prompts))
-        mini_batches = [
-            [row for row in rows if row // n in set(prompts[start : start + per_step])]
-            for start in range(0, len(prompts), per_step)
-        ]
+        step_of_prompt = {prompt: index // per_step for index, prompt in enumerate(prompts)}
+        mini_batches: list[list[int]] = [[] for _ in range(0, len(prompts), per_step)]
+        for row in rows:
+            mini_batches[step_of_prompt[row // n]].append(row)
         totals: dict[str, list[torch.Tensor]] = {}
         for _ in range(epochs):
             for step_rows in mini_batches:
