@@ -24,9 +24,11 @@ computed the way each library does it:
   full vocabulary (chunked), the teacher's backbone running inside the loss under no_grad;
   ``use_vllm=False`` (``model.generate``). TRL's trainer is always on-policy (it generates every
   step; there is no ``lmbda`` / off-policy fraction in 1.16) and samples exactly one completion
-  per prompt (its sampler repeats nothing: "Distillation is n=1"), so the default here is
-  ``--n 1``. With ``--n`` > 1 each prompt is put n times in a row into TRL's dataset (the only way
-  to get n samples of a prompt from it); ours samples n per prompt from one shared prefill.
+  per prompt (its sampler repeats nothing: "Distillation is n=1"). With ``--n`` > 1 each prompt is
+  put n times in a row into TRL's dataset (the only way to get n samples of a prompt from it); ours
+  samples n per prompt from one shared prefill. The defaults are configs/demo/opd.yaml's shape
+  (16 prompts x n = 2, at most 12 new tokens); ``--prompts 8 --n 1 --max-new-tokens 32`` is the
+  case where both sides run exactly the same Hugging Face forwards (bench/README.md has both).
 
 Each side runs in its own subprocess (``--side ours`` / ``--side trl``) so TRL is never imported
 next to vlm_post's training code; ``--rounds`` runs alternate the sides (a busy spell on a shared
@@ -60,8 +62,8 @@ Definitions:
 - every figure is shown from wall time and from the process's CPU time; on an idle machine they
   agree, on a busy one the CPU figures move less.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python bench/opd_step.py [--steps 6 --rounds 3 --prompts 8 --n 1 --max-new-tokens 32]
-About 2 minutes with the defaults. Needs the bench extra (pip install -c requirements/lock.txt
+Run: OMP_NUM_THREADS=1 .venv/bin/python bench/opd_step.py [--steps 6 --rounds 3 --prompts 16 --n 2 --max-new-tokens 12]
+About 1.5 minutes with the defaults. Needs the bench extra (pip install -c requirements/lock.txt
 -e '.[bench]'). ``--profile`` adds a torch.profiler table of one step per side. The last line reads
 ``ratio=<x>``: ours over TRL's tokens/s (wall time).
 """
@@ -90,9 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side before the timed ones")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    parser.add_argument("--n", type=int, default=1, help="samples per prompt (TRL's trainer samples 1; see above)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    # Defaults: configs/demo/opd.yaml's shape.
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--n", type=int, default=2, help="samples per prompt (TRL's trainer samples 1; see above)")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--top-k", type=int, default=32, help="ours: teacher log-probs kept per position")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating ours and TRL; steps pooled")
@@ -253,14 +256,12 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
     module.teacher.score = probe.timed("teacher", module.teacher.score)
     engine_generate = module.engine.generate
 
-    def counting_generate(policy, prompt, params):
-        rollouts = engine_generate(policy, prompt, params)
+    def counting_generate(policy, prompt, params, **kwargs):
+        rollouts = engine_generate(policy, prompt, params, **kwargs)
         probe.tokens = (int(prompt["attention_mask"].sum()) * params.n, int(rollouts.lengths.sum()))
         return rollouts
 
     module.engine.generate = probe.timed_generation(counting_generate)
-    logged: list[dict] = []
-
     class Timer(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             profiler.start(batch_idx)
@@ -268,7 +269,6 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             probe.end_step()
             profiler.stop(batch_idx)
-            logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/time")})
 
     data = VLMDataModule(
         train=DataSource("demo_train", path=str(work / "demo-data" / "train.parquet")),
@@ -283,6 +283,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         precision="32-true",
         max_steps=args.warmup + args.steps,
         logger=False,
+        log_every_n_steps=50,  # Lightning's default; TRL's side logs nothing (logging_strategy="no")
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -291,8 +292,6 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         callbacks=[Timer()],
     )
     trainer.fit(module, data)
-    for step, own in zip(probe.steps, logged):  # the module's own time split, for reference
-        step.update({"own_" + k.split("/")[-1]: v for k, v in own.items()})
     return {"steps": probe.steps, "profile": profiler.table}
 
 
@@ -537,12 +536,6 @@ def main() -> None:
         f"(each run after {args.warmup} warm-up steps)"
     )
     print(table(results))
-    if "ours" in results:
-        own = results["ours"]
-        print(
-            "ours, as DistillModule logs it (s): "
-            + ", ".join(f"{k[len('own_time_'):]} {own[k]:.3f}" for k in sorted(own) if k.startswith("own_time_"))
-        )
     total = time.perf_counter() - started
     print(", ".join(f"{side}: {wall:.0f} s" for side, wall in walls.items()) + f"; total {total:.0f} s")
     busy = [side for side, r in results.items() if r["step_cpu"] < 0.9 * r["step"]]

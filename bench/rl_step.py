@@ -240,8 +240,8 @@ def run_ours(args: argparse.Namespace, model_dir: Path, data_dir: Path) -> dict:
     base_module.token_logprobs_and_entropy = probe.timed("head", base_module.token_logprobs_and_entropy)
     engine_generate = module.engine.generate
 
-    def counting_generate(policy, prompt, params):
-        rollouts = engine_generate(policy, prompt, params)
+    def counting_generate(policy, prompt, params, **kwargs):
+        rollouts = engine_generate(policy, prompt, params, **kwargs)
         probe.pending = (int(prompt["attention_mask"].sum()) * params.n, int(rollouts.lengths.sum()))
         return rollouts
 

@@ -33,6 +33,7 @@ def trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("limit_val_batches", 0)
+    kwargs.setdefault("log_every_n_steps", 1)  # the tests read every step's metrics
     return L.Trainer(
         accelerator="cpu",
         devices=1,

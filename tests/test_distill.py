@@ -71,6 +71,21 @@ def test_opd_step_trains_the_student_and_logs(tiny_model, tiny_teacher, demo_dat
     assert logged["train/reverse_kl"] > 0 and logged["train/teacher_scored_rows"] == 8
 
 
+def test_step_metrics_are_computed_only_on_steps_the_logger_writes(tiny_model, tiny_teacher, demo_data, tmp_path):
+    """Lightning writes a training step's values every log_every_n_steps; on the other steps the module skips
+    its metrics, accuracy grading included."""
+    module = distill_module(tiny_model, TeacherConfig(model_name_or_path=str(tiny_teacher), top_k=8))
+    graded = []
+    real_scores = module.accuracy.scores
+    module.accuracy.scores = lambda *args: graded.append(1) or real_scores(*args)
+    record = Record()
+    trainer(tmp_path, max_steps=4, log_every_n_steps=2, callbacks=[record]).fit(
+        module, demo_datamodule(demo_data, batch_size=2)
+    )
+    assert len(graded) == 2
+    assert "train/reverse_kl" not in record.metrics[0] and "train/reverse_kl" in record.metrics[1]
+
+
 def test_a_teacher_equal_to_the_student_scores_zero_reverse_kl(tiny_model, demo_data, tmp_path):
     """With k = the whole vocabulary the top-k KL is the exact KL, so a teacher with the student's own weights
     gives 0 at every position: any misalignment of teacher positions (off by one token, lost mrope inputs)

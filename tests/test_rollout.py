@@ -140,7 +140,7 @@ def test_sampler_logprobs_equal_the_policy_forward(temperature, tiny_model, proc
     batch = _batch(processor)
     torch.manual_seed(0)
     samples = HFGenerateEngine(processor).generate(
-        policy, batch["prompt"], SamplingParams(n=4, temperature=temperature, max_new_tokens=10)
+        policy, batch["prompt"], SamplingParams(n=4, temperature=temperature, max_new_tokens=10), logprobs=True
     )
     assert samples.logprobs is not None and samples.logprobs.shape == samples.response_ids.shape
     policy.eval()
@@ -179,4 +179,15 @@ def test_sampler_ignores_a_checkpoints_generation_settings(tiny_model, processor
     for model_path in (tiny_model, path):
         torch.manual_seed(0)
         outputs.append(HFGenerateEngine(processor).generate(load_policy(str(model_path)), batch["prompt"], params))
+    assert torch.equal(outputs[0].response_ids, outputs[1].response_ids)
+
+
+def test_logprob_recorder_is_opt_in_and_changes_no_sample(tiny_model, processor):
+    policy, batch = load_policy(str(tiny_model)), _batch(processor)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8)
+    outputs = []
+    for logprobs in (False, True):
+        torch.manual_seed(0)
+        outputs.append(HFGenerateEngine(processor).generate(policy, batch["prompt"], params, logprobs=logprobs))
+    assert outputs[0].logprobs is None and outputs[1].logprobs is not None
     assert torch.equal(outputs[0].response_ids, outputs[1].response_ids)

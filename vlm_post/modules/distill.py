@@ -281,6 +281,8 @@ class DistillModule(OnPolicyModule):
 
         stats = self._update(inputs, mask, n, counts, list(range(mask.shape[0])), self.epochs, micro_loss)
         elapsed = time.perf_counter() - started
+        if not self.logs_this_step():
+            return
         valid = mask.bool()
         accuracy = self.accuracy.scores(samples.texts, [examples[int(i)] for i in samples.prompt_index])
         logged = {

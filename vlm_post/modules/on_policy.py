@@ -119,6 +119,17 @@ class OnPolicyModule(PolicyModule):
         stats["skipped_steps"] = torch.tensor(float(self.skipped_steps))
         return stats
 
+    def logs_this_step(self) -> bool:
+        """Whether Lightning writes this training step's values (every ``trainer.log_every_n_steps``).
+
+        A training-step value logged on any other step is never written, only replaced by the next
+        one, so these modules compute and log their per-step metrics (accuracy grading among them)
+        only when it will be. Without a trainer (a module driven by hand) every step logs.
+        """
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None) if trainer is not None else None
+        return True if connector is None else bool(connector.should_update_logs)
+
     def _gradients_finite(self) -> bool:
         norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
         return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True

@@ -122,7 +122,9 @@ class RLModule(OnPolicyModule):
         examples, prompt, counts = batch["examples"], batch["prompt"], batch["image_counts"]
         n = self.rollout.n
         started = time.perf_counter()
-        samples = self.engine.generate(self.policy, prompt, self.rollout)
+        samples = self.engine.generate(
+            self.policy, prompt, self.rollout, logprobs=self.old_logprobs_source == "sampler"
+        )
         generated = time.perf_counter()
         rewarded = self.reward_fn(samples.texts, [examples[int(i)] for i in samples.prompt_index])
         rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
@@ -176,6 +178,8 @@ class RLModule(OnPolicyModule):
 
         stats = self._update(inputs, mask, n, counts, rows, self.ppo_epochs, micro_loss)
         elapsed = time.perf_counter() - started
+        if not self.logs_this_step():
+            return
         logged = {
             "train/reward_mean": rewards.mean(),
             "train/reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),

@@ -36,7 +36,7 @@ class Rollouts:
     tokens, including the EOS token that ended a finished response. ``logprobs``
     (B*n, L) are the sampler's log-probs of the drawn tokens, under the
     distribution it drew from (after temperature, top-k and top-p), 0 on padding;
-    None from an engine that cannot report them.
+    None unless ``generate`` was asked for them, or from an engine that cannot report them.
     """
 
     prompt_index: torch.Tensor
@@ -53,5 +53,11 @@ class Rollouts:
 
 class RolloutEngine(ABC):
     @abstractmethod
-    def generate(self, policy: torch.nn.Module, prompt: dict, params: SamplingParams) -> Rollouts:
-        """Sample ``params.n`` responses for each prompt in ``prompt`` (left-padded processor outputs)."""
+    def generate(
+        self, policy: torch.nn.Module, prompt: dict, params: SamplingParams, logprobs: bool = False
+    ) -> Rollouts:
+        """Sample ``params.n`` responses for each prompt in ``prompt`` (left-padded processor outputs).
+
+        ``logprobs``: also report the sampler's log-probs (``Rollouts.logprobs``). Off by default, as
+        recording them costs every decode step a logsumexp over the vocabulary.
+        """

@@ -44,11 +44,13 @@ class HFGenerateEngine(RolloutEngine):
         return sorted(i for i in ids if i is not None)
 
     @torch.no_grad()
-    def generate(self, policy: torch.nn.Module, prompt: dict, params: SamplingParams) -> Rollouts:
+    def generate(
+        self, policy: torch.nn.Module, prompt: dict, params: SamplingParams, logprobs: bool = False
+    ) -> Rollouts:
         was_training = policy.training
         policy.eval()
         try:
-            recorder = SampledLogprobs()
+            recorder = SampledLogprobs() if logprobs else None
             common = dict(
                 **self._sampling(params, recorder),
                 max_new_tokens=params.max_new_tokens,
@@ -70,18 +72,20 @@ class HFGenerateEngine(RolloutEngine):
         after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0
         mask = ~after_stop
         finished = is_stop.any(-1)
-        logprobs = recorder.finish(output[:, prompt["input_ids"].shape[1] :])
-        if params.greedy and params.n > 1:
-            logprobs = logprobs.repeat_interleave(params.n, dim=0)
-        logprobs = logprobs.masked_fill(~mask, 0.0)
+        sampled_logprobs = None
+        if recorder is not None:
+            sampled_logprobs = recorder.finish(output[:, prompt["input_ids"].shape[1] :])
+            if params.greedy and params.n > 1:
+                sampled_logprobs = sampled_logprobs.repeat_interleave(params.n, dim=0)
+            sampled_logprobs = sampled_logprobs.masked_fill(~mask, 0.0)
         texts = self.processor.batch_decode(response.masked_fill(~mask, self.pad_token_id), skip_special_tokens=True)
         batch = prompt["input_ids"].shape[0]
         prompt_index = torch.arange(batch, device=response.device).repeat_interleave(params.n)
-        return Rollouts(prompt_index, response, mask.long(), finished, texts, logprobs)
+        return Rollouts(prompt_index, response, mask.long(), finished, texts, sampled_logprobs)
 
     @staticmethod
-    def _sampling(params: SamplingParams, recorder: SampledLogprobs) -> dict:
-        """generate's sampling arguments: our warpers, then the log-prob recorder, and every other knob neutral.
+    def _sampling(params: SamplingParams, recorder: SampledLogprobs | None) -> dict:
+        """generate's sampling arguments: our warpers, then the log-prob recorder (if any), every other knob neutral.
 
         The warpers are passed as processors (in HF's order) rather than as ``temperature``/``top_k``/``top_p``,
         because ``generate`` runs its own warpers after any given processor, and the recorder must see the
@@ -97,7 +101,8 @@ class HFGenerateEngine(RolloutEngine):
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
-        processors.append(recorder)
+        if recorder is not None:
+            processors.append(recorder)
         neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0)
         neutral = neutral if not params.greedy else dict(repetition_penalty=1.0, temperature=None, top_k=None, top_p=None)
         return dict(do_sample=not params.greedy, logits_processor=LogitsProcessorList(processors), **neutral)
