@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.models.export import export_hf
+from vlm_post.models.sharding import full_state_dict, is_sharded
 from vlm_post.models.init_from import load_policy_state, policy_state_from_checkpoint
 
 
@@ -38,12 +39,17 @@ class HFExport(Callback):
         source = "final weights"
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        if self.weights == "best" and best and Path(best).is_file():
+        sharded = is_sharded(pl_module.policy)
+        if self.weights == "best" and best and Path(best).is_dir() and sharded:
+            trainer.strategy.load_checkpoint(best)  # a sharded checkpoint: each rank loads its shards in place
+            source = best
+        elif self.weights == "best" and best and Path(best).is_file():
             load_policy_state(pl_module.policy, policy_state_from_checkpoint(best), best)
             source = best
         out = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+        state_dict = full_state_dict(pl_module.policy) if sharded else None  # every rank takes part in the gather
         if trainer.is_global_zero:
-            export_hf(pl_module.policy, pl_module.processor, out)
+            export_hf(pl_module.policy, pl_module.processor, out, state_dict)
             provenance = {
                 "weights": source,
                 "global_step": trainer.global_step,

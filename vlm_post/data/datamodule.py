@@ -201,10 +201,18 @@ class VLMDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset(self.train_source)
-        self.train_sampler = ResumableRandomSampler(len(dataset), seed=self.seed)
-        if self._resume is not None:
-            self.train_sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+        ranks = self._data_parallel_ranks()
+        self.train_sampler = ResumableRandomSampler(len(dataset), seed=self.seed, **ranks)
+        if self._resume is not None:  # batches per rank; every rank has taken as many
+            start = self._resume["batches"] * self.batch_size * ranks["num_replicas"]
+            self.train_sampler.resume_at(self._resume["epoch"], start)
         return self._loader(dataset, "train", self.batch_size, self.train_sampler)
+
+    def _data_parallel_ranks(self) -> dict[str, int]:
+        """This process's place among the data-parallel ranks (DDP, FSDP, ModelParallelStrategy's data axis)."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+        return {"num_replicas": int(kwargs.get("num_replicas", 1)), "rank": int(kwargs.get("rank", 0))}
 
     # The training position, saved in every checkpoint, so that `--ckpt_path` resumes mid-epoch exactly.
     def state_dict(self) -> dict:

@@ -4,6 +4,11 @@ Each epoch's order is a permutation drawn from its own generator seeded with
 ``seed + epoch``, so it depends on nothing but those two numbers. A resumed run
 starts the interrupted epoch at the first example it had not trained on, so it
 sees exactly the batches the uninterrupted run would have seen.
+
+Across ``num_replicas`` data-parallel processes, rank r takes every ``num_replicas``-th
+example of that order from position r, so one step's batches on all ranks together are
+the batch one process with the global batch size would take. It is a DistributedSampler,
+so Lightning uses it as it is instead of wrapping it in one of its own.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class ResumableRandomSampler(Sampler[int]):
-    def __init__(self, size: int, seed: int = 0) -> None:
+class ResumableRandomSampler(DistributedSampler):
+    def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
         self.size, self.seed, self.epoch = size, seed, 0
         self.resume_epoch, self.resume_start = -1, 0
 
@@ -23,14 +29,14 @@ class ResumableRandomSampler(Sampler[int]):
         self.epoch = epoch
 
     def resume_at(self, epoch: int, start: int) -> None:
-        """Start ``epoch`` at its ``start``-th example (the examples before it were trained on)."""
+        """Start ``epoch`` at its ``start``-th example, counted over all ranks (the ones before were trained on)."""
         self.resume_epoch, self.resume_start = epoch, start
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         start = self.resume_start if self.epoch == self.resume_epoch else 0
-        return iter(order[start:])
+        return iter(order[start:][self.rank :: self.num_replicas][: len(self)])
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.num_replicas  # the same on every rank: the last examples that do not divide are left

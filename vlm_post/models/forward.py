@@ -21,6 +21,8 @@ import inspect
 
 import torch
 
+from vlm_post.models.sharding import as_root_forward
+
 IMAGE_SOURCE = "image_source"  # per image in the batch: the index of the original it copies (not a model input)
 # Models whose 3D (mrope) positions continue from a shared prompt: the base model keeps the prompt's
 # position offsets in ``rope_deltas`` (the rollout engine's shared prefill relies on the same).
@@ -59,6 +61,10 @@ def shared_image_features(base: torch.nn.Module, inputs: dict) -> dict:
 
 def decoder_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """Last hidden states of an image-text-to-text model (its base ``model``), vocabulary projection left out."""
+    return as_root_forward(model, _decoder_hidden_states, model, inputs)
+
+
+def _decoder_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     base = model.model
     shareable = IMAGE_SOURCE in inputs and inputs.get("pixel_values") is not None and inputs["pixel_values"].numel()
@@ -71,11 +77,15 @@ def decoder_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 
 def response_hidden_states(model: torch.nn.Module, inputs: dict, prompt_width: int, length: int) -> torch.Tensor:
     """[R, length, H]: entry j is the hidden state that predicts response token j (at ``prompt_width + j - 1``)."""
+    return as_root_forward(model, _response_hidden_states, model, inputs, prompt_width, length)
+
+
+def _response_hidden_states(model: torch.nn.Module, inputs: dict, prompt_width: int, length: int) -> torch.Tensor:
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     groups = None if _checkpointing(model) else prompt_groups(model, inputs, prompt_width)
     if groups is not None:
         return shared_prompt_hidden_states(model, inputs, prompt_width, length, *groups)
-    hidden = decoder_hidden_states(model, inputs)
+    hidden = _decoder_hidden_states(model, inputs)
     return hidden[:, prompt_width - 1 : prompt_width - 1 + length]
 
 

@@ -34,6 +34,7 @@ from vlm_post.models.init_from import (
     load_policy_state,
     policy_state_from_checkpoint,
 )
+from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, is_sharded, shard_model
 from vlm_post.models.loading import (
     Dtype,
     check_image_text_to_text,
@@ -62,7 +63,7 @@ class OptimConfig:
 
 # Checkpoints keep the hyperparameters, these dataclasses included; let `--ckpt_path` resume
 # load them under torch.load(weights_only=True).
-torch.serialization.add_safe_globals([OptimConfig, EvalConfig])
+torch.serialization.add_safe_globals([OptimConfig, EvalConfig, FSDPConfig])
 
 
 def lr_lambda(config: OptimConfig, total_steps: int):
@@ -91,6 +92,7 @@ class PolicyModule(LightningModule):
         eval: EvalConfig | None = None,
         val: EvalConfig | None = None,
         logprob_chunk_size: int = 1024,
+        fsdp: FSDPConfig | None = None,
     ) -> None:
         """
         Args:
@@ -107,6 +109,8 @@ class PolicyModule(LightningModule):
             val: the same for validation inside fit (default: ``eval``); keep it cheap, it runs every
                 ``trainer.val_check_interval`` steps.
             logprob_chunk_size: tokens per chunk when projecting hidden states onto the vocabulary.
+            fsdp: per-layer FSDP2 sharding, applied when ``trainer.strategy`` is Lightning's
+                ModelParallelStrategy (ignored under any other strategy).
         """
         super().__init__()
         # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
@@ -126,6 +130,8 @@ class PolicyModule(LightningModule):
         self.eval_config = eval or EvalConfig()
         self.val_config = val or self.eval_config
         self.logprob_chunk_size = logprob_chunk_size
+        self.fsdp = fsdp or FSDPConfig()
+        self._fsdp_mesh = None
         self.policy: torch.nn.Module | None = None
         self.eval_metrics = torch.nn.ModuleDict()
         self.eval_records: dict[str, list[dict]] = {}
@@ -137,19 +143,37 @@ class PolicyModule(LightningModule):
         if self.policy is not None:
             return
         from_hf_folder = self.init_from is not None and not is_checkpoint(self.init_from)
-        self.policy = load_policy(self.init_from if from_hf_folder else self.model_path, self.dtype_name, self.attn_implementation)
+        policy = load_policy(self.init_from if from_hf_folder else self.model_path, self.dtype_name, self.attn_implementation)
         if self.init_from and is_checkpoint(self.init_from):
-            load_policy_state(self.policy, policy_state_from_checkpoint(self.init_from), self.init_from)
+            load_policy_state(policy, policy_state_from_checkpoint(self.init_from), self.init_from)
         if self.init_from:
             rank_zero_info(f"policy weights initialised from {self.init_from}")
-        freeze_vision(self.policy, *self.freeze)
+        freeze_vision(policy, *self.freeze)
+        self.on_policy_loaded(policy)
         if self.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
-            if hasattr(self.policy, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
-                self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+                policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
-                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            self.policy.config.use_cache = False
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            policy.config.use_cache = False
+        self.policy = self.shard(policy)
+
+    def on_policy_loaded(self, policy: torch.nn.Module) -> None:
+        """The initial policy, before it is sharded: where subclasses copy frozen models from it (RL's reference)."""
+
+    @property
+    def sharded(self) -> bool:
+        """Whether models are FSDP2-sharded: the trainer's strategy is ModelParallelStrategy."""
+        return getattr(self, "_device_mesh", None) is not None
+
+    def shard(self, model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
+        """``model`` sharded per layer as ``fsdp`` says under ModelParallelStrategy; as it is otherwise."""
+        if not self.sharded:
+            return model
+        if self._fsdp_mesh is None:
+            self._fsdp_mesh = data_parallel_mesh(self._device_mesh, self.fsdp.replicas)
+        return shard_model(model, self._fsdp_mesh, self.fsdp, frozen=frozen)
 
     # --- exact resume: the global RNG streams (sampling, dropout) continue where the checkpoint left them --
 
@@ -173,6 +197,20 @@ class PolicyModule(LightningModule):
         """The decoder's last hidden states (of the policy, or of ``model``, e.g. a frozen reference);
         the vocabulary projection is left to the chunked losses."""
         return decoder_hidden_states(model or self.policy, inputs)
+
+    def token_share(self, tokens: torch.Tensor | float) -> torch.Tensor:
+        """This rank's share of the tokens of the global (all data-parallel ranks') batch, times the rank count.
+
+        Data-parallel strategies average gradients over ranks. A rank's token-mean loss scaled by this weighs
+        each token alike across ranks, so the update is the one a single process takes with the global batch,
+        however the tokens fall across ranks (verl's global token mean). 1 in a single process.
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.float32, device=self.device)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return torch.ones((), device=self.device)
+        total = self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
+        return tokens * world / total.clamp(min=1)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -221,6 +259,8 @@ class PolicyModule(LightningModule):
             with_entropy=with_entropy,
             temperature=temperature,
         )
+        if model is not self.policy and is_sharded(model):
+            model.reshard()  # a frozen model's root stays gathered after forward (FSDP2 keeps it for a backward)
         full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         out_logprobs = full.masked_scatter(mask, logprobs)
         out_entropy = full.masked_scatter(mask, entropy) if with_entropy else None
@@ -293,8 +333,8 @@ class PolicyModule(LightningModule):
             values = {k: float(v) for k, v in metrics.compute().items()}  # compute() syncs across ranks
             metrics.reset()
             summary[name] = values
-            for metric, value in values.items():
-                self.log(f"{stage}/{name}/{metric}", value)
+            for metric, value in values.items():  # the same on every rank (compute() synced): the mean is the value
+                self.log(f"{stage}/{name}/{metric}", value, sync_dist=True)
         timeouts = grading_stats().reset()["timeouts"]  # counted since the last evaluation
         self.log(f"{stage}/grading_timeouts", float(timeouts), reduce_fx="sum", sync_dist=True)
         return summary

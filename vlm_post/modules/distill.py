@@ -142,7 +142,10 @@ class DistillModule(OnPolicyModule):
     # --- teacher ---------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        if self.teacher is not None:
+        if self.teacher is not None and self.sharded and self.teacher.model is None:
+            # Loaded in CPU memory and sharded from there: a rank never holds the whole teacher on its device.
+            self.teacher.model = self.shard(self.teacher.load("cpu").model, frozen=True)
+        elif self.teacher is not None:
             self.teacher.load(self.device)
         if self.teacher_config.cache_dir:
             rank = self.global_rank

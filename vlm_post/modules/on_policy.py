@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from vlm_post.models.sharding import local_tensor
 from vlm_post.modules.base import PolicyModule
 from vlm_post.rollout import SamplingParams
 from vlm_post.rollout.sequences import select_rows
@@ -94,12 +95,13 @@ class OnPolicyModule(PolicyModule):
         for _ in range(epochs):
             for step_rows in mini_batches:
                 step_tokens = mask[step_rows].sum().clamp(min=1)
+                share = self.token_share(mask[step_rows].sum())  # across ranks: the global token mean
                 optimizer.zero_grad()
                 for micro_start in range(0, len(step_rows), self.micro_batch_size):
                     micro = step_rows[micro_start : micro_start + self.micro_batch_size]
                     loss, stats = micro_loss(micro, select_rows(inputs, micro, n, counts))
                     # token-mean over the whole mini-batch: weigh each micro-batch by its share of tokens
-                    self.manual_backward(loss * (mask[micro].sum() / step_tokens))
+                    self.manual_backward(loss * (mask[micro].sum() / step_tokens) * share)
                     for name, value in stats.items():
                         totals.setdefault(name, []).append(value.detach().float())
                 if not self._gradients_finite():
@@ -131,5 +133,7 @@ class OnPolicyModule(PolicyModule):
         return True if connector is None else bool(connector.should_update_logs)
 
     def _gradients_finite(self) -> bool:
-        norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
-        return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+        """Whether every gradient is finite, on every rank (a rank that skips alone would desynchronise FSDP)."""
+        local = [local_tensor(p.grad).detach() for p in self.policy.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in local if g.numel())
+        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True)) if self._trainer else finite

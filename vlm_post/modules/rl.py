@@ -105,15 +105,14 @@ class RLModule(OnPolicyModule):
         self.old_logprobs_source = old_logprobs
         self.reference: torch.nn.Module | None = None
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def on_policy_loaded(self, policy: torch.nn.Module) -> None:
         if self.loss_config.uses_reference and self.reference is None:
             # The reference is the initial weights (after init_from): frozen, never saved in checkpoints.
-            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            reference = self.shard(copy.deepcopy(policy).eval().requires_grad_(False), frozen=True)
             object.__setattr__(self, "reference", reference)  # not a submodule: no optimizer, no state_dict
 
     def on_fit_start(self) -> None:
-        if self.reference is not None:
+        if self.reference is not None and not self.sharded:  # sharded: FSDP placed (or offloaded) it
             self.reference.to(self.device)
 
     # --- one training step -----------------------------------------------------------------------

@@ -35,16 +35,19 @@ class SFTModule(PolicyModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, tokens = self.sft_loss(batch["sft"])
         size = batch["sft"]["input_ids"].shape[0]
-        if not torch.isfinite(loss):
-            # Returning None skips backward and the optimizer step: a NaN never reaches the weights.
+        share = self.token_share(tokens)  # 1 in one process; across ranks, the global token mean
+        finite = bool(self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True))
+        if not finite:
+            # Returning None skips backward and the optimizer step, on every rank: a NaN never reaches the weights.
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
             return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/target_tokens", float(tokens), batch_size=size)
-        return loss
+        # The logged loss is the global batch's token mean (sync_dist averages the ranks' weighted shares).
+        self.log("train/loss", loss.detach() * share, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/target_tokens", float(tokens), batch_size=size, reduce_fx="sum", sync_dist=True)
+        return loss * share
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.evaluate(batch, "val")
         loss, _ = self.sft_loss(batch["sft"])
-        self.log(f"val/{name}/loss", loss, batch_size=len(batch["examples"]), add_dataloader_idx=False)
+        self.log(f"val/{name}/loss", loss, batch_size=len(batch["examples"]), add_dataloader_idx=False, sync_dist=True)

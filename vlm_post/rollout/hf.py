@@ -16,6 +16,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from vlm_post.models.forward import PER_TOKEN_KEYS, SHARED_PREFILL_MODEL_TYPES
+from vlm_post.models.sharding import gathered, is_sharded
 from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
 from vlm_post.rollout.sampler_logprobs import SampledLogprobs
 
@@ -58,10 +59,15 @@ class HFGenerateEngine(RolloutEngine):
                 pad_token_id=self.pad_token_id,
                 suppress_tokens=self.banned or None,
             )
-            if not params.greedy and params.n > 1 and self._can_share_prefill(policy, prompt):
-                output = self._generate_from_shared_prefill(policy, prompt, params.n, common)
-            else:
-                output = policy.generate(**prompt, **common, num_return_sequences=1 if params.greedy else params.n)
+            if is_sharded(policy):
+                # Gathered for the whole call, the decode steps need no collective: each rank stops when its own
+                # samples are done instead of stepping in lockstep (generate's default for FSDP models).
+                common["synced_gpus"] = False
+            with gathered(policy):
+                if not params.greedy and params.n > 1 and self._can_share_prefill(policy, prompt):
+                    output = self._generate_from_shared_prefill(policy, prompt, params.n, common)
+                else:
+                    output = policy.generate(**prompt, **common, num_return_sequences=1 if params.greedy else params.n)
         finally:
             policy.train(was_training)
         response = output[:, prompt["input_ids"].shape[1] :]

@@ -1,0 +1,136 @@
+"""Sharded training on 2 CPU processes (gloo): FSDP2 through Lightning's ModelParallelStrategy, from the CLI.
+
+The demo's configs/demo/sft_fsdp.yaml, pointed at the tiny model and data, against configs/demo/sft.yaml in one
+process with the same global batch: the same weights and validation metrics, a sharded checkpoint that resumes to
+the uninterrupted run's weights, and an HF export that holds the full weights. RL and OPD take steps under it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+VLM_POST = str(Path(sys.executable).parent / "vlm_post")
+STRATEGY = {
+    "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+    "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+}
+
+
+def fit(config: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [VLM_POST, "fit", "--config", str(path), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def demo_config(name: str, tiny_model: Path, demo_data: Path, run: Path, **trainer) -> dict:
+    config = yaml.safe_load((ROOT / "configs/demo" / name).read_text())
+    config["model"]["init_args"]["model_name_or_path"] = str(tiny_model)
+    config["model"]["init_args"].pop("init_from", None)
+    config["data"]["train"]["path"] = str(demo_data / "train.parquet")
+    for source in config["data"].get("val", []):
+        source["path"] = str(demo_data / "validation.parquet")
+    config["trainer"].update(default_root_dir=str(run), log_every_n_steps=1, **trainer)
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"].get("callbacks", []) if not c["class_path"].endswith("EarlyStopping")
+    ]
+    return config
+
+
+def exported(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "export" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, **tolerance) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, **tolerance)
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
+    """One process (batch 16) and 2 FSDP2 processes (8 each) for 3 steps, validation at step 3; and the FSDP2 run
+    stopped at step 2, then resumed from its sharded last.ckpt to step 3."""
+    root = tmp_path_factory.mktemp("distributed")
+    runs = {}
+    steps = dict(max_steps=3, val_check_interval=3)
+    for label, name in (("single", "sft.yaml"), ("fsdp", "sft_fsdp.yaml")):
+        runs[label] = root / label
+        config = demo_config(name, tiny_model, demo_data, runs[label], **steps)
+        config["export"] = {"weights": "last"}
+        fit(config, root / f"{label}.yaml")
+    runs["resumed"] = root / "resumed"
+    config = demo_config("sft_fsdp.yaml", tiny_model, demo_data, runs["resumed"], max_steps=2, val_check_interval=2)
+    config["export"] = {"weights": "last"}
+    fit(config, root / "first.yaml")
+    config["trainer"].update(max_steps=3, val_check_interval=3)
+    fit(config, root / "resumed.yaml", f"--ckpt_path={runs['resumed'] / 'checkpoints' / 'last.ckpt'}")
+    return runs
+
+
+def test_sharded_sft_takes_the_single_process_steps(sft_runs):
+    """The same global batch of 16, split 8 + 8 over two ranks: the weights after 3 steps and the validation
+    metrics (each rank grades half of the 200 problems; torchmetrics sums the counts) equal one process's."""
+    assert_same_weights(exported(sft_runs["fsdp"]), exported(sft_runs["single"]), rtol=1e-4, atol=1e-5)
+    scores = [json.loads((sft_runs[k] / "export" / "vlm_post_export.json").read_text()) for k in ("single", "fsdp")]
+    assert scores[0]["best_score"] == scores[1]["best_score"] and scores[0]["global_step"] == 3
+
+
+def test_sharded_checkpoint_resumes_and_export_gathers_full_weights(sft_runs):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from vlm_post.models.loading import load_policy
+
+    last = sft_runs["fsdp"] / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2, "not one shard file per rank"
+    # The export (gathered from the shards) equals what the sharded checkpoint holds, tensor for tensor.
+    full = sft_runs["fsdp"] / "full.pt"
+    dcp_to_torch_save(last, full)
+    state = torch.load(full, weights_only=True)["state_dict"]
+    sharded = {name.removeprefix("policy."): value for name, value in state.items() if name.startswith("policy.")}
+    loaded = load_policy(str(sft_runs["fsdp"] / "export")).state_dict()  # the export, back in module names
+    assert loaded.keys() == sharded.keys()
+    for name, value in loaded.items():
+        torch.testing.assert_close(value, sharded[name], rtol=0, atol=0, msg=name)
+    # Stopped at step 2 and resumed from the sharded checkpoint: the uninterrupted run's weights.
+    assert_same_weights(exported(sft_runs["resumed"]), exported(sft_runs["fsdp"]), rtol=1e-5, atol=1e-6)
+    config = json.loads((sft_runs["fsdp"] / "export" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+
+
+def test_rl_and_opd_take_sharded_steps(tiny_model, demo_data, tmp_path):
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    teacher = build_tiny_qwen2_5_vl(tmp_path / "teacher", seed=1, hidden_size=192)
+    for name, extra in (
+        ("rl.yaml", {"loss": {"kl_mode": "loss", "kl_coef": 0.01}, "ppo_epochs": 2}),
+        ("opd.yaml", {"teacher": {"model_name_or_path": str(teacher), "cache_dir": str(tmp_path / "cache")}}),
+    ):
+        run = tmp_path / name.removesuffix(".yaml")
+        config = demo_config(name, tiny_model, demo_data, run, max_steps=2, limit_val_batches=0, devices=2)
+        config["trainer"]["strategy"] = STRATEGY
+        config["trainer"]["callbacks"] = []
+        config["trainer"]["enable_checkpointing"] = False
+        config["model"]["init_args"].update(extra)
+        config["data"]["batch_size"] = 2
+        config["export"] = {"weights": "last"}
+        fit(config, tmp_path / name)
+        after = exported(run)
+        before = load_file(str(tiny_model / "model.safetensors"))
+        assert any(not torch.equal(after[k], before[k]) for k in before), f"{name}: no weight moved"
+        events = list((run / "lightning_logs").rglob("events.out.tfevents.*"))
+        assert events, f"{name}: nothing logged"

@@ -1,0 +1,163 @@
+"""FSDP2 (``fully_shard``) for vlm_post's models, applied in ``configure_model`` under Lightning's ModelParallelStrategy.
+
+Each transformer block (the classes the model lists in ``_no_split_modules``: Qwen2.5-VL's decoder layers and
+vision blocks) becomes one FSDP unit, then the whole model (the root: embeddings, vision patch embedding and
+merger, final norm, LM head). Frozen models (RL's reference, OPD's teacher) are sharded the same way, or kept
+whole in CPU memory and streamed in (``frozen: offload``).
+
+vlm_post computes losses from the decoder's hidden states and the head weight directly (chunked, so the
+[tokens, vocabulary] logits never exist), and runs the base model itself for the shared-prompt forwards. Under
+FSDP2 that only works inside the root's forward: its hooks gather the root's parameters there, keep them
+gathered afterwards (FSDP2 never reshards the root after forward, as backward needs them at once) and schedule
+the reduce-scatter of their gradients. ``as_root_forward`` runs such a computation as the root module's forward.
+Generation gathers every unit once for the whole ``generate`` call (``gathered``), as verl does, instead of an
+all-gather per layer per new token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vlm_post.errors import ConfigError
+
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class FSDPConfig:
+    """How the policy (and the frozen models) are sharded under ``strategy: ModelParallelStrategy``.
+
+    Args:
+        reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3, least
+            memory); False keeps them until backward (ZeRO-2-like, fewer all-gathers).
+        replicas: hybrid sharding (HSDP): shard within groups of ``world_size / replicas`` ranks (one node,
+            say) and replicate across the groups, so only gradient all-reduces cross nodes. 1: full sharding.
+        param_dtype: dtype of the gathered parameters in forward and backward (``bfloat16`` for mixed
+            precision; the sharded master weights keep the module's ``dtype``). None: as stored.
+        reduce_dtype: dtype of the gradient reduce-scatter (``float32`` with bf16 parameters). None: param_dtype.
+        cpu_offload: keep the sharded parameters, gradients and optimizer state in CPU memory.
+        frozen: the reference model (RL) and in-process teacher (OPD): ``shard`` like the policy, or
+            ``offload`` (sharded, parameters in CPU memory between forwards).
+    """
+
+    reshard_after_forward: bool = True
+    replicas: int = 1
+    param_dtype: DtypeName | None = None
+    reduce_dtype: DtypeName | None = None
+    cpu_offload: bool = False
+    frozen: Literal["shard", "offload"] = "shard"
+
+
+def data_parallel_mesh(device_mesh, replicas: int):
+    """The mesh the model is sharded over: the strategy's data-parallel ranks, split ``replicas`` ways for HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    if replicas == 1:
+        return mesh
+    size = mesh.size()
+    if replicas < 1 or size % replicas:
+        raise ConfigError(f"model.fsdp.replicas ({replicas}) must divide the {size} data-parallel ranks")
+    return init_device_mesh(mesh.device_type, (replicas, size // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model: torch.nn.Module, mesh, config: FSDPConfig, frozen: bool = False) -> torch.nn.Module:
+    """``fully_shard`` each transformer block, then the model; the model is the root of its FSDP tree."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise ConfigError(
+            f"{type(model).__name__} names no transformer blocks (_no_split_modules): FSDP has nothing to shard per layer"
+        )
+    dtype = lambda name: getattr(torch, name) if name else None  # noqa: E731
+    offload = config.cpu_offload or (frozen and config.frozen == "offload")
+    options = dict(
+        mesh=mesh,
+        reshard_after_forward=config.reshard_after_forward or frozen,
+        mp_policy=MixedPrecisionPolicy(param_dtype=dtype(config.param_dtype), reduce_dtype=dtype(config.reduce_dtype)),
+        offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
+    )
+    for block in blocks:
+        fully_shard(block, **options)
+    # None: FSDP2's own choice for the root, which keeps its parameters gathered after forward (the loss uses the
+    # head weight next); an explicit True would free them and leave the head a sharded DTensor.
+    fully_shard(model, **{**options, "reshard_after_forward": None})
+    # FSDP2 makes the first module to run forward its root. vlm_post also calls blocks outside the root's
+    # forward (a shared-prompt prefill, generation), so settle the root now.
+    model._get_fsdp_state()._lazy_init()
+    for unit in _units(model):  # what ``gathered`` restores (the root, as FSDP2 sets it, does not reshard)
+        group = unit._get_fsdp_state()._fsdp_param_group
+        unit._vlm_post_reshard = bool(group is not None and group.post_forward_mesh_info is not None)
+    return model
+
+
+def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def as_root_forward(model: torch.nn.Module, compute: Callable, *args, **kwargs):
+    """``compute(*args, **kwargs)``, run as ``model``'s forward when ``model`` is FSDP-sharded (else a plain call).
+
+    Inside it the root's parameters (embeddings, head, ...) are gathered and stay so for a loss that uses the
+    head weight afterwards; their gradients are reduce-scattered at the end of backward.
+    """
+    if not is_sharded(model):
+        return compute(*args, **kwargs)
+    model.forward = compute  # an instance attribute, looked up before the class's forward
+    try:
+        return model(*args, **kwargs)
+    finally:
+        del model.forward
+
+
+@contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Every FSDP unit of ``model`` gathered for the duration (one all-gather each), resharded after.
+
+    Generation runs one forward per new token; without this each would all-gather every layer again. It also
+    makes the decode steps collective-free, so ranks whose samples stop at different lengths do not wait for
+    one another.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    units = _units(model)
+    model.set_reshard_after_forward(False, recurse=True)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in units:
+            unit.set_reshard_after_forward(getattr(unit, "_vlm_post_reshard", True), recurse=False)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on every rank, in CPU memory (a collective under FSDP)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a parameter or gradient under FSDP2); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
