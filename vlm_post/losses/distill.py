@@ -26,10 +26,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from vlm_post.losses.grpo import Aggregation, aggregate
-from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE, _block_rows, _matmul_dtype, _project
+from vlm_post.losses.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    _check_chunking,
+    _check_hidden_and_head,
+    _ChunkedLogprobsEntropy,
+    _matmul_dtype,
+)
 
 # Floor of the teacher's tail mass. The tail is 1 - sum(exp(top-k log-probs)),
 # and with fp16/bf16 log-probs that sum is only good to ~1e-3, so a tail of 0 (or
@@ -45,127 +50,6 @@ _LOG_RATIO_CLAMP = 20.0
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for the math after the projection, fp64 when the inputs are fp64 (gradcheck, references)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _ChunkedTopkLogprobs(torch.autograd.Function):
-    """log p(ids[n, j]) for k ids per token, and the full entropy H(p), p = softmax(hidden @ weight.T / T).
-
-    The k-id generalisation of ``logprobs._ChunkedLogprobsEntropy`` (which takes
-    one target per token): each chunk's logits are projected, reduced to the
-    (chunk, k) gathered log-probs, the log-normaliser and the entropy, and
-    dropped; backward recomputes them. Saved for backward: the inputs, the ids
-    and two (N,) vectors. With d log p_i / dz = onehot_i - p and
-    dH / dz = -p (log p + H), the logits' gradient of sum_j G_j log p(id_j) +
-    g_H H is scatter(G) - p * (sum_j G_j + g_H (log p + H)): one pass per block.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        ids: torch.Tensor,
-        chunk_size: int,
-        temperature: float,
-        with_entropy: bool,
-        matmul_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # autocast off inside, applied by hand, so backward recomputes exactly the forward's logits
-        with torch.autocast(hidden.device.type, enabled=False):
-            num_tokens, dtype = hidden.shape[0], _compute_dtype(matmul_dtype)
-            head = weight.to(matmul_dtype)
-            topk = torch.empty(ids.shape, dtype=dtype, device=hidden.device)
-            log_normaliser = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
-            entropy = torch.empty(num_tokens if with_entropy else 0, dtype=dtype, device=hidden.device)
-            logits, exps, block = _buffers_in(num_tokens, chunk_size, weight, dtype)
-            for start in range(0, num_tokens, chunk_size):
-                stop = min(start + chunk_size, num_tokens)
-                chunk = _project(hidden[start:stop], head, logits[: stop - start])
-                for offset in range(0, stop - start, block):
-                    rows = slice(start + offset, min(start + offset + block, stop))
-                    shifted = chunk[offset : offset + block]
-                    if temperature != 1.0:
-                        shifted.div_(temperature)
-                    row_max = shifted.amax(dim=-1, keepdim=True)
-                    shifted.sub_(row_max)  # relative to the row max: exp cannot overflow
-                    unnormalised = torch.exp(shifted, out=exps[: shifted.shape[0]])
-                    sum_exp = unnormalised.sum(dim=-1)
-                    log_sum = sum_exp.log()
-                    log_normaliser[rows] = row_max.squeeze(-1) + log_sum
-                    topk[rows] = shifted.gather(-1, ids[rows]) - log_sum[:, None]
-                    if with_entropy:
-                        entropy[rows] = log_sum - torch.linalg.vecdot(unnormalised, shifted) / sum_exp
-        ctx.save_for_backward(hidden, weight, ids, log_normaliser, entropy)
-        ctx.chunk_size, ctx.temperature, ctx.with_entropy = chunk_size, temperature, with_entropy
-        ctx.matmul_dtype, ctx.device_type = matmul_dtype, hidden.device.type
-        ctx.set_materialize_grads(False)  # an unused output arrives as None: skip its work
-        return topk, entropy
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: FunctionCtx, grad_topk: torch.Tensor | None, grad_entropy: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, ids, log_normaliser, entropy = ctx.saved_tensors
-        nothing = (None,) * 7
-        if not ctx.with_entropy:
-            grad_entropy = None  # the (0,) placeholder output carries no gradient
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if (grad_topk is None and grad_entropy is None) or not (need_hidden or need_weight):
-            return nothing
-        with torch.autocast(ctx.device_type, enabled=False):
-            head = weight.to(ctx.matmul_dtype)
-            num_tokens, chunk_size, temperature = hidden.shape[0], ctx.chunk_size, ctx.temperature
-            row_sums = grad_topk.sum(dim=-1) if grad_topk is not None else None
-            grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-            grad_weight = torch.zeros_like(weight) if need_weight else None
-            logits, exps, block = _buffers_in(num_tokens, chunk_size, weight, log_normaliser.dtype)
-            for start in range(0, num_tokens, chunk_size):
-                stop = min(start + chunk_size, num_tokens)
-                h = hidden[start:stop].to(head.dtype)
-                chunk = _project(h, head, logits[: stop - start])  # overwritten, block by block, by dloss/dz
-                for offset in range(0, stop - start, block):
-                    rows = slice(start + offset, min(start + offset + block, stop))
-                    logp = chunk[offset : offset + block]
-                    if temperature != 1.0:
-                        logp.div_(temperature)
-                    logp.sub_(log_normaliser[rows, None])
-                    probs = torch.exp(logp, out=exps[: logp.shape[0]])
-                    if grad_entropy is not None:
-                        logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None])
-                        if row_sums is not None:
-                            logp.add_(row_sums[rows, None])
-                        logp.mul_(probs).neg_()
-                    else:
-                        torch.mul(probs, row_sums[rows, None].neg(), out=logp)
-                    if grad_topk is not None:
-                        logp.scatter_add_(-1, ids[rows], grad_topk[rows].to(logp.dtype))
-                grad_chunk = chunk.to(head.dtype)
-                if grad_hidden is not None:
-                    if grad_hidden.dtype == head.dtype:
-                        torch.mm(grad_chunk, head, out=grad_hidden[start:stop])
-                    else:
-                        grad_hidden[start:stop] = grad_chunk @ head
-                if grad_weight is not None:
-                    if grad_weight.dtype == head.dtype:
-                        grad_weight.addmm_(grad_chunk.t(), h)  # in place: no (V, H) temporary per chunk
-                    else:
-                        grad_weight.add_(grad_chunk.t() @ h)
-            if temperature != 1.0:  # z = logits / T: scale the (N, H) and (V, H) results, not every (chunk, V)
-                for grad in (grad_hidden, grad_weight):
-                    if grad is not None:
-                        grad.div_(temperature)
-        return (grad_hidden, grad_weight) + nothing[2:]
-
-
-def _buffers_in(
-    num_tokens: int, chunk_size: int, weight: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``logprobs._buffers`` in a given dtype (it is fp32 only; gradcheck needs fp64)."""
-    logits = torch.empty(min(chunk_size, num_tokens), weight.shape[0], dtype=dtype, device=weight.device)
-    block = _block_rows(logits)
-    exps = torch.empty(min(block, logits.shape[0]), weight.shape[0], dtype=dtype, device=weight.device)
-    return logits, exps, block
 
 
 def _check_topk(topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -257,21 +141,17 @@ def topk_reverse_kl_and_entropy_from_hidden(
     are fp32 (fp64 for fp64 inputs); under autocast the projection runs in
     autocast's dtype, as in ``token_logprobs_and_entropy``.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
-        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {shapes}")
+    _check_hidden_and_head(hidden, weight)
     _check_topk(topk_ids, teacher_topk_logprobs, mask)
     if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"expected topk_ids of shape ({hidden.shape[0]}, k), got {tuple(topk_ids.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_chunking(chunk_size, temperature)
     ids = topk_ids.long()
     if mask is not None:
         ids = torch.where(mask.bool()[:, None], ids, 0)
-    student_topk, entropy = _ChunkedTopkLogprobs.apply(
-        hidden, weight, ids, chunk_size, float(temperature), with_entropy, _matmul_dtype(hidden, weight)
+    matmul_dtype = _matmul_dtype(hidden, weight)
+    student_topk, entropy = _ChunkedLogprobsEntropy.apply(
+        hidden, weight, ids, chunk_size, float(temperature), with_entropy, matmul_dtype, _compute_dtype(matmul_dtype)
     )
     kl = coarsened_reverse_kl(student_topk, teacher_topk_logprobs, mask)
     return kl, (entropy if with_entropy else None)

@@ -19,6 +19,8 @@ version's time (bench/logprob_entropy.py measures both).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -48,32 +50,66 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _project(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """hidden @ weight.T, in the dtype of ``weight``, written into the fp32 buffer ``out``."""
+    """hidden @ weight.T, in the dtype of ``weight``, written into the logits buffer ``out`` (fp32, or fp64)."""
     hidden = hidden.to(weight.dtype)
     if weight.dtype == torch.float32:
         return torch.mm(hidden, weight.t(), out=out)
     return out.copy_(hidden @ weight.t())
 
 
-def _buffers(num_tokens: int, chunk_size: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """A chunk-sized fp32 logits buffer, a block-sized one for exponentials, and the block's row count.
+def _buffers(
+    num_tokens: int, chunk_size: int, weight: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A chunk-sized logits buffer, a block-sized one for exponentials, and the block's row count.
 
     Reused across chunks, so the allocator does not map and fault in fresh
     pages of vocabulary width for every chunk.
     """
-    logits = torch.empty(min(chunk_size, num_tokens), weight.shape[0], dtype=torch.float32, device=weight.device)
+    logits = torch.empty(min(chunk_size, num_tokens), weight.shape[0], dtype=dtype, device=weight.device)
     block = _block_rows(logits)
-    exps = torch.empty(min(block, logits.shape[0]), weight.shape[0], dtype=torch.float32, device=weight.device)
+    exps = torch.empty(min(block, logits.shape[0]), weight.shape[0], dtype=dtype, device=weight.device)
     return logits, exps, block
 
 
-class _ChunkedLogprobsEntropy(torch.autograd.Function):
-    """log p(target) and H(p) per token, p = softmax(hidden @ weight.T / T), chunk by chunk.
+def _logit_chunks(
+    hidden: torch.Tensor, head: torch.Tensor, chunk_size: int, temperature: float, dtype: torch.dtype
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, Iterator[tuple[slice, torch.Tensor, torch.Tensor]]]]:
+    """(tokens, their hidden states in the head's dtype, their logits, the logits' blocks) chunk by chunk.
 
-    Saved for backward: the inputs and two (N,) fp32 vectors (log-normaliser,
-    entropy); nothing of vocabulary size. The matmuls run in ``matmul_dtype``
-    (autocast is switched off inside and applied by hand, so that the backward
-    pass recomputes exactly the forward's logits); everything else in fp32.
+    The logits are ``hidden @ head.T`` in ``dtype``, written into one buffer
+    reused by every chunk: finish with a chunk, blocks included, before taking
+    the next. Each block is (its tokens, its logits divided by ``temperature``
+    in place, an exponentials buffer of its size); the division happens as the
+    block is taken, so that the block is still in cache for what follows.
+    """
+    num_tokens = hidden.shape[0]
+    logits, exps, block = _buffers(num_tokens, chunk_size, head, dtype)
+    for start in range(0, num_tokens, chunk_size):
+        stop = min(start + chunk_size, num_tokens)
+        h = hidden[start:stop].to(head.dtype)
+        chunk = _project(h, head, logits[: stop - start])
+        yield slice(start, stop), h, chunk, _logit_blocks(chunk, start, block, temperature, exps)
+
+
+def _logit_blocks(
+    chunk: torch.Tensor, start: int, block: int, temperature: float, exps: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    for offset in range(0, chunk.shape[0], block):
+        z = chunk[offset : offset + block]
+        if temperature != 1.0:
+            z.div_(temperature)
+        yield slice(start + offset, start + offset + z.shape[0]), z, exps[: z.shape[0]]
+
+
+class _ChunkedLogprobsEntropy(torch.autograd.Function):
+    """log p(ids[n, j]) for k ids per token, and the entropy H(p) per token, p = softmax(hidden @ weight.T / T).
+
+    ``token_logprobs_and_entropy`` takes one id per token (the target), the
+    distillation loss the teacher's top k. Saved for backward: the inputs, the
+    ids and two (N,) vectors (log-normaliser, entropy); nothing of vocabulary
+    size. The matmuls run in ``matmul_dtype`` (autocast is switched off inside
+    and applied by hand, so that the backward pass recomputes exactly the
+    forward's logits); everything else in ``dtype`` (fp32, or fp64 for gradcheck).
     """
 
     @staticmethod
@@ -81,54 +117,33 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
         ctx: FunctionCtx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
-        targets: torch.Tensor,
+        ids: torch.Tensor,
         chunk_size: int,
         temperature: float,
         with_entropy: bool,
         matmul_dtype: torch.dtype,
+        dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(hidden.device.type, enabled=False):
-            return _ChunkedLogprobsEntropy._forward(
-                ctx, hidden, weight, targets, chunk_size, temperature, with_entropy, matmul_dtype
-            )
-
-    @staticmethod
-    def _forward(
-        ctx: FunctionCtx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        chunk_size: int,
-        temperature: float,
-        with_entropy: bool,
-        matmul_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_tokens = hidden.shape[0]
-        head = weight.to(matmul_dtype)  # cast once, not per chunk
-        logprobs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-        log_normaliser = torch.empty_like(logprobs)
-        entropy = torch.empty(num_tokens if with_entropy else 0, dtype=torch.float32, device=hidden.device)
-        logits, exps, block = _buffers(num_tokens, chunk_size, weight)
-        for start in range(0, num_tokens, chunk_size):
-            stop = min(start + chunk_size, num_tokens)
-            chunk = _project(hidden[start:stop], head, logits[: stop - start])
-            for offset in range(0, stop - start, block):
-                rows = slice(start + offset, min(start + offset + block, stop))
-                # Work relative to the row max: exp cannot overflow, and the entropy
-                # log(s) - E[z - max] does not cancel two large numbers.
-                shifted = chunk[offset : offset + block]
-                if temperature != 1.0:
-                    shifted.div_(temperature)
-                row_max = shifted.amax(dim=-1, keepdim=True)
-                shifted.sub_(row_max)
-                unnormalised = torch.exp(shifted, out=exps[: shifted.shape[0]])
-                sum_exp = unnormalised.sum(dim=-1)
-                log_sum = sum_exp.log()
-                log_normaliser[rows] = row_max.squeeze(-1) + log_sum
-                logprobs[rows] = shifted.gather(-1, targets[rows, None]).squeeze(-1) - log_sum
-                if with_entropy:
-                    entropy[rows] = log_sum - torch.linalg.vecdot(unnormalised, shifted) / sum_exp
-        ctx.save_for_backward(hidden, weight, targets, log_normaliser, entropy)
+            num_tokens = hidden.shape[0]
+            head = weight.to(matmul_dtype)  # cast once, not per chunk
+            logprobs = torch.empty(ids.shape, dtype=dtype, device=hidden.device)
+            log_normaliser = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+            entropy = torch.empty(num_tokens if with_entropy else 0, dtype=dtype, device=hidden.device)
+            for _, _, _, blocks in _logit_chunks(hidden, head, chunk_size, temperature, dtype):
+                for rows, shifted, exps in blocks:
+                    # Work relative to the row max: exp cannot overflow, and the entropy
+                    # log(s) - E[z - max] does not cancel two large numbers.
+                    row_max = shifted.amax(dim=-1, keepdim=True)
+                    shifted.sub_(row_max)
+                    unnormalised = torch.exp(shifted, out=exps)
+                    sum_exp = unnormalised.sum(dim=-1)
+                    log_sum = sum_exp.log()
+                    log_normaliser[rows] = row_max.squeeze(-1) + log_sum
+                    logprobs[rows] = shifted.gather(-1, ids[rows]) - log_sum[:, None]
+                    if with_entropy:
+                        entropy[rows] = log_sum - torch.linalg.vecdot(unnormalised, shifted) / sum_exp
+        ctx.save_for_backward(hidden, weight, ids, log_normaliser, entropy)
         ctx.chunk_size, ctx.temperature, ctx.with_entropy = chunk_size, temperature, with_entropy
         ctx.matmul_dtype, ctx.device_type = matmul_dtype, hidden.device.type
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) arrives as None: skip its work
@@ -139,62 +154,66 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        with torch.autocast(ctx.device_type, enabled=False):
-            return _ChunkedLogprobsEntropy._backward(ctx, grad_logprobs, grad_entropy)
-
-    @staticmethod
-    def _backward(
-        ctx: FunctionCtx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, targets, log_normaliser, entropy = ctx.saved_tensors
+        hidden, weight, ids, log_normaliser, entropy = ctx.saved_tensors
+        nothing = (None,) * 8  # one per input of forward
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not ctx.with_entropy:
             grad_entropy = None  # the (0,) placeholder output carries no gradient
         if (grad_logprobs is None and grad_entropy is None) or not (need_hidden or need_weight):
-            return None, None, None, None, None, None, None
-        head = weight.to(ctx.matmul_dtype)
-        num_tokens, chunk_size, temperature = hidden.shape[0], ctx.chunk_size, ctx.temperature
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        logits, exps, block = _buffers(num_tokens, chunk_size, weight)
-        for start in range(0, num_tokens, chunk_size):
-            stop = min(start + chunk_size, num_tokens)
-            h = hidden[start:stop].to(head.dtype)
-            chunk = _project(h, head, logits[: stop - start])  # overwritten, block by block, by dloss/dz
-            for offset in range(0, stop - start, block):
-                rows = slice(start + offset, min(start + offset + block, stop))
-                logp = chunk[offset : offset + block]
-                if temperature != 1.0:
-                    logp.div_(temperature)
-                logp.sub_(log_normaliser[rows, None])
-                probs = torch.exp(logp, out=exps[: logp.shape[0]])
-                # d logp_t / dz = onehot_t - p ;  dH / dz = -p * (log p + H).  Both share the factor -p.
-                if grad_entropy is not None:
-                    logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None])
+            return nothing
+        with torch.autocast(ctx.device_type, enabled=False):
+            head = weight.to(ctx.matmul_dtype)
+            temperature = ctx.temperature
+            # With G the gradient of the log-probs at the ids and g_H that of the entropy, the
+            # logits' gradient is scatter(G) - p * (sum_j G_j + g_H (log p + H)), from
+            # d log p_i / dz = onehot_i - p and dH / dz = -p (log p + H): one pass per block.
+            row_sums = grad_logprobs.sum(dim=-1) if grad_logprobs is not None else None
+            grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+            grad_weight = torch.zeros_like(weight) if need_weight else None
+            chunks = _logit_chunks(hidden, head, ctx.chunk_size, temperature, log_normaliser.dtype)
+            for tokens, h, chunk, blocks in chunks:  # chunk is overwritten, block by block, by dloss/dz
+                for rows, logp, exps in blocks:
+                    logp.sub_(log_normaliser[rows, None])
+                    probs = torch.exp(logp, out=exps)
+                    if grad_entropy is not None:
+                        logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None])
+                        if row_sums is not None:
+                            logp.add_(row_sums[rows, None])
+                        logp.mul_(probs).neg_()
+                    else:
+                        torch.mul(probs, row_sums[rows, None].neg(), out=logp)
                     if grad_logprobs is not None:
-                        logp.add_(grad_logprobs[rows, None])
-                    logp.mul_(probs).neg_()
-                else:
-                    torch.mul(probs, grad_logprobs[rows, None].neg(), out=logp)
-                if grad_logprobs is not None:
-                    logp.scatter_add_(-1, targets[rows, None], grad_logprobs[rows, None])
-            grad_chunk = chunk.to(head.dtype)
-            if grad_hidden is not None:
-                if grad_hidden.dtype == head.dtype:
-                    torch.mm(grad_chunk, head, out=grad_hidden[start:stop])
-                else:
-                    grad_hidden[start:stop] = grad_chunk @ head
-            if grad_weight is not None:
-                if grad_weight.dtype == head.dtype:
-                    grad_weight.addmm_(grad_chunk.t(), h)  # accumulate in place: no (V, H) temporary per chunk
-                else:  # bf16 products summed in the weight's dtype, as autocast's cast-back would
-                    grad_weight.add_(grad_chunk.t() @ h)
-            del grad_chunk
-        if temperature != 1.0:  # z = logits / T: scale the (N, H) and (V, H) results, not every (chunk, V)
-            for grad in (grad_hidden, grad_weight):
-                if grad is not None:
-                    grad.div_(temperature)
-        return grad_hidden, grad_weight, None, None, None, None, None
+                        logp.scatter_add_(-1, ids[rows], grad_logprobs[rows].to(logp.dtype))
+                grad_chunk = chunk.to(head.dtype)
+                if grad_hidden is not None:
+                    if grad_hidden.dtype == head.dtype:
+                        torch.mm(grad_chunk, head, out=grad_hidden[tokens])
+                    else:
+                        grad_hidden[tokens] = grad_chunk @ head
+                if grad_weight is not None:
+                    if grad_weight.dtype == head.dtype:
+                        grad_weight.addmm_(grad_chunk.t(), h)  # accumulate in place: no (V, H) temporary per chunk
+                    else:  # bf16 products summed in the weight's dtype, as autocast's cast-back would
+                        grad_weight.add_(grad_chunk.t() @ h)
+                del grad_chunk  # before the next chunk's projection, which allocates its own chunk-sized result
+            if temperature != 1.0:  # z = logits / T: scale the (N, H) and (V, H) results, not every (chunk, V)
+                for grad in (grad_hidden, grad_weight):
+                    if grad is not None:
+                        grad.div_(temperature)
+        return (grad_hidden, grad_weight) + nothing[2:]
+
+
+def _check_hidden_and_head(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {shapes}")
+
+
+def _check_chunking(chunk_size: int, temperature: float) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
 
 
 def token_logprobs_and_entropy(
@@ -225,19 +244,16 @@ def token_logprobs_and_entropy(
     pass recomputes them chunk by chunk. The result does not depend on
     ``chunk_size`` beyond float rounding.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
-        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {shapes}")
+    _check_hidden_and_head(hidden, weight)
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected targets of shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_chunking(chunk_size, temperature)
+    ids = targets.long()[:, None]  # one id per token
+    matmul_dtype = _matmul_dtype(hidden, weight)
     logprobs, entropy = _ChunkedLogprobsEntropy.apply(
-        hidden, weight, targets.long(), chunk_size, float(temperature), with_entropy, _matmul_dtype(hidden, weight)
+        hidden, weight, ids, chunk_size, float(temperature), with_entropy, matmul_dtype, torch.float32
     )
-    return logprobs, (entropy if with_entropy else None)
+    return logprobs.squeeze(-1), (entropy if with_entropy else None)
 
 
 def token_logprobs(

@@ -1,26 +1,24 @@
 """Teacher scores for on-policy distillation: the teacher that scores the student's tokens, and the on-disk
 cache it writes and the student reads."""
 
-from vlm_post.teacher.cache import (
+from vlm_post.teacher.cache import TeacherBatch, TeacherCache, pad_scores
+from vlm_post.teacher.cache_format import (
     DEFAULT_SHARD_TOKENS,
     FORMAT,
     VERSION,
-    TeacherBatch,
-    TeacherCache,
     TeacherCacheError,
     TeacherCacheMismatchError,
-    TeacherCacheWriter,
     TeacherScores,
     entry_key,
-    pad_scores,
 )
+from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.scoring import HFTeacher, check_teacher_compatible, topk_logprobs
 
 __all__ = [
     "DEFAULT_SHARD_TOKENS",
-    "HFTeacher",
     "FORMAT",
     "VERSION",
+    "HFTeacher",
     "TeacherBatch",
     "TeacherCache",
     "TeacherCacheError",

@@ -19,7 +19,8 @@ from vlm_post.data.datamodule import ExampleDataset
 from vlm_post.errors import ConfigError
 from vlm_post.rollout.base import Rollouts
 from vlm_post.rollout.sequences import policy_inputs
-from vlm_post.teacher.cache import TeacherCacheWriter, TeacherScores
+from vlm_post.teacher.cache_format import TeacherScores
+from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.rollout_files import mark_done, pending_rollout_files, read_rollout_file
 from vlm_post.teacher.scoring import HFTeacher
 

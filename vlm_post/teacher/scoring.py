@@ -22,6 +22,7 @@ import torch
 from vlm_post.errors import ConfigError
 from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE
 from vlm_post.models.forward import response_hidden_states
+from vlm_post.models.sharding import is_sharded
 from vlm_post.models.loading import Dtype, check_image_text_to_text, load_policy, load_processor, resolve_model_path
 
 # Image preprocessing settings that change the pixel rows or the number of image tokens.
@@ -112,6 +113,8 @@ class HFTeacher:
         targets = inputs["input_ids"][:, prompt_width : prompt_width + length][mask]
         weight = self.model.get_output_embeddings().weight
         ids, values, sampled = topk_logprobs(predicting, weight, targets, self.top_k, self.chunk_size)
+        if is_sharded(self.model):
+            self.model.reshard()  # FSDP2 keeps the root gathered after forward, for a backward the teacher never runs
         rows, k = mask.shape[0], self.top_k
         out_ids = torch.zeros(rows, length, k, dtype=torch.int32, device=hidden.device)
         out_values = torch.zeros(rows, length, k, dtype=torch.float32, device=hidden.device)
