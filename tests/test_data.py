@@ -170,3 +170,38 @@ def test_sft_target_column(processor):
     sft = Collator(processor, with_prompt=False, with_sft=True, target_column="solution")([example])["sft"]
     target = sft["labels"][0][sft["labels"][0] != IGNORE_INDEX]
     assert processor.tokenizer.decode(target) == "<think>1+2</think>\\boxed{3}<|im_end|>"
+
+
+def test_samplers_split_the_single_process_order_over_ranks():
+    from vlm_post.data.sampler import EvalShardSampler, ResumableRandomSampler
+
+    single = list(ResumableRandomSampler(10, seed=3))
+    ranks = [list(ResumableRandomSampler(10, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5
+    for step in range(0, 4, 2):  # per-rank batches of 2: both ranks together take the single process's batch of 4
+        assert sorted(ranks[0][step : step + 2] + ranks[1][step : step + 2]) == sorted(single[2 * step : 2 * step + 4])
+    resumed = ResumableRandomSampler(10, seed=3, num_replicas=2, rank=1)
+    resumed.resume_at(0, 4)  # 4 examples (over both ranks) were trained on
+    assert list(resumed) == ranks[1][2:]
+    # Evaluation: every problem exactly once, equal lengths, the one filler past the end of the data set.
+    shards = [list(EvalShardSampler(5, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert shards == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_an_eval_filler_is_a_marked_copy_that_no_metric_counts(demo_data):
+    from vlm_post.data.datamodule import ExampleDataset
+    from vlm_post.data.sources import DataSource
+    from vlm_post.modules.evaluation import BatchEvaluation
+
+    dataset = ExampleDataset(DataSource("demo_val", path=str(demo_data / "validation.parquet"), limit=5), 12544, 12544)
+    filler = dataset[len(dataset) + 1]
+    assert filler.is_padding and filler.id == dataset[1].id and not dataset[1].is_padding
+    # Two problems x 2 samples; keeping problem 1 keeps its greedy answer, its samples and their token rows.
+    result = BatchEvaluation(
+        ["a", "b"], [(True, "1"), (False, None)], torch.tensor([3, 4]),
+        [["x", "y"], ["z", "w"]], [[(True, "1"), (True, "1")], [(False, "2"), (False, None)]],
+        torch.tensor([[1, 2], [3, 4]]), torch.arange(8.0).view(4, 2), torch.ones(4, 2),
+    )  # fmt: skip
+    kept = result.select([1])
+    assert kept.greedy_texts == ["b"] and kept.sample_texts == [["z", "w"]]
+    assert kept.sample_lengths.tolist() == [[3, 4]] and kept.token_entropy.tolist() == [[4.0, 5.0], [6.0, 7.0]]

@@ -7,6 +7,7 @@ the uninterrupted run's weights, and an HF export that holds the full weights. R
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ STRATEGY = {
 
 def fit(config: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # ROOT: tests.test_rl's reward
     result = subprocess.run(
         [VLM_POST, "fit", "--config", str(path), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
@@ -72,6 +73,12 @@ def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
         runs[label] = root / label
         config = demo_config(name, tiny_model, demo_data, runs[label], **steps)
         config["export"] = {"weights": "last"}
+        # 15 validation problems: 8 + 7 over two ranks, the second topped up with a filler that must not count.
+        config["data"]["val"][0]["limit"] = 15
+        config["data"]["eval_batch_size"] = 4 if label == "fsdp" else 8
+        config["model"]["init_args"]["val"]["n"] = 4  # samples too: mean@n, pass@k, entropy, diversity
+        config["model"]["init_args"]["val"]["top_k"] = 1  # deterministic samples: the same on any rank
+        config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(runs[label])}}
         fit(config, root / f"{label}.yaml")
     runs["resumed"] = root / "resumed"
     config = demo_config("sft_fsdp.yaml", tiny_model, demo_data, runs["resumed"], max_steps=2, val_check_interval=2)
@@ -82,12 +89,23 @@ def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+def validation_metrics(run: Path) -> dict[str, float]:
+    rows = list(csv.DictReader(open(next(run.rglob("metrics.csv")))))
+    logged = [row for row in rows if row.get("val/demo_val/accuracy")]
+    assert len(logged) == 1, logged
+    return {key: float(value) for key, value in logged[0].items() if key.startswith("val/") and value}
+
+
 def test_sharded_sft_takes_the_single_process_steps(sft_runs):
-    """The same global batch of 16, split 8 + 8 over two ranks: the weights after 3 steps and the validation
-    metrics (each rank grades half of the 200 problems; torchmetrics sums the counts) equal one process's."""
+    """The same global batch of 16, split 8 + 8 over two ranks: the weights after 3 steps equal one process's,
+    and so do the validation metrics (each rank grades its share of the 15 problems, torchmetrics sums the counts;
+    the filler is left out)."""
     assert_same_weights(exported(sft_runs["fsdp"]), exported(sft_runs["single"]), rtol=1e-4, atol=1e-5)
-    scores = [json.loads((sft_runs[k] / "export" / "vlm_post_export.json").read_text()) for k in ("single", "fsdp")]
-    assert scores[0]["best_score"] == scores[1]["best_score"] and scores[0]["global_step"] == 3
+    single, sharded = validation_metrics(sft_runs["single"]), validation_metrics(sft_runs["fsdp"])
+    assert {"val/demo_val/loss", "val/demo_val/response_length", "val/demo_val/entropy", "val/demo_val/pass@4"} <= set(single)
+    assert single.keys() == sharded.keys()
+    for key in single:
+        assert sharded[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
 
 
 def test_sharded_checkpoint_resumes_and_export_gathers_full_weights(sft_runs):
@@ -117,7 +135,8 @@ def test_rl_and_opd_take_sharded_steps(tiny_model, demo_data, tmp_path):
 
     teacher = build_tiny_qwen2_5_vl(tmp_path / "teacher", seed=1, hidden_size=192)
     for name, extra in (
-        ("rl.yaml", {"loss": {"kl_mode": "loss", "kl_coef": 0.01}, "ppo_epochs": 2}),
+        # A random policy earns no demo reward (no update); the length reward differs within every group.
+        ("rl.yaml", {"loss": {"kl_mode": "loss", "kl_coef": 0.01}, "ppo_epochs": 2, "reward": "tests.test_rl.length_reward"}),
         ("opd.yaml", {"teacher": {"model_name_or_path": str(teacher), "cache_dir": str(tmp_path / "cache")}}),
     ):
         run = tmp_path / name.removesuffix(".yaml")

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_post.data.collate import Collator
 from vlm_post.data.prompting import DEFAULT_ANSWER_TEMPLATE, DEFAULT_INSTRUCTION
-from vlm_post.data.sampler import ResumableRandomSampler
+from vlm_post.data.sampler import EvalShardSampler, ResumableRandomSampler
 from vlm_post.data.schema import Example
 from vlm_post.data.sources import ADAPTERS, BadRow, DataSource, _is_local, fit_pixels, load_rows
 from vlm_post.errors import ConfigError
@@ -71,6 +71,10 @@ class ExampleDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Example:
+        if i >= len(self):  # an EvalShardSampler filler: a copy of problem i - len that nothing counts
+            example = self._example(self.indices[i - len(self)])
+            example.is_padding = True
+            return example
         return self._example(self.indices[i])
 
 
@@ -188,14 +192,14 @@ class VLMDataModule(LightningDataModule):
         parts = module.batch_parts(split) if module is not None else ({"sft"} if split == "train" else {"prompt"})
         return "prompt" in parts, "sft" in parts
 
-    def _loader(self, dataset: Dataset, split: str, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, dataset: Dataset, split: str, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator(*self._parts(split)),
-            drop_last=sampler is not None,
+            drop_last=drop_last,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -206,7 +210,7 @@ class VLMDataModule(LightningDataModule):
         if self._resume is not None:  # batches per rank; every rank has taken as many
             start = self._resume["batches"] * self.batch_size * ranks["num_replicas"]
             self.train_sampler.resume_at(self._resume["epoch"], start)
-        return self._loader(dataset, "train", self.batch_size, self.train_sampler)
+        return self._loader(dataset, "train", self.batch_size, self.train_sampler, drop_last=True)
 
     def _data_parallel_ranks(self) -> dict[str, int]:
         """This process's place among the data-parallel ranks (DDP, FSDP, ModelParallelStrategy's data axis)."""
@@ -225,10 +229,16 @@ class VLMDataModule(LightningDataModule):
         self._resume = state or None
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self._dataset(s), "val", self.eval_batch_size) for s in self.val_sources]
+        return [self._eval_loader(source, "val") for source in self.val_sources]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self._dataset(s), "test", self.eval_batch_size) for s in self.test_sources]
+        return [self._eval_loader(source, "test") for source in self.test_sources]
+
+    def _eval_loader(self, source: DataSource, split: str) -> DataLoader:
+        dataset = self._dataset(source)
+        ranks = self._data_parallel_ranks()
+        sampler = EvalShardSampler(len(dataset), **ranks) if ranks["num_replicas"] > 1 else None
+        return self._loader(dataset, split, self.eval_batch_size, sampler)
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()

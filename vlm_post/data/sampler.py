@@ -40,3 +40,26 @@ class ResumableRandomSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.size // self.num_replicas  # the same on every rank: the last examples that do not divide are left
+
+
+class EvalShardSampler(DistributedSampler):
+    """Evaluation data split over ranks in order, every problem exactly once.
+
+    Rank r takes problems r, r + R, r + 2R, ... Under FSDP every rank must run as many evaluation batches
+    (each forward gathers parameters from all ranks), so a rank left one short is topped up with a filler:
+    the index ``len(dataset) + i``, which the data set returns as a copy of problem i marked
+    ``is_padding``, and which no metric or record counts. (torch's DistributedSampler instead repeats
+    problems that then count twice.)
+    """
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.size = size
+
+    def __iter__(self) -> Iterator[int]:
+        mine = list(range(self.rank, self.size, self.num_replicas))
+        fillers = [self.size + i for i in range(len(self) - len(mine))]
+        return iter(mine + fillers)
+
+    def __len__(self) -> int:
+        return -(-self.size // self.num_replicas)

@@ -26,3 +26,6 @@ class Example:
     precision: int | None = None
     unit: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # A copy that only fills a rank's last evaluation batch (data.sampler.EvalShardSampler): sampled and graded
+    # like the others, so every rank runs the same forwards, but left out of every metric and record.
+    is_padding: bool = False

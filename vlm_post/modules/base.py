@@ -277,7 +277,12 @@ class PolicyModule(LightningModule):
         config = self.val_config if stage == "val" else self.eval_config
         examples = batch["examples"]
         name = examples[0].source
-        result = evaluate_batch(self, batch, config)
+        result = evaluate_batch(self, batch, config)  # fillers too: every rank runs the same forwards under FSDP
+        real = [i for i, example in enumerate(examples) if not example.is_padding]
+        if len(real) < len(examples):
+            result, examples = result.select(real), [examples[i] for i in real]
+        if not examples:
+            return name
         self._metrics(stage, name, config).update_from(**result.metric_fields())
         if stage == "test":
             self.eval_records.setdefault(name, []).extend(result.records(examples))
@@ -298,6 +303,7 @@ class PolicyModule(LightningModule):
         rows = [
             {"id": example.id, "dataset": example.source, "responses": rollouts.texts[i * n : (i + 1) * n]}
             for i, example in enumerate(examples)
+            if not example.is_padding
         ]
         self.eval_records.setdefault("predictions", []).extend(rows)
         return rows

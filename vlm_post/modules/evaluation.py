@@ -86,6 +86,22 @@ class BatchEvaluation:
     token_entropy: torch.Tensor | None  # (B*n, L) per sampled token, 0 past a response's end
     response_mask: torch.Tensor | None  # (B*n, L)
 
+    def select(self, problems: list[int]) -> BatchEvaluation:
+        """Only the given problems (e.g. without an evaluation sampler's fillers)."""
+        n = self.sample_lengths.shape[1] if self.sample_lengths.ndim == 2 else 0
+        rows = [problem * n + j for problem in problems for j in range(n)]
+        pick = lambda values: [values[i] for i in problems] if values is not None else None  # noqa: E731
+        return BatchEvaluation(
+            pick(self.greedy_texts),
+            pick(self.greedy_graded),
+            self.greedy_lengths[problems] if self.greedy_lengths is not None else None,
+            pick(self.sample_texts),
+            pick(self.sample_graded),
+            self.sample_lengths[problems],
+            self.token_entropy[rows] if self.token_entropy is not None else None,
+            self.response_mask[rows] if self.response_mask is not None else None,
+        )
+
     def metric_fields(self) -> dict:
         """Keyword arguments of ``EvalMetrics.update_from``."""
         correct = torch.tensor([[ok for ok, _ in graded] for graded in self.sample_graded], dtype=torch.bool)

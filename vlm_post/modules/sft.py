@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import torch
 
+from torchmetrics import MeanMetric
+
 from vlm_post.losses import sft_cross_entropy
+from vlm_post.losses.sft import IGNORE_INDEX
 from vlm_post.modules.base import PolicyModule
 
 
 class SFTModule(PolicyModule):
     skipped_steps = 0  # batches whose loss was NaN/inf, dropped before they touch the weights
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_losses = torch.nn.ModuleDict()
 
     def batch_parts(self, split: str) -> set[str]:
         return {"sft"} if split == "train" else {"prompt", "sft"}
@@ -49,5 +56,14 @@ class SFTModule(PolicyModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.evaluate(batch, "val")
-        loss, _ = self.sft_loss(batch["sft"])
-        self.log(f"val/{name}/loss", loss, batch_size=len(batch["examples"]), add_dataloader_idx=False, sync_dist=True)
+        # The token mean over the whole validation set, whatever the batches and ranks: a token-weighted mean
+        # metric (synced across ranks), with the evaluation sampler's fillers left out.
+        sft = batch["sft"]
+        real = torch.tensor([not e.is_padding for e in batch["examples"]], device=sft["labels"].device)
+        loss, tokens = self.sft_loss({**sft, "labels": sft["labels"].masked_fill(~real[:, None], IGNORE_INDEX)})
+        key = f"val__{name}__loss"
+        if key not in self.val_losses:
+            self.val_losses[key] = MeanMetric().to(self.device)
+        if tokens:
+            self.val_losses[key].update(loss.detach(), tokens)
+        self.log(f"val/{name}/loss", self.val_losses[key], add_dataloader_idx=False)
