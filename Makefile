@@ -27,7 +27,8 @@ test: setup
 # Bench extras (the side-by-side baselines, e.g. TRL) go into .venv only here, never as runtime dependencies.
 bench: setup
 	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[bench]'
-	@for script in bench/*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(PY) "$$script" || exit 1; done
+	@# bench/_*.py are helpers the scripts share, not scripts
+	@for script in bench/[!_]*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(PY) "$$script" || exit 1; done
 
 clean-demo:
 	rm -rf runs/demo

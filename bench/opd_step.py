@@ -71,21 +71,19 @@ About 1.5 minutes with the defaults. Needs the bench extra (pip install -c requi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _against_trl as harness  # what this script shares with the other comparison against TRL
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 LR = 1e-3  # configs/demo/opd.yaml
 PIXELS = 12544  # configs/demo/opd.yaml: min_pixels = max_pixels = 112 * 112
-TEACHER = dict(seed=1, hidden_size=256, num_layers=3)
+TEACHER = {"seed": 1, "hidden_size": 256, "num_layers": 3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,124 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--top-k", type=int, default=32, help="ours: teacher log-probs kept per position")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating ours and TRL; steps pooled")
-    parser.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per side")
-    parser.add_argument("--work-dir", help="where the tiny models and demo data go (default: a temporary folder)")
-    # internal: one side, in a subprocess
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    harness.add_side_options(
+        parser, work_dir_help="where the tiny models and demo data go (default: a temporary folder)"
+    )
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1 or args.n < 1:
         parser.error("--warmup, --steps, --rounds and --n must be at least 1 (steps are timed end to end)")
     return args
-
-
-# --- shared instrumentation ------------------------------------------------------------------------
-
-
-class Probe:
-    """Per-step timers (wall and process CPU time) from hooks on the models, backward and the optimizer step."""
-
-    def __init__(self) -> None:
-        self.current: dict[str, float] = {}
-        self.steps: list[dict[str, float]] = []
-        self.in_generate = False
-        self.last_end: float | None = None
-        self.last_cpu_end: float | None = None
-        self.tokens = (0, 0)  # (prompt, generated) tokens of the current step, set by the side's counter
-
-    @staticmethod
-    def now() -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
-
-    def add(self, key: str, start: tuple[float, float]) -> None:
-        wall, cpu = self.now()
-        self.current[key] = self.current.get(key, 0.0) + wall - start[0]
-        self.current[key + "_cpu"] = self.current.get(key + "_cpu", 0.0) + cpu - start[1]
-
-    def timed(self, key: str, fn):
-        def wrapper(*args, **kwargs):
-            start = self.now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.add(key, start)
-
-        return wrapper
-
-    def timed_generation(self, fn):
-        """``fn`` timed as ``generate``; the student's forward calls inside it count as generation."""
-
-        def wrapper(*args, **kwargs):
-            self.in_generate = True
-            start = self.now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.add("generate", start)
-                self.in_generate = False
-
-        return wrapper
-
-    def hook(self, module, key: str, split_generation: bool = False) -> None:
-        starts: list[tuple[float, float]] = []
-
-        def pre(*_):
-            starts.append(self.now())
-
-        def post(*_):
-            name = key + (("_gen" if self.in_generate else "_train") if split_generation else "")
-            self.add(name, starts.pop())
-            self.current[name + "_calls"] = self.current.get(name + "_calls", 0) + 1
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-    def install(self, student, teacher, processor_class) -> None:
-        """Hooks on the student's and the teacher's base models, backward, the optimizer step and the processor."""
-        import torch
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        self.hook(student.model.visual, "vision", split_generation=True)
-        self.hook(student.model.language_model, "decoder", split_generation=True)
-        self.hook(student.model, "model", split_generation=True)
-        self.hook(teacher.model.visual, "teacher_vision")
-        self.hook(teacher.model, "teacher_model")
-        torch.Tensor.backward = self.timed("backward", torch.Tensor.backward)
-        optim_starts: list[tuple[float, float]] = []
-        register_optimizer_step_pre_hook(lambda *_: optim_starts.append(self.now()))
-        register_optimizer_step_post_hook(lambda *_: self.add("optim", optim_starts.pop()))
-        processor_class.__call__ = self.timed("preprocess", processor_class.__call__)
-
-    def end_step(self) -> None:
-        wall, cpu = self.now()
-        self.current["step"] = wall - self.last_end if self.last_end is not None else float("nan")
-        self.current["step_cpu"] = cpu - self.last_cpu_end if self.last_cpu_end is not None else float("nan")
-        self.current["prompt_tokens"], self.current["generated_tokens"] = self.tokens
-        self.steps.append(self.current)
-        self.current = {}
-        self.last_end, self.last_cpu_end = wall, cpu
-
-
-class StepProfiler:
-    """torch.profiler over one step, its top operators kept as a table."""
-
-    def __init__(self, enabled: bool, step: int) -> None:
-        self.enabled, self.step, self.prof, self.table = enabled, step, None, None
-
-    def start(self, index: int) -> None:
-        if self.enabled and index == self.step:
-            from torch.profiler import ProfilerActivity, profile
-
-            self.prof = profile(activities=[ProfilerActivity.CPU])
-            self.prof.__enter__()
-
-    def stop(self, index: int) -> None:
-        if self.prof is not None and index == self.step:
-            self.prof.__exit__(None, None, None)
-            self.table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-            self.prof = None
 
 
 # --- one side ----------------------------------------------------------------------------------------
@@ -223,17 +110,15 @@ class StepProfiler:
 
 def run_ours(args: argparse.Namespace, work: Path) -> dict:
     import lightning as L
-    from lightning.pytorch import Callback
 
     import vlm_post.modules.distill as distill_module
-    import vlm_post.teacher.scoring as scoring
-    from vlm_post.data import DataSource, VLMDataModule
     from vlm_post.modules import DistillLossConfig, DistillModule, EvalConfig, OptimConfig, TeacherConfig
     from vlm_post.rollout import SamplingParams
+    from vlm_post.teacher import scoring
 
     L.seed_everything(args.seed, verbose=False)
-    probe = Probe()
-    profiler = StepProfiler(args.profile, args.warmup + args.steps - 1)
+    probe = harness.Probe()
+    profiler = harness.StepProfiler(args.profile, args.warmup + args.steps - 1, rows=25)
     module = DistillModule(
         str(work / "student"),
         teacher=TeacherConfig(model_name_or_path=str(work / "teacher"), top_k=args.top_k),
@@ -248,133 +133,39 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
     module.configure_model()
     module.teacher.load("cpu")  # on_fit_start loads it again as a no-op
     probe.install(module.policy, module.teacher.model, type(module.processor))
+    probe.time_rollouts(module.engine)
     # Looked up by name at call time in their modules.
     distill_module.topk_reverse_kl_and_entropy_from_hidden = probe.timed(
         "loss", distill_module.topk_reverse_kl_and_entropy_from_hidden
     )
     scoring.topk_logprobs = probe.timed("teacher_head", scoring.topk_logprobs)
     module.teacher.score = probe.timed("teacher", module.teacher.score)
-    engine_generate = module.engine.generate
-
-    def counting_generate(policy, prompt, params, **kwargs):
-        rollouts = engine_generate(policy, prompt, params, **kwargs)
-        probe.tokens = (int(prompt["attention_mask"].sum()) * params.n, int(rollouts.lengths.sum()))
-        return rollouts
-
-    module.engine.generate = probe.timed_generation(counting_generate)
-    class Timer(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            profiler.start(batch_idx)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            probe.end_step()
-            profiler.stop(batch_idx)
-
-    data = VLMDataModule(
-        train=DataSource("demo_train", path=str(work / "demo-data" / "train.parquet")),
-        batch_size=args.prompts,
-        min_pixels=PIXELS,
-        max_pixels=PIXELS,
-        seed=args.seed,
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        log_every_n_steps=50,  # Lightning's default; TRL's side logs nothing (logging_strategy="no")
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[Timer()],
-    )
-    trainer.fit(module, data)
-    return {"steps": probe.steps, "profile": profiler.table}
+    return harness.fit_ours(module, args, work / "demo-data" / "train.parquet", PIXELS, probe, profiler)
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict:
     import datasets
-    import torch
     import trl.trainer.distillation_trainer as trl_distill
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from transformers import AutoProcessor
     from trl import DistillationConfig, DistillationTrainer
-    from trl.data_utils import prepare_multimodal_messages
 
-    from vlm_post.data.collate import Collator
-    from vlm_post.data.datamodule import ExampleDataset
-    from vlm_post.data.prompting import DEFAULT_INSTRUCTION, IMAGE_MARKER
-    from vlm_post.data.sampler import ResumableRandomSampler
-    from vlm_post.data.sources import DataSource
     from vlm_post.rollout.hf import HFGenerateEngine
 
-    probe = Probe()
-    profiler = StepProfiler(args.profile, args.warmup + args.steps - 1)
+    probe = harness.Probe()
+    profiler = harness.StepProfiler(args.profile, args.warmup + args.steps - 1, rows=25)
     processor = AutoProcessor.from_pretrained(str(work / "student"))
-    total = args.prompts * (args.warmup + args.steps)
-    source = DataSource("demo_train", path=str(work / "demo-data" / "train.parquet"))
-    examples_ds = ExampleDataset(source, PIXELS, PIXELS)
-    order = list(ResumableRandomSampler(len(examples_ds), seed=args.seed))[:total]  # the order our side sees
-    examples = [examples_ds[i] for i in order]
-
-    def messages(example) -> list[dict]:
-        # One image, then the question and our instruction: renders exactly as vlm_post's build_messages.
-        text = example.question.replace(IMAGE_MARKER, "").strip() + "\n" + DEFAULT_INSTRUCTION
-        return [{"role": "user", "content": text}]
-
-    ours_text = Collator(processor).prompt_texts(examples[:1])[0]
-    trl_text = processor.apply_chat_template(
-        prepare_multimodal_messages(messages(examples[0]), images=examples[0].images),
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    if ours_text != trl_text:
-        raise SystemExit(f"prompt texts differ:\n{ours_text!r}\n{trl_text!r}")
+    examples, messages = harness.trl_examples(processor, args, work / "demo-data" / "train.parquet", PIXELS)
     rows = [e for e in examples for _ in range(args.n)]  # n > 1: each prompt n times in a row
     dataset = datasets.Dataset.from_dict({"prompt": [messages(e) for e in rows], "images": [e.images for e in rows]})
-
-    def load(path: Path):
-        return AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
-
-    model, teacher = load(work / "student"), load(work / "teacher")
+    model, teacher = harness.load_trl_model(work / "student"), harness.load_trl_model(work / "teacher")
     engine = HFGenerateEngine(processor)
     # The same stop tokens as vlm_post's engine: TRL ends completions at the tokenizer's eos and every eos
     # id in the model's generation config.
     model.generation_config.eos_token_id = list(engine.stop_ids)
     config = DistillationConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-opd-bench-"),
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        seed=args.seed,
-        max_steps=args.warmup + args.steps,
-        per_device_train_batch_size=args.prompts * args.n,
-        gradient_accumulation_steps=1,
-        gradient_checkpointing=False,  # TRL defaults to True; vlm_post to False
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
+        **harness.trl_config(args, LR, engine.banned),  # the same suppressed tokens as our engine
         beta=1.0,  # reverse KL
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        shuffle_dataset=False,
-        remove_unused_columns=False,
-        # The same suppressed tokens as vlm_post's engine (TRL suppresses the image token alone by default).
-        generation_kwargs={"suppress_tokens": engine.banned},
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        log_completions=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     trainer = DistillationTrainer(
         model=model, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=processor
@@ -392,55 +183,25 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
         return out
 
     trainer._generate = counting_generate
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            profiler.start(state.global_step)
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            probe.end_step()
-            profiler.stop(state.global_step - 1)
-
-    trainer.add_callback(Timer())
-    torch.set_num_threads(1)
-    trainer.train()
-    return {"steps": probe.steps, "profile": profiler.table}
-
-
-def run_side(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    runner = run_ours if args.side == "ours" else run_trl
-    result = runner(args, Path(args.work_dir))
-    result["threads"] = torch.get_num_threads()
-    Path(args.result).write_text(json.dumps(result))
+    return harness.train_trl(trainer, probe, profiler)
 
 
 # --- the report ------------------------------------------------------------------------------------
 
+PARTS = ("preprocess", "generate", "teacher_all", "train_fwd", "loss", "backward", "optim")  # the rest: "other"
 
-def summarize(steps: list[dict], skip: int) -> dict:
-    """Means over the timed steps, wall and CPU (``<key>_cpu``); tokens/s = all tokens / all time."""
-    timed = steps[skip:]
-    out = {key: sum(s.get(key, 0.0) for s in timed) / len(timed) for key in sorted({k for s in timed for k in s})}
-    tokens = sum(s["prompt_tokens"] + s["generated_tokens"] for s in timed)
-    generated = sum(s["generated_tokens"] for s in timed)
-    for suffix in ("", "_cpu"):
-        elapsed = sum(s["step" + suffix] for s in timed)
-        out["median_step" + suffix] = statistics.median(s["step" + suffix] for s in timed)
-        # the headline: mean tokens per step over the median step time (robust to bursts of other load)
-        out["tokens_per_s" + suffix] = tokens / len(timed) / out["median_step" + suffix]
-        out["mean_tokens_per_s" + suffix] = tokens / elapsed
-        out["generated_per_s" + suffix] = generated / len(timed) / out["median_step" + suffix]
-        get = lambda key: out.get(key + suffix, 0.0)  # noqa: E731
+
+def summarize_steps(steps: list[dict], skip: int) -> dict:
+    """Means over the timed steps, wall and CPU (``<key>_cpu``); the headline tokens/s is mean tokens per step over
+    the median step time (robust to bursts of other load), ``mean_tokens_per_s`` all tokens / all time."""
+    out = harness.summarize(steps, skip, rate_over="median")
+    for clock in harness.CLOCKS:
+        get = harness.figures(out, clock)
         # ours: the teacher's score() call holds its forward and its top-k head; TRL: only the teacher's
         # base-model forward is apart from the loss
-        out["teacher_all" + suffix] = get("teacher") if "teacher" in out else get("teacher_model")
-        out["train_fwd" + suffix] = get("model_train")
-        parts = ("preprocess", "generate", "teacher_all", "train_fwd", "loss", "backward", "optim")
-        out["other" + suffix] = get("step") - sum(get(k) for k in parts)
-    return out
+        out["teacher_all" + clock] = get("teacher") if "teacher" in out else get("teacher_model")
+        out["train_fwd" + clock] = get("model_train")
+    return harness.add_other(out, PARTS)
 
 
 # (label, key, has a CPU-time figure)
@@ -469,31 +230,11 @@ ROWS = [
 ]
 
 
-def table(results: dict[str, dict]) -> str:
-    """Wall-clock figures per side, then the same from the process's CPU time (equal on an idle machine)."""
-    names = list(results)
-    header = [f"{name} wall" for name in names] + [f"{name} CPU" for name in names]
-    lines = [f"{'':34}" + "".join(f"{h:>11}" for h in header)]
-
-    def fmt(value, key):
-        if value is None:
-            return f"{'-':>11}"
-        return f"{value:>11.1f}" if "tokens" in key or key.endswith("per_s") else f"{value:>11.3f}"
-
-    for label, key, has_cpu in ROWS:
-        cells = [fmt(results[name].get(key), key) for name in names]
-        cells += [fmt(results[name].get(key + "_cpu") if has_cpu else None, key) for name in names]
-        lines.append(f"{label:34}" + "".join(cells))
-    return "\n".join(lines)
-
-
 def main() -> None:
     args = parse_args()
     if args.side:
-        run_side(args)
+        harness.run_side(args, {"ours": run_ours, "trl": run_trl})
         return
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")  # fmt: skip
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="opd-bench-") as tmp:
         work = Path(args.work_dir or tmp)
@@ -505,44 +246,21 @@ def main() -> None:
             build_tiny_qwen2_5_vl(work / "teacher", **TEACHER)
             train = max(64, args.prompts * (args.warmup + args.steps))
             write_demo_dataset(work / "demo-data", train=train, validation=8, test=8)
-        sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-        raw: dict[str, list[dict]] = {side: [] for side in sides}
-        per_round: dict[str, list[dict]] = {side: [] for side in sides}
-        walls = {side: 0.0 for side in sides}
-        for round_index in range(args.rounds):  # alternate the sides, so a busy spell hits both
-            for side in sides:
-                out = work / f"result-{side}-{round_index}.json"
-                command = [sys.executable, __file__, "--side", side, "--result", str(out), "--work-dir", str(work)]
-                command += [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--prompts={args.prompts}"]
-                command += [f"--n={args.n}", f"--max-new-tokens={args.max_new_tokens}", f"--top-k={args.top_k}"]
-                command += [f"--seed={args.seed}"] + (["--profile"] if args.profile and round_index == 0 else [])
-                side_started = time.perf_counter()
-                done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-                if done.returncode != 0:
-                    sys.stderr.write(done.stdout[-5000:] + done.stderr[-5000:])
-                    raise SystemExit(f"the {side} side failed (exit {done.returncode})")
-                walls[side] += time.perf_counter() - side_started
-                result = json.loads(out.read_text())
-                if result["threads"] != 1:
-                    raise SystemExit(f"the {side} side ran on {result['threads']} threads")
-                raw[side] += result["steps"][args.warmup :]
-                per_round[side].append(summarize(result["steps"], args.warmup))
-                if result.get("profile"):
-                    print(f"== torch.profiler, one step, {side}\n{result['profile']}")
-        results = {side: summarize(steps, 0) for side, steps in raw.items()}
+        flags = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--prompts={args.prompts}"]
+        flags += [f"--n={args.n}", f"--max-new-tokens={args.max_new_tokens}", f"--top-k={args.top_k}"]
+        flags += [f"--seed={args.seed}"]
+        comparison = harness.compare(__file__, args, work, flags, summarize_steps)
+    results = comparison.results
     print(
         f"OPD step, tiny Qwen2.5-VL student (128 x 2) <- teacher (256 x 3), {args.prompts} prompts x n={args.n}, "
         f"max {args.max_new_tokens} new tokens, one thread; mean of {args.rounds} x {args.steps} steps "
         f"(each run after {args.warmup} warm-up steps)"
     )
-    print(table(results))
-    total = time.perf_counter() - started
-    print(", ".join(f"{side}: {wall:.0f} s" for side, wall in walls.items()) + f"; total {total:.0f} s")
-    busy = [side for side, r in results.items() if r["step_cpu"] < 0.9 * r["step"]]
-    if busy:
-        print(f"note: the machine was busy ({', '.join(busy)}: CPU time under 90% of wall); CPU figures are steadier")
+    print(harness.table(results, ROWS, one_decimal=lambda key: "tokens" in key or key.endswith("per_s")))
+    harness.print_times(comparison, time.perf_counter() - started)
     if "ours" in results and "trl" in results:
         ours, theirs = results["ours"], results["trl"]
+        per_round = comparison.per_round
         rounds = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(per_round["ours"], per_round["trl"])]
         print("ratio per round (wall, median step): " + " ".join(f"{r:.3f}" for r in rounds))
         print(

@@ -1,0 +1,272 @@
+"""The GPU check's Lightning pieces (bench/gpu_step.py): the trainer, the FSDP workarounds, the step timer.
+
+Two things in Lightning's FSDP would stop vlm_post before anything is measured; ``bench_modules`` works around
+them outside vlm_post (see gpu_step.py's docstring). The step timer synchronises the GPU before every reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import time
+from pathlib import Path
+
+from _gpu_log import log
+
+
+def fsdp_root(module):
+    """The FSDP-wrapped root when the run uses FSDP (Lightning wraps the whole LightningModule), else None."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = module.trainer.strategy.model
+    return model if isinstance(model, FullyShardedDataParallel) else None
+
+
+def fix_device(module) -> None:
+    """Under FSDP Lightning never updates ``LightningModule.device`` (FSDP moves the parameters itself, not
+    through ``Module.to``), so it stays ``cpu``; RLModule uses ``self.device`` for the reference model and the
+    rewards. Set it to the strategy's device, as single-device training has it."""
+    from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+
+    root_device = module.trainer.strategy.root_device
+    if module.device != root_device:
+        strategy = type(module.trainer.strategy).__name__
+        note = f"LightningModule.device was {module.device} under {strategy}: set to {root_device}"
+        module.bench_workarounds.append(note)
+        log(f"workaround: {note}")
+        _update_properties(module, device=root_device)
+
+
+def bench_modules(lightning_clip: bool, lightning_device: bool):
+    """SFTModule / RLModule with two FSDP workarounds (see gpu_step.py's docstring): gradient clipping by norm
+    through the FSDP root, and a correct ``self.device``. Both are no-ops on a single device."""
+    from vlm_post.modules.rl import RLModule
+    from vlm_post.modules.sft import SFTModule
+
+    def clip(module, gradient_clip_val) -> bool:
+        root = None if lightning_clip else fsdp_root(module)
+        if root is None or not gradient_clip_val:
+            return False
+        if not module.bench_workarounds or "clip" not in module.bench_workarounds[-1]:
+            module.bench_workarounds.append("gradient clipping by norm through the FSDP root's clip_grad_norm_")
+        root.clip_grad_norm_(gradient_clip_val)
+        return True
+
+    class FixedDevice:
+        """Mixed in before the module: ``self.device`` fixed before the module's own on_fit_start uses it."""
+
+        bench_workarounds: list
+
+        def on_fit_start(self) -> None:
+            if not lightning_device:
+                fix_device(self)
+            super().on_fit_start()  # RLModule moves the reference model to self.device
+
+    class BenchSFT(FixedDevice, SFTModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            if not clip(self, gradient_clip_val):
+                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    class BenchRL(FixedDevice, RLModule):
+        def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            if not clip(self, gradient_clip_val):
+                super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    return BenchSFT, BenchRL
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_timer(stage: str, warmup: int, image_token_id: int, fail: bool = False):
+    """``fail``: raise after the first step (a test hook for the fallback path, see GPU_STEP_FAIL_FIRST)."""
+    from lightning.pytorch import Callback
+
+    class StepTimer(Callback):
+        """Synchronised per-step times and the token counts of each step's batch."""
+
+        def __init__(self) -> None:
+            self.steps: list[dict] = []
+            self.current: dict = {}
+            self.first_batch_at: float | None = None
+            self.buffer_dtypes: dict[str, str] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            synchronize()
+            if self.first_batch_at is None:
+                self.first_batch_at = time.perf_counter()
+            self.current = {"index": len(self.steps), "gen_s": 0.0, "reward_s": 0.0}
+            self.current["image_counts"] = [int(c) for c in batch.get("image_counts", [])]
+            if "sft" in batch:
+                sft = batch["sft"]
+                self.current.update(
+                    rows=int(sft["input_ids"].shape[0]),
+                    width=int(sft["input_ids"].shape[1]),
+                    seq_lens=[int(x) for x in sft["attention_mask"].sum(-1).tolist()],
+                    head_tokens=int((sft["labels"][:, 1:] != -100).sum()),
+                    image_tokens=int((sft["input_ids"] == image_token_id).sum()),
+                    grids=sft["image_grid_thw"].tolist() if "image_grid_thw" in sft else [],
+                )
+            self.current["t0"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            synchronize()
+            step = self.current
+            step["step_s"] = time.perf_counter() - step.pop("t0")
+            if isinstance(outputs, dict) and outputs.get("loss") is not None:
+                step["loss"] = float(outputs["loss"])
+            metrics = trainer.callback_metrics
+            for key in ("train/loss", "train/reward_mean", "train/kl", "train/entropy", "train/skipped_steps"):
+                if key in metrics:
+                    step[key.split("/", 1)[1]] = float(metrics[key])
+            if not self.buffer_dtypes:  # FSDP mixed precision casts buffers too (rotary inv_freq)
+                for name, buffer in trainer.strategy.model.named_buffers():
+                    if name.endswith("inv_freq"):
+                        self.buffer_dtypes[name] = str(buffer.dtype)
+            self.steps.append(step)
+            kind = "warm-up" if step["index"] < warmup else "timed"
+            extra = ""
+            if step.get("gen_s"):
+                train_s = step["step_s"] - step["gen_s"] - step["reward_s"]
+                extra = f", generate {step['gen_s']:.2f}s, reward {step['reward_s']:.2f}s, train {train_s:.2f}s"
+            log(f"{stage} step {step['index']} ({kind}): {step['step_s']:.2f}s{extra}")
+            if fail:
+                raise RuntimeError(f"injected failure after {stage} step 0 (GPU_STEP_FAIL_FIRST)")
+
+        def on_train_end(self, trainer, pl_module):
+            # Measured: drop the optimizer states, gradients and reference now, so that the strategy's teardown
+            # does not copy 45 GB of them to host memory (single-device teardown moves everything to the CPU).
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
+            pl_module.zero_grad(set_to_none=True)
+            if getattr(pl_module, "reference", None) is not None:
+                object.__setattr__(pl_module, "reference", None)
+                pl_module.bench_had_reference = True
+
+    return StepTimer()
+
+
+def instrument_rl(module, timer) -> None:
+    """Time the rollout engine's generate and the reward function, and keep what the FLOP model needs."""
+    engine, reward_fn = module.engine, module.reward_fn
+    generate = engine.generate
+
+    def timed_generate(policy, prompt, params, **kwargs):  # kwargs: RLModule's own, e.g. logprobs=
+        share = getattr(engine, "_can_share_prefill", None)
+        shared = bool(share is not None and not params.greedy and params.n > 1 and share(policy, prompt))
+        synchronize()
+        started = time.perf_counter()
+        samples = generate(policy, prompt, params, **kwargs)
+        synchronize()
+        step = timer.current
+        step["gen_s"] = step.get("gen_s", 0.0) + time.perf_counter() - started
+        n = params.n
+        counts = timer.current.get("image_counts") or None
+        prompt_lens = [int(x) for x in prompt["attention_mask"].sum(-1).tolist()]
+        grids = prompt["image_grid_thw"].tolist() if "image_grid_thw" in prompt else []
+        # images per prompt: the grids in order, image_counts[i] of them for prompt i
+        per_prompt, start = [], 0
+        for count in counts or [len(grids) // max(1, len(prompt_lens))] * len(prompt_lens):
+            per_prompt.append(grids[start : start + count])
+            start += count
+        row_prompt_lens = [p for p in prompt_lens for _ in range(n)]  # each prompt's figures once per sample
+        row_grids = [g for images in per_prompt for _ in range(n) for g in images]
+        response = samples.response_mask
+        step.update(
+            rows=int(response.shape[0]),
+            decode_steps=int(response.shape[1]),
+            response_tokens=int(response.sum()),
+            response_lens=[int(x) for x in response.sum(-1).tolist()],
+            prompt_lens=row_prompt_lens,
+            grids=row_grids,
+            finished=int(samples.finished.sum()),
+            shared_prefill=shared,
+            prefill_lens=prompt_lens if shared else row_prompt_lens,
+            prefill_grids=grids if shared else row_grids,
+        )
+        return samples
+
+    def timed_reward(texts, examples):
+        started = time.perf_counter()
+        out = reward_fn(texts, examples)
+        timer.current["reward_s"] = timer.current.get("reward_s", 0.0) + time.perf_counter() - started
+        return out
+
+    engine.generate = timed_generate
+    module.reward_fn = timed_reward
+
+
+def trainer_for(args, strategy_name: str, max_steps: int, callbacks: list, gradient_clip_val: float | None):
+    from lightning.pytorch import Trainer
+
+    if strategy_name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+
+        layers = {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
+        strategy = FSDPStrategy(
+            sharding_strategy="FULL_SHARD",
+            auto_wrap_policy=layers,
+            activation_checkpointing_policy=layers if args.checkpointing == "fsdp" else None,
+            state_dict_type="full",
+        )
+    else:
+        strategy = "auto"
+    return Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        strategy=strategy,
+        max_steps=max_steps,
+        max_epochs=-1,
+        gradient_clip_val=gradient_clip_val,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=str(Path(args.workdir) / "runs"),
+        deterministic=False,
+        benchmark=False,
+        use_distributed_sampler=False,
+    )
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    # The process group an FSDP attempt created stays: the next FSDP trainer reuses it (Lightning skips the
+    # init when one exists), and re-creating one in the same process can trip over the old store's port.
+
+
+def memory_figures() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
+    return {"peak_rss_gib_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def release(trainer, module) -> None:
+    """Drop what a failed attempt holds on the GPU (optimizer states, the reference, the wrapped model)."""
+    with contextlib.suppress(Exception):  # best effort
+        for optimizer in trainer.strategy.optimizers:
+            optimizer.state.clear()
+        trainer.strategy.optimizers = []
+    if getattr(module, "reference", None) is not None:
+        object.__setattr__(module, "reference", None)
+    with contextlib.suppress(Exception):
+        trainer.strategy.model = None
