@@ -136,7 +136,13 @@ def test_rl_and_opd_take_sharded_steps(tiny_model, demo_data, tmp_path):
     teacher = build_tiny_qwen2_5_vl(tmp_path / "teacher", seed=1, hidden_size=192)
     for name, extra in (
         # A random policy earns no demo reward (no update); the length reward differs within every group.
-        ("rl.yaml", {"loss": {"kl_mode": "loss", "kl_coef": 0.01}, "ppo_epochs": 2, "reward": "tests.test_rl.length_reward"}),
+        # With the other sharding options: HSDP (2 replicas of 1 shard), bf16 compute with fp32 reduction, activation
+        # checkpointing; the frozen reference model sharded alike.
+        ("rl.yaml", {
+            "loss": {"kl_mode": "loss", "kl_coef": 0.01}, "ppo_epochs": 2, "reward": "tests.test_rl.length_reward",
+            "gradient_checkpointing": True,
+            "fsdp": {"replicas": 2, "param_dtype": "bfloat16", "reduce_dtype": "float32"},
+        }),  # fmt: skip
         ("opd.yaml", {"teacher": {"model_name_or_path": str(teacher), "cache_dir": str(tmp_path / "cache")}}),
     ):
         run = tmp_path / name.removesuffix(".yaml")

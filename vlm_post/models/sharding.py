@@ -78,6 +78,11 @@ def shard_model(model: torch.nn.Module, mesh, config: FSDPConfig, frozen: bool =
         )
     dtype = lambda name: getattr(torch, name) if name else None  # noqa: E731
     offload = config.cpu_offload or (frozen and config.frozen == "offload")
+    if offload and mesh.device_type == "cpu":
+        raise ConfigError(
+            "model.fsdp: cpu_offload (or frozen: offload) keeps GPU shards in CPU memory; on CPU processes they "
+            "are there already: turn it off"
+        )
     options = dict(
         mesh=mesh,
         reshard_after_forward=config.reshard_after_forward or frozen,

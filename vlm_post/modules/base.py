@@ -149,6 +149,8 @@ class PolicyModule(LightningModule):
         if self.init_from:
             rank_zero_info(f"policy weights initialised from {self.init_from}")
         freeze_vision(policy, *self.freeze)
+        # Decided on the whole tensors: FSDP1 flattens parameters (a matrix shard looks 1-D to ndim).
+        self._no_decay = {f"policy.{name}" for name, p in policy.named_parameters() if p.ndim < 2}
         self.on_policy_loaded(policy)
         if self.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
@@ -219,15 +221,26 @@ class PolicyModule(LightningModule):
     # --- optimisation --------------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        params = [(_unwrapped_name(n), p) for n, p in self.named_parameters() if p.requires_grad]
+        no_decay = getattr(self, "_no_decay", None) or {n for n, p in params if p.ndim < 2}
         groups = [
-            {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": self.optim.weight_decay},
-            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
+            {"params": [p for n, p in params if n not in no_decay], "weight_decay": self.optim.weight_decay},
+            {"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0},  # biases, norms
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.optim, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP1 precision plugin refuses norm clipping (a per-rank norm would be wrong); the root
+            # FSDP module computes the global norm over all shards.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- evaluation ----------------------------------------------------------------------------------
 
@@ -371,6 +384,13 @@ class PolicyModule(LightningModule):
         (out / "summary.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
         print(format_table([{k: v for k, v in row.items() if k != "ci"} for row in rows]))
         rank_zero_info(f"evaluation written to {out}")
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name without the wrapper modules FSDP1 and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def rng_states() -> dict:

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from vlm_post.errors import ConfigError
 from vlm_post.models.sharding import local_tensor
 from vlm_post.modules.base import PolicyModule
 from vlm_post.rollout import SamplingParams
@@ -63,6 +64,18 @@ class OnPolicyModule(PolicyModule):
 
     def batch_parts(self, split: str) -> set[str]:
         return {"prompt"}
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # FSDP1 runs the whole training_step inside its root forward, and these modules step the optimizer
+            # (backward included) there themselves, which FSDP1 does not allow.
+            raise ConfigError(
+                f"{type(self).__name__} cannot train under trainer.strategy FSDPStrategy (FSDP1); use "
+                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2, configured by model.fsdp), as "
+                "configs/geo3k/rl_qwen2_5_vl_7b.yaml does"
+            )
 
     def single_update(self, epochs: int, num_prompts: int) -> bool:
         """One optimizer step per batch of samples: training is exactly on-policy (ratio 1)."""
