@@ -78,7 +78,10 @@ def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
         config["data"]["eval_batch_size"] = 4 if label == "fsdp" else 8
         config["model"]["init_args"]["val"]["n"] = 4  # samples too: mean@n, pass@k, entropy, diversity
         config["model"]["init_args"]["val"]["top_k"] = 1  # deterministic samples: the same on any rank
-        config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(runs[label])}}
+        config["trainer"]["logger"] = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(runs[label])},
+        }
         fit(config, root / f"{label}.yaml")
     runs["resumed"] = root / "resumed"
     config = demo_config("sft_fsdp.yaml", tiny_model, demo_data, runs["resumed"], max_steps=2, val_check_interval=2)
@@ -90,7 +93,8 @@ def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
 
 
 def validation_metrics(run: Path) -> dict[str, float]:
-    rows = list(csv.DictReader(open(next(run.rglob("metrics.csv")))))
+    with open(next(run.rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
     logged = [row for row in rows if row.get("val/demo_val/accuracy")]
     assert len(logged) == 1, logged
     return {key: float(value) for key, value in logged[0].items() if key.startswith("val/") and value}
@@ -102,7 +106,9 @@ def test_sharded_sft_takes_the_single_process_steps(sft_runs):
     the filler is left out)."""
     assert_same_weights(exported(sft_runs["fsdp"]), exported(sft_runs["single"]), rtol=1e-4, atol=1e-5)
     single, sharded = validation_metrics(sft_runs["single"]), validation_metrics(sft_runs["fsdp"])
-    assert {"val/demo_val/loss", "val/demo_val/response_length", "val/demo_val/entropy", "val/demo_val/pass@4"} <= set(single)
+    assert {"val/demo_val/loss", "val/demo_val/response_length", "val/demo_val/entropy", "val/demo_val/pass@4"} <= set(
+        single
+    )
     assert single.keys() == sharded.keys()
     for key in single:
         assert sharded[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
@@ -138,11 +144,16 @@ def test_rl_and_opd_take_sharded_steps(tiny_model, demo_data, tmp_path):
         # A random policy earns no demo reward (no update); the length reward differs within every group.
         # With the other sharding options: HSDP (2 replicas of 1 shard), bf16 compute with fp32 reduction, activation
         # checkpointing; the frozen reference model sharded alike.
-        ("rl.yaml", {
-            "loss": {"kl_mode": "loss", "kl_coef": 0.01}, "ppo_epochs": 2, "reward": "tests.test_rl.length_reward",
-            "gradient_checkpointing": True,
-            "fsdp": {"replicas": 2, "param_dtype": "bfloat16", "reduce_dtype": "float32"},
-        }),  # fmt: skip
+        (
+            "rl.yaml",
+            {
+                "loss": {"kl_mode": "loss", "kl_coef": 0.01},
+                "ppo_epochs": 2,
+                "reward": "tests.test_rl.length_reward",
+                "gradient_checkpointing": True,
+                "fsdp": {"replicas": 2, "param_dtype": "bfloat16", "reduce_dtype": "float32"},
+            },
+        ),
         ("opd.yaml", {"teacher": {"model_name_or_path": str(teacher), "cache_dir": str(tmp_path / "cache")}}),
     ):
         run = tmp_path / name.removesuffix(".yaml")

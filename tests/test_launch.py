@@ -32,7 +32,9 @@ def _config(tiny_model: Path, demo_data: Path, run: Path) -> Path:
     config["data"]["train"]["path"] = str(demo_data / "train.parquet")
     config["data"]["val"] = [{"name": "demo_val", "path": str(demo_data / "validation.parquet"), "limit": 4}]
     config["trainer"].update(default_root_dir=str(run), max_steps=1, val_check_interval=1)
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "EarlyStopping" not in c["class_path"]]
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if "EarlyStopping" not in c["class_path"]
+    ]
     path = run.parent / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -80,8 +82,14 @@ def test_slurm_launch(tiny_model, demo_data, tmp_path):
             "MASTER_PORT": port,
         }
         processes.append(
-            subprocess.Popen([VLM_POST, "fit", "--config", str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            subprocess.Popen(
+                [VLM_POST, "fit", "--config", str(config)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         )
     outputs = [process.communicate(timeout=600)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)

@@ -10,8 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.models.export import export_hf
-from vlm_post.models.sharding import full_state_dict, is_sharded
 from vlm_post.models.init_from import load_policy_state, policy_state_from_checkpoint
+from vlm_post.models.sharding import full_state_dict, is_sharded
 
 
 class HFExport(Callback):

@@ -12,6 +12,7 @@ data can never disagree on the tokenizer or the chat template.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
@@ -70,8 +71,11 @@ class ExampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def __iter__(self) -> Iterator[Example]:  # the examples once (indexing past the end gives fillers)
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i: int) -> Example:
-        if i >= len(self):  # an EvalShardSampler filler: a copy of problem i - len that nothing counts
+        if len(self) <= i < 2 * len(self):  # an EvalShardSampler filler: a copy of problem i - len, counted nowhere
             example = self._example(self.indices[i - len(self)])
             example.is_padding = True
             return example

@@ -62,4 +62,4 @@ class EvalShardSampler(DistributedSampler):
         return iter(mine + fillers)
 
     def __len__(self) -> int:
-        return -(-self.size // self.num_replicas)
+        return (self.size + self.num_replicas - 1) // self.num_replicas

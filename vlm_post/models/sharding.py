@@ -76,7 +76,7 @@ def shard_model(model: torch.nn.Module, mesh, config: FSDPConfig, frozen: bool =
         raise ConfigError(
             f"{type(model).__name__} names no transformer blocks (_no_split_modules): FSDP has nothing to shard per layer"
         )
-    dtype = lambda name: getattr(torch, name) if name else None  # noqa: E731
+    dtype = lambda name: getattr(torch, name) if name else None
     offload = config.cpu_offload or (frozen and config.frozen == "offload")
     if offload and mesh.device_type == "cpu":
         raise ConfigError(
@@ -123,7 +123,13 @@ def as_root_forward(model: torch.nn.Module, compute: Callable, *args, **kwargs):
     """
     if not is_sharded(model):
         return compute(*args, **kwargs)
-    model.forward = compute  # an instance attribute, looked up before the class's forward
+    def forward(*args, **kwargs):
+        out = compute(*args, **kwargs)
+        # FSDP2 hooks the root's outputs for backward; an in-place op on a view would drop the hook, so a view
+        # (a slice of the hidden states) is handed out as a tensor of its own.
+        return out.clone() if isinstance(out, torch.Tensor) and out._base is not None else out
+
+    model.forward = forward  # an instance attribute, looked up before the class's forward
     try:
         return model(*args, **kwargs)
     finally:

@@ -34,7 +34,6 @@ from vlm_post.models.init_from import (
     load_policy_state,
     policy_state_from_checkpoint,
 )
-from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, is_sharded, shard_model
 from vlm_post.models.loading import (
     Dtype,
     check_image_text_to_text,
@@ -43,6 +42,7 @@ from vlm_post.models.loading import (
     load_processor,
     resolve_model_path,
 )
+from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, is_sharded, shard_model
 from vlm_post.modules.evaluation import EvalConfig, evaluate_batch
 from vlm_post.rewards import grading_stats
 from vlm_post.rollout import HFGenerateEngine
@@ -326,8 +326,7 @@ class PolicyModule(LightningModule):
         if self.trainer.is_global_zero:
             out = self._output_dir()
             with open(out / "predictions.jsonl", "w") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row) + "\n")
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
             rank_zero_info(f"predictions written to {out / 'predictions.jsonl'}")
 
     def _output_dir(self) -> Path:
@@ -378,8 +377,7 @@ class PolicyModule(LightningModule):
         out = self._output_dir()
         for name, problem_rows in records.items():
             with open(out / f"{name}.jsonl", "w") as handle:
-                for row in problem_rows:
-                    handle.write(json.dumps(row) + "\n")
+                handle.writelines(json.dumps(row) + "\n" for row in problem_rows)
         meta = {"model": self.init_from or self.model_path, "global_step": self.global_step, "eval": asdict(config)}
         (out / "summary.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
         print(format_table([{k: v for k, v in row.items() if k != "ci"} for row in rows]))
@@ -416,7 +414,7 @@ def confidence_intervals(records: list[dict], config: EvalConfig) -> dict[str, t
     """Problem-level bootstrap intervals for accuracy (and mean@n) and each pass@k."""
     if not records:
         return {}
-    ci = lambda values: bootstrap_ci(values, config.bootstrap_resamples, config.confidence, config.seed)  # noqa: E731
+    ci = lambda values: bootstrap_ci(values, config.bootstrap_resamples, config.confidence, config.seed)
     out = {}
     if config.greedy:
         out["accuracy"] = ci(torch.tensor([float(r["greedy_correct"]) for r in records]))
@@ -437,5 +435,5 @@ def format_table(rows: list[dict]) -> str:
     columns = list(rows[0])
     cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells])

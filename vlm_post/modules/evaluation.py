@@ -90,7 +90,7 @@ class BatchEvaluation:
         """Only the given problems (e.g. without an evaluation sampler's fillers)."""
         n = self.sample_lengths.shape[1] if self.sample_lengths.ndim == 2 else 0
         rows = [problem * n + j for problem in problems for j in range(n)]
-        pick = lambda values: [values[i] for i in problems] if values is not None else None  # noqa: E731
+        pick = lambda values: [values[i] for i in problems] if values is not None else None
         return BatchEvaluation(
             pick(self.greedy_texts),
             pick(self.greedy_graded),

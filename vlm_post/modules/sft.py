@@ -17,7 +17,6 @@ The best weights are exported in HF format to ``<trainer.default_root_dir>/expor
 from __future__ import annotations
 
 import torch
-
 from torchmetrics import MeanMetric
 
 from vlm_post.losses import sft_cross_entropy

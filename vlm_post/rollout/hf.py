@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from vlm_post.models.forward import PER_TOKEN_KEYS, SHARED_PREFILL_MODEL_TYPES

@@ -22,8 +22,8 @@ import torch
 from vlm_post.errors import ConfigError
 from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE
 from vlm_post.models.forward import response_hidden_states
-from vlm_post.models.sharding import is_sharded
 from vlm_post.models.loading import Dtype, check_image_text_to_text, load_policy, load_processor, resolve_model_path
+from vlm_post.models.sharding import is_sharded
 
 # Image preprocessing settings that change the pixel rows or the number of image tokens.
 _IMAGE_SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
