@@ -1,7 +1,8 @@
-"""The GPU check's Lightning pieces (bench/gpu_step.py): the trainer, the FSDP workarounds, the step timer.
+"""The GPU check's Lightning pieces (bench/gpu_step.py): the strategies and precisions, the trainer, the step timer.
 
-Two things in Lightning's FSDP would stop vlm_post before anything is measured; ``bench_modules`` works around
-them outside vlm_post (see gpu_step.py's docstring). The step timer synchronises the GPU before every reading.
+Strategies by name: ``fsdp2`` is Lightning's ModelParallelStrategy (vlm_post shards the models with FSDP2 in
+``configure_model``, as ``model.fsdp`` says), ``fsdp1`` Lightning's FSDPStrategy (SFT only: RLModule refuses it),
+``single`` one device (Lightning's "auto"). The step timer synchronises the GPU before every reading.
 """
 
 from __future__ import annotations
@@ -14,66 +15,49 @@ from pathlib import Path
 
 from _gpu_log import log
 
-
-def fsdp_root(module):
-    """The FSDP-wrapped root when the run uses FSDP (Lightning wraps the whole LightningModule), else None."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    model = module.trainer.strategy.model
-    return model if isinstance(model, FullyShardedDataParallel) else None
+STRATEGIES = ("fsdp2", "fsdp1", "single")
 
 
-def fix_device(module) -> None:
-    """Under FSDP Lightning never updates ``LightningModule.device`` (FSDP moves the parameters itself, not
-    through ``Module.to``), so it stays ``cpu``; RLModule uses ``self.device`` for the reference model and the
-    rewards. Set it to the strategy's device, as single-device training has it."""
-    from lightning.fabric.utilities.device_dtype_mixin import _update_properties
-
-    root_device = module.trainer.strategy.root_device
-    if module.device != root_device:
-        strategy = type(module.trainer.strategy).__name__
-        note = f"LightningModule.device was {module.device} under {strategy}: set to {root_device}"
-        module.bench_workarounds.append(note)
-        log(f"workaround: {note}")
-        _update_properties(module, device=root_device)
+def precision_for(args, strategy_name: str) -> str:
+    """``--precision`` if given; else 32-true under FSDP2 (its MixedPrecisionPolicy casts to bf16, as
+    configs/geo3k do), bf16-mixed on a GPU under FSDP1 or on a single device, 32-true on a CPU."""
+    if args.precision:
+        return args.precision
+    if strategy_name == "fsdp2" or args.accelerator != "gpu":
+        return "32-true"
+    return "bf16-mixed"
 
 
-def bench_modules(lightning_clip: bool, lightning_device: bool):
-    """SFTModule / RLModule with two FSDP workarounds (see gpu_step.py's docstring): gradient clipping by norm
-    through the FSDP root, and a correct ``self.device``. Both are no-ops on a single device."""
-    from vlm_post.modules.rl import RLModule
-    from vlm_post.modules.sft import SFTModule
+def fsdp_config(args):
+    """``model.fsdp`` for the modules (read only under ModelParallelStrategy), as configs/geo3k/rl_qwen2_5_vl_7b.yaml."""
+    from vlm_post.models.sharding import FSDPConfig
 
-    def clip(module, gradient_clip_val) -> bool:
-        root = None if lightning_clip else fsdp_root(module)
-        if root is None or not gradient_clip_val:
-            return False
-        if not module.bench_workarounds or "clip" not in module.bench_workarounds[-1]:
-            module.bench_workarounds.append("gradient clipping by norm through the FSDP root's clip_grad_norm_")
-        root.clip_grad_norm_(gradient_clip_val)
-        return True
+    param_dtype, reduce_dtype = (
+        None if name == "none" else name for name in (args.fsdp_param_dtype, args.fsdp_reduce_dtype)
+    )
+    return FSDPConfig(reshard_after_forward=True, param_dtype=param_dtype, reduce_dtype=reduce_dtype, frozen="shard")
 
-    class FixedDevice:
-        """Mixed in before the module: ``self.device`` fixed before the module's own on_fit_start uses it."""
 
-        bench_workarounds: list
+def strategy_for(args, strategy_name: str):
+    """The Lightning strategy of a name in STRATEGIES, for one device."""
+    if strategy_name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        def on_fit_start(self) -> None:
-            if not lightning_device:
-                fix_device(self)
-            super().on_fit_start()  # RLModule moves the reference model to self.device
+        # One process: Lightning initialises the process group itself (nccl on a GPU, gloo on a CPU) and builds
+        # a one-rank mesh of the accelerator's device type.
+        return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    if strategy_name == "fsdp1":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
-    class BenchSFT(FixedDevice, SFTModule):
-        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-            if not clip(self, gradient_clip_val):
-                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    class BenchRL(FixedDevice, RLModule):
-        def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-            if not clip(self, gradient_clip_val):
-                super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    return BenchSFT, BenchRL
+        layers = {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
+        return FSDPStrategy(
+            sharding_strategy="FULL_SHARD",
+            auto_wrap_policy=layers,
+            activation_checkpointing_policy=layers if args.checkpointing == "fsdp1" else None,
+            state_dict_type="full",
+        )
+    return "auto"
 
 
 def synchronize() -> None:
@@ -95,6 +79,21 @@ def make_timer(stage: str, warmup: int, image_token_id: int, fail: bool = False)
             self.current: dict = {}
             self.first_batch_at: float | None = None
             self.buffer_dtypes: dict[str, str] = {}
+            self.placement: dict = {}
+
+        def on_train_start(self, trainer, pl_module):
+            # Where the strategy put things: RLModule puts rewards and masks on ``self.device`` (FSDP1 leaves it at
+            # cpu, ModelParallelStrategy and a single device set it); FSDP2 keeps the master weights in
+            # ``dtype`` and casts to ``fsdp.param_dtype`` per forward.
+            param = next(pl_module.policy.parameters(), None)
+            self.placement = {
+                "module_device": str(pl_module.device),
+                "root_device": str(trainer.strategy.root_device),
+                "sharded_fsdp2": bool(getattr(pl_module, "sharded", False)),
+                "param_type": type(param).__name__,
+                "master_dtype": str(getattr(param, "dtype", None)),
+            }
+            log(f"{stage}: placement {self.placement}")
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             synchronize()
@@ -124,7 +123,7 @@ def make_timer(stage: str, warmup: int, image_token_id: int, fail: bool = False)
             for key in ("train/loss", "train/reward_mean", "train/kl", "train/entropy", "train/skipped_steps"):
                 if key in metrics:
                     step[key.split("/", 1)[1]] = float(metrics[key])
-            if not self.buffer_dtypes:  # FSDP mixed precision casts buffers too (rotary inv_freq)
+            if not self.buffer_dtypes:  # FSDP1's mixed precision casts buffers too (rotary inv_freq); FSDP2's does not
                 for name, buffer in trainer.strategy.model.named_buffers():
                     if name.endswith("inv_freq"):
                         self.buffer_dtypes[name] = str(buffer.dtype)
@@ -201,27 +200,16 @@ def instrument_rl(module, timer) -> None:
     module.reward_fn = timed_reward
 
 
-def trainer_for(args, strategy_name: str, max_steps: int, callbacks: list, gradient_clip_val: float | None):
+def trainer_for(
+    args, strategy_name: str, precision: str, max_steps: int, callbacks: list, gradient_clip_val: float | None
+):
     from lightning.pytorch import Trainer
 
-    if strategy_name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
-
-        layers = {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
-        strategy = FSDPStrategy(
-            sharding_strategy="FULL_SHARD",
-            auto_wrap_policy=layers,
-            activation_checkpointing_policy=layers if args.checkpointing == "fsdp" else None,
-            state_dict_type="full",
-        )
-    else:
-        strategy = "auto"
     return Trainer(
         accelerator=args.accelerator,
         devices=1,
-        precision=args.precision,
-        strategy=strategy,
+        precision=precision,
+        strategy=strategy_for(args, strategy_name),
         max_steps=max_steps,
         max_epochs=-1,
         gradient_clip_val=gradient_clip_val,

@@ -12,33 +12,34 @@ What runs (all through the project's own code, nothing re-implemented):
      (``max_target_tokens`` = seq-len - prompt length); images are resized by the data module
      (min_pixels = max_pixels = image-size^2: 448x448 -> 1024 patches -> 256 image tokens);
   3. SFTModule, then RLModule (GRPO, KL as a loss against a frozen reference, MathReward), each under a
-     Lightning Trainer: accelerator gpu, 1 device, precision bf16-mixed, FSDPStrategy (FULL_SHARD, auto-wrap
-     on Qwen2_5_VLDecoderLayer and Qwen2_5_VLVisionBlock, as configs/geo3k/*.yaml), gradient checkpointing.
-     If a stage fails under FSDP, the error is logged (and kept in the JSON) and the stage is re-run on a
-     single device (strategy "auto"), so the figures still come back.
+     Lightning Trainer on 1 device, set up as configs/geo3k/rl_qwen2_5_vl_7b.yaml runs: strategy
+     ModelParallelStrategy (data_parallel_size 1, tensor_parallel_size 1), where vlm_post's configure_model
+     applies FSDP2 (``fully_shard`` on each Qwen2_5_VLDecoderLayer and Qwen2_5_VLVisionBlock, then the whole
+     model; the reference model sharded the same way) with ``model.fsdp`` = FSDPConfig(param_dtype
+     bfloat16, reduce_dtype float32), precision 32-true, ``model.dtype`` float32, gradient checkpointing
+     (``model.gradient_checkpointing``), norm clipping at 1.0 (SFT trainer.gradient_clip_val, RL
+     model.grad_clip). Lightning creates the one-rank process group itself (nccl on a GPU, gloo on a CPU).
+     If a stage fails, the error is logged (and kept in the JSON, traceback included) and the stage is re-run
+     on a single device (strategy "auto", bf16-mixed on a GPU), so the figures still come back.
+     ``--strategy fsdp1`` measures SFT under Lightning's FSDPStrategy instead (FULL_SHARD, auto-wrap on the
+     same blocks, bf16-mixed, as configs/geo3k/sft_qwen2_5_vl_7b.yaml; RL then stays on fsdp2, since
+     RLModule refuses FSDP1); ``--strategy single`` measures both on one device without FSDP.
 
-Precision: bf16-mixed, with fp32 parameters (``model.dtype: float32``), as configs/geo3k use. A real run
-trains at lr 1e-6..1e-5: an AdamW update is ~lr relative to a weight, far below bf16's resolution
-(2^-8 = 0.4% relative), so with bf16-true most updates round to nothing; bf16-mixed keeps fp32 master
-weights and fp32 Adam state and runs the matmuls in bf16 (FSDP MixedPrecision / autocast). The cost is
-memory (16 bytes/param of states: 60 GB at 3.75B) and a weight cast per forward, both measured here.
-``--precision bf16-true`` measures the other choice.
+Precision: bf16 compute over fp32 weights, as configs/geo3k use. A real run trains at lr 1e-6..1e-5: an AdamW
+update is ~lr relative to a weight, far below bf16's resolution (2^-8 = 0.4% relative), so with bf16-true most
+updates round to nothing. Under FSDP2 the master weights and the Adam state stay fp32 (``model.dtype:
+float32``, Lightning precision 32-true) and FSDP2's MixedPrecisionPolicy gathers each block's parameters in
+bf16 for forward and backward and reduces the gradients in fp32 (``--fsdp-param-dtype``,
+``--fsdp-reduce-dtype``); under FSDP1 and on a single device Lightning's bf16-mixed does the same (FSDP
+MixedPrecision / autocast). The cost is memory (16 bytes/param of states: 60 GB at 3.75B) and a weight cast
+per forward, both measured here. ``--precision bf16-true`` measures the other choice (``model.dtype``
+bfloat16).
 
-Two things in Lightning's FSDP would stop vlm_post before anything is measured; BenchSFT / BenchRL
-(bench/_gpu_lightning.py) work around them outside vlm_post (no-ops on a single device; each use is recorded
-in the JSON):
-  - Lightning's FSDP does not clip gradients by norm (FSDPPrecision.clip_grad_by_norm raises), which both
-    real configs ask for (SFT trainer.gradient_clip_val 1.0, RL model.grad_clip 1.0): clip through the FSDP
-    root's own ``clip_grad_norm_`` instead (``--lightning-clip`` keeps Lightning's path, to see the error);
-  - ``LightningModule.device`` stays ``cpu`` under FSDP (FSDP moves parameters itself, never through
-    ``Module.to``), and RLModule puts the reference model and the rewards on ``self.device``: set it to the
-    GPU in on_fit_start (``--lightning-device`` keeps Lightning's value).
-RL under Lightning's FSDP is expected to fail even so: Lightning runs training_step inside the root FSDP
-unit's forward, and RLModule calls manual_backward there, before that forward returns; FSDP1 then finds the
-root's parameters (embedding/head, norms, vision patch embedding and merger) still in their forward state
-and asserts. The error is logged and the stage re-runs on one device; the JSON keeps the traceback.
-On one device FULL_SHARD falls back to NO_SHARD (torch does it), so FSDP figures show the wrapper's
-overhead (per-layer hooks, parameter casts), not sharding.
+On one device there is nothing to shard: FSDP2's mesh has one rank (each block's all-gather is a copy and
+the bf16 cast) and FSDP1's FULL_SHARD falls back to NO_SHARD (torch does it), so these figures show the
+wrappers' overhead (per-block hooks, gathers, parameter casts), not sharding. Each stage's JSON records where
+the strategy put things (``module_device``, ``root_device``, ``sharded_fsdp2``, the master weights' type
+and dtype).
 
 Measured per stage (steps after ``--warmup`` warm-up steps; every time is taken after
 torch.cuda.synchronize):
@@ -74,7 +75,9 @@ FLOP model (multiply-add = 2 FLOPs; counts from the built model's parameters):
 
 Run on the GPU machine (bench/gpu_check.sh does it under a timeout, with the wheels it needs):
     python3 bench/gpu_step.py --size 3b --out $OUT/gpu_step.json --workdir /tmp/gpu
-Test the same code path on a CPU (about a minute at --size tiny: a narrow model, the real vocabulary):
+Test the same code path on a CPU (--size tiny: a narrow model, the real vocabulary; the same FSDP2 path over a
+one-rank gloo group; about 3.5 minutes on one thread, as bf16 matmuls are ~10x slower than fp32 on a CPU without
+bf16 instructions; ``--fsdp-param-dtype none`` computes in fp32, about a minute):
     OMP_NUM_THREADS=1 .venv/bin/python bench/gpu_step.py --size tiny --out /tmp/gpu_step.json --workdir /tmp/gpu_tiny
 The last line reads ``sft_tokens_per_s=... sft_mfu=... rl_step_s=... rl_gen_frac=... rl_mfu=...``.
 """
@@ -82,7 +85,6 @@ The last line reads ``sft_tokens_per_s=... sft_mfu=... rl_step_s=... rl_gen_frac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -90,6 +92,7 @@ import platform
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,11 +111,13 @@ if str(REPO) not in sys.path:
 from _gpu_data import datamodule, prompt_length, write_data
 from _gpu_figures import FlopModel, print_table, summarise
 from _gpu_lightning import (
-    bench_modules,
+    STRATEGIES,
     free_memory,
+    fsdp_config,
     instrument_rl,
     make_timer,
     memory_figures,
+    precision_for,
     release,
     synchronize,
     trainer_for,
@@ -167,31 +172,34 @@ def run_stage(
     from lightning.pytorch import seed_everything
 
     from vlm_post.losses import GRPOLossConfig
+    from vlm_post.modules import RLModule, SFTModule
     from vlm_post.modules.base import OptimConfig
     from vlm_post.rollout import SamplingParams
 
     seed_everything(args.seed, workers=False, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    BenchSFT, BenchRL = bench_modules(args.lightning_clip, args.lightning_device)
+    precision = precision_for(args, strategy_name)
+    fsdp = fsdp_config(args)  # read by the modules only under ModelParallelStrategy (fsdp2)
     common = {
         "model_name_or_path": str(model_dir),
-        "dtype": "bfloat16" if args.precision == "bf16-true" else "float32",
+        "dtype": "bfloat16" if precision == "bf16-true" else "float32",
         "attn_implementation": "sdpa",
         "gradient_checkpointing": args.checkpointing == "hf",
         "logprob_chunk_size": 1024,
+        "fsdp": fsdp,
     }
     started = time.perf_counter()
     if stage == "sft":
         warmup, steps = args.warmup, args.steps
         timer = make_timer("sft", warmup, ids["image_token_id"], fail)
-        module = BenchSFT(**common, optim=OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, schedule="constant"))
+        module = SFTModule(**common, optim=OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, schedule="constant"))
         dm = datamodule(args, data_path, args.batch_size, max_target_tokens=extra["max_target_tokens"])
         clip = 1.0
     else:
         warmup, steps = args.rl_warmup, args.rl_steps
         timer = make_timer("rl", warmup, ids["image_token_id"], fail)
-        module = BenchRL(
+        module = RLModule(
             **common,
             optim=OptimConfig(lr=1e-6, weight_decay=1e-2, warmup_steps=0, schedule="constant"),
             rollout=SamplingParams(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens),
@@ -204,14 +212,12 @@ def run_stage(
         instrument_rl(module, timer)
         dm = datamodule(args, data_path, args.rl_batch_size)
         clip = None  # RL steps the optimizer itself and clips with model.grad_clip
-    module.bench_workarounds = []
-    log(f"{stage}: strategy {strategy_name}, precision {args.precision}, {warmup} warm-up + {steps} timed steps")
-    trainer = trainer_for(args, strategy_name, warmup + steps, [timer], clip)
+    fsdp_note = f" (fsdp {asdict(fsdp)})" if strategy_name == "fsdp2" else ""
+    log(f"{stage}: strategy {strategy_name}{fsdp_note}, precision {precision}, {warmup} warm-up + {steps} timed steps")
+    trainer = trainer_for(args, strategy_name, precision, warmup + steps, [timer], clip)
     try:
         trainer.fit(module, datamodule=dm)
-    except BaseException as exc:
-        with contextlib.suppress(Exception):  # some exception types take no attributes
-            exc.bench_workarounds = list(module.bench_workarounds)  # kept in the attempt's record
+    except BaseException:
         release(trainer, module)
         raise
     synchronize()
@@ -219,12 +225,13 @@ def run_stage(
     figures = summarise(stage, timer, warmup, flops, module, args)
     figures.update(
         strategy=strategy_name,
-        precision=args.precision,
+        precision=precision,
+        fsdp=asdict(fsdp) if strategy_name == "fsdp2" else None,
         checkpointing=args.checkpointing,
         stage_total_s=total_s,
         setup_s=(timer.first_batch_at or time.perf_counter()) - started,
         buffer_dtypes=timer.buffer_dtypes,
-        workarounds=sorted(set(module.bench_workarounds)),
+        **timer.placement,
         **memory_figures(),
     )
     if stage == "rl":
@@ -274,21 +281,38 @@ def main() -> int:
     parser.add_argument(
         "--kl-mode", choices=["loss", "off"], default="loss", help="loss: with a frozen reference model"
     )
-    parser.add_argument("--precision", help="default bf16-mixed on GPU, 32-true on CPU")
-    parser.add_argument("--strategy", choices=["fsdp", "single"], help="first try; default fsdp on GPU, single on CPU")
-    parser.add_argument("--rl-strategy", choices=["fsdp", "single"], help="first try for RL (default: --strategy)")
+    parser.add_argument(
+        "--precision", help="all attempts (default: 32-true under fsdp2, else bf16-mixed on GPU, 32-true on CPU)"
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="fsdp2",
+        help="first try: fsdp2 (ModelParallelStrategy + model.fsdp, default), fsdp1 (FSDPStrategy), single",
+    )
+    parser.add_argument(
+        "--rl-strategy",
+        choices=[s for s in STRATEGIES if s != "fsdp1"],  # RLModule refuses FSDP1
+        help="first try for RL (default: --strategy; fsdp2 when that is fsdp1)",
+    )
+    parser.add_argument(
+        "--fsdp-param-dtype",
+        choices=["bfloat16", "float32", "float16", "none"],
+        default="bfloat16",
+        help="fsdp2: model.fsdp.param_dtype, the compute dtype over the fp32 master weights (none: as stored)",
+    )
+    parser.add_argument(
+        "--fsdp-reduce-dtype",
+        choices=["float32", "bfloat16", "none"],
+        default="float32",
+        help="fsdp2: model.fsdp.reduce_dtype, the gradient reduction dtype (none: param dtype)",
+    )
     parser.add_argument("--no-fallback", action="store_true", help="do not re-run a failed stage on a single device")
     parser.add_argument(
         "--checkpointing",
-        choices=["hf", "fsdp", "off"],
+        choices=["hf", "fsdp1", "off"],
         default="hf",
-        help="activation checkpointing: the module's (HF layers), Lightning FSDP's, or none",
-    )
-    parser.add_argument("--lightning-clip", action="store_true", help="under FSDP, clip through Lightning (raises)")
-    parser.add_argument(
-        "--lightning-device",
-        action="store_true",
-        help="under FSDP, keep Lightning's LightningModule.device (cpu) instead of fixing it",
+        help="activation checkpointing: the module's (model.gradient_checkpointing), Lightning FSDP1's, or none",
     )
     parser.add_argument("--stages", default="sft,rl")
     parser.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto")
@@ -310,9 +334,12 @@ def main() -> int:
     args.accelerator = (
         "gpu" if (args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
     )
-    args.precision = args.precision or ("bf16-mixed" if args.accelerator == "gpu" else "32-true")
-    args.strategy = args.strategy or ("fsdp" if args.accelerator == "gpu" else "single")
-    args.rl_strategy = args.rl_strategy or args.strategy
+    args.rl_strategy = args.rl_strategy or ("fsdp2" if args.strategy == "fsdp1" else args.strategy)
+    firsts = {"sft": args.strategy, "rl": args.rl_strategy}
+    if unknown := [s for s in args.stages.split(",") if s and s not in firsts]:
+        raise SystemExit(f"--stages: unknown {unknown}; choose from sft, rl")
+    if args.checkpointing == "fsdp1" and any(firsts.get(s) != "fsdp1" for s in args.stages.split(",") if s):
+        raise SystemExit("--checkpointing fsdp1 needs --strategy fsdp1 and --stages sft (RL refuses FSDP1)")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out) if args.out else None
@@ -326,8 +353,8 @@ def main() -> int:
 
     log(f"environment: {json.dumps(report['environment'])}")
     log(
-        f"settings: size {args.size}, accelerator {args.accelerator}, precision {args.precision}, "
-        f"strategy {args.strategy}"
+        f"settings: size {args.size}, accelerator {args.accelerator}, strategy {args.strategy} (RL "
+        f"{args.rl_strategy}), precision {precision_for(args, args.strategy)}"
     )
     save()
 
@@ -367,7 +394,7 @@ def main() -> int:
     save()
 
     for stage in stages:
-        first = args.strategy if stage == "sft" else args.rl_strategy
+        first = firsts[stage]
         injected = stage in os.environ.get("GPU_STEP_FAIL_FIRST", "").split(",")  # test hook: fail, then fall back
         attempts = [first] + ([] if args.no_fallback or (first == "single" and not injected) else ["single"])
         report[stage] = {"attempts": []}
@@ -387,7 +414,6 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - any failure is a finding: log it, keep going
                 error = f"{type(exc).__name__}: {exc}"
                 attempt.update(ok=False, error=error, traceback=traceback.format_exc(limit=30))
-                attempt["workarounds"] = sorted(set(getattr(exc, "bench_workarounds", [])))
                 del exc
             if error is None:
                 attempt.update(ok=True)
