@@ -82,3 +82,18 @@ def test_prompts_with_the_same_text_and_other_images_are_not_shared(teacher, pro
     batch = Collator(processor)(examples(demo_data, 4))
     assert len(set(Collator(processor).prompt_texts(batch["examples"]))) == 1
     assert prompt_groups(teacher.model, batch["prompt"], batch["prompt"]["input_ids"].shape[1]) is None
+
+
+def test_topk_logprobs_equal_the_full_log_softmax():
+    """Chunked (3 tokens a chunk) with the normaliser taken in place: the full log-softmax's top-k and targets."""
+    from vlm_post.teacher.scoring import topk_logprobs
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 16), torch.randn(50, 16)
+    targets = torch.randint(0, 50, (10,))
+    ids, values, sampled = topk_logprobs(hidden, weight, targets, k=5, chunk_size=3)
+    full = torch.log_softmax(hidden @ weight.t(), dim=-1)
+    top = full.topk(5, dim=-1)
+    assert ids.dtype == torch.int32 and torch.equal(ids.long(), top.indices)
+    torch.testing.assert_close(values, top.values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sampled, full.gather(-1, targets[:, None]).squeeze(-1), rtol=1e-5, atol=1e-5)

@@ -35,7 +35,8 @@ def topk_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids (int32, [N, k]), their log-probs and the targets' log-probs (fp32) from hidden states [N, H].
 
-    Chunked over tokens, like the training losses: one chunk's fp32 logits at a time.
+    Chunked over tokens, like the training losses: one chunk's fp32 logits at a time, and no second tensor of
+    that size (the ids and values are read off the raw logits, then the normaliser is taken in place).
     """
     if not 1 <= k <= weight.shape[0]:
         raise ValueError(f"top_k must be in [1, {weight.shape[0]}] (the vocabulary), got {k}")
@@ -44,10 +45,14 @@ def topk_logprobs(
     sampled = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(hidden.shape[0], start + chunk_size)
-        logprobs = torch.log_softmax((hidden[start:end] @ weight.t()).float(), dim=-1)
-        top = logprobs.topk(k, dim=-1)
-        ids[start:end], values[start:end] = top.indices.to(torch.int32), top.values
-        sampled[start:end] = logprobs.gather(-1, targets[start:end, None].long()).squeeze(-1)
+        logits = (hidden[start:end] @ weight.t()).float()
+        top = logits.topk(k, dim=-1)
+        picked = logits.gather(-1, targets[start:end, None].long()).squeeze(-1)
+        peak = logits.amax(-1, keepdim=True)
+        normaliser = logits.sub_(peak).exp_().sum(-1).log_() + peak.squeeze(-1)  # logsumexp, in place
+        ids[start:end] = top.indices.to(torch.int32)
+        values[start:end] = top.values - normaliser[:, None]
+        sampled[start:end] = picked - normaliser
     return ids, values, sampled
 
 

@@ -1,0 +1,107 @@
+"""The naive baseline of bench/memory.py: vlm_post's modules with the full-logits head a straightforward version has.
+
+Each class changes only where log-probs, entropies and top-k scores come from: the model's own forward
+(``model(**inputs).logits``, [rows, T, V] in fp32, every position of every row, each row with its own copy
+of its prompt and image), then ``log_softmax`` over the whole vocabulary and a gather (entropy, a logged
+metric, from the same log-softmax under no_grad; the teacher's top-k from the same log-softmax). Sampling,
+rewards, losses, clipping, the optimizer and the Lightning loop are the modules' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import torch
+
+import vlm_post.modules.distill as distill_module
+from vlm_post.losses.distill import topk_reverse_kl
+from vlm_post.losses.sft import IGNORE_INDEX
+from vlm_post.models.forward import IMAGE_SOURCE
+from vlm_post.modules import DistillModule, RLModule, SFTModule
+from vlm_post.teacher.scoring import HFTeacher
+
+
+def full_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """[rows, T, V]: the model's logits at every position (the vision encoder runs on every image copy)."""
+    inputs = {key: value for key, value in inputs.items() if key not in ("labels", IMAGE_SOURCE)}
+    return model(**inputs, use_cache=False).logits.float()
+
+
+def response_logits(model: torch.nn.Module, inputs: dict, prompt_width: int, length: int) -> torch.Tensor:
+    """[rows, length, V]: the logits that predict the response tokens (a view of the full logits)."""
+    return full_logits(model, inputs)[:, prompt_width - 1 : prompt_width - 1 + length]
+
+
+def full_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+
+
+def entropy_metric(logprobs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return -(logprobs.exp() * logprobs).sum(-1)
+
+
+class NaiveSFT(SFTModule):
+    def sft_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        logprobs = torch.log_softmax(full_logits(self.policy, batch)[:, :-1], dim=-1)
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        count = int(mask.sum())
+        token = logprobs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        return -(token * mask).sum() / max(count, 1), count
+
+
+class NaiveRL(RLModule):
+    def response_logprobs(self, inputs, prompt_width, response_mask, temperature=1.0, with_entropy=False, model=None):
+        length, mask = response_mask.shape[1], response_mask.bool()
+        logits = response_logits(model or self.policy, inputs, prompt_width, length)
+        logprobs = full_log_softmax(logits, temperature)
+        targets = inputs["input_ids"][:, prompt_width : prompt_width + length]
+        token = logprobs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+        entropy = entropy_metric(logprobs).masked_fill(~mask, 0.0) if with_entropy else None
+        return token, entropy
+
+
+class NaiveTeacher(HFTeacher):
+    @torch.no_grad()
+    def score(self, inputs: dict, prompt_width: int, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        length, mask = response_mask.shape[1], response_mask.bool()
+        logprobs = torch.log_softmax(response_logits(self.model, inputs, prompt_width, length), dim=-1)
+        top = logprobs.topk(self.top_k, dim=-1)
+        targets = inputs["input_ids"][:, prompt_width : prompt_width + length]
+        sampled = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        return {
+            "topk_ids": top.indices.to(torch.int32).masked_fill(~mask[..., None], 0),
+            "topk_logprobs": top.values.masked_fill(~mask[..., None], 0.0),
+            "sampled_logprobs": sampled.masked_fill(~mask, 0.0),
+        }
+
+
+def topk_kl_from_logits(logits, weight, topk_ids, teacher_topk_logprobs, chunk_size=None, temperature=1.0):
+    """Stands in for ``topk_reverse_kl_and_entropy_from_hidden`` when the "hidden states" are full logits."""
+    logprobs = full_log_softmax(logits, temperature)
+    return topk_reverse_kl(logprobs, topk_ids, teacher_topk_logprobs), entropy_metric(logprobs)
+
+
+class NaiveDistill(DistillModule):
+    """The student's top-k KL from full logits: DistillModule's step with its two head functions swapped, so
+    that the "hidden states" it selects the response positions of are the full forward's logits."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = self.teacher_config
+        self.teacher = NaiveTeacher(
+            config.model_name_or_path, self.processor, config.top_k, config.dtype, self.attn_implementation
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        with contextlib.ExitStack() as patches:
+            patches.enter_context(mock.patch.object(distill_module, "response_hidden_states", response_logits))
+            patches.enter_context(
+                mock.patch.object(distill_module, "topk_reverse_kl_and_entropy_from_hidden", topk_kl_from_logits)
+            )
+            return super().training_step(batch, batch_idx)
+
+
+NAIVE = {"sft": NaiveSFT, "rl": NaiveRL, "opd": NaiveDistill}
