@@ -104,3 +104,11 @@ def test_default_precision_is_fp32_without_a_bf16_gpu():
     assert default_precision("cpu") == "32-true"
     expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     assert default_precision("auto") == expected
+
+
+def test_sharded_checkpoint_under_another_strategy(capsys, demo_overrides, tmp_path):
+    folder = tmp_path / "last.ckpt"  # what ModelParallelStrategy writes: a folder of shards plus .metadata
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    err = run_main(["fit", "--config", DEMO, *demo_overrides, f"--ckpt_path={folder}"], capsys)
+    assert "sharded checkpoint folder" in err and "init_from" in err and str(folder) in err

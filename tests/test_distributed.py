@@ -170,3 +170,15 @@ def test_rl_and_opd_take_sharded_steps(tiny_model, demo_data, tmp_path):
         assert any(not torch.equal(after[k], before[k]) for k in before), f"{name}: no weight moved"
         events = list((run / "lightning_logs").rglob("events.out.tfevents.*"))
         assert events, f"{name}: nothing logged"
+
+
+def test_init_from_a_sharded_checkpoint_in_one_process(sft_runs, tiny_model):
+    """The next stage (or an evaluation) on one process starts from a sharded checkpoint folder: weights only."""
+    from vlm_post.models.loading import load_policy
+    from vlm_post.modules import SFTModule
+
+    module = SFTModule(str(tiny_model), init_from=str(sft_runs["fsdp"] / "checkpoints" / "last.ckpt"))
+    module.configure_model()
+    expected = load_policy(str(sft_runs["fsdp"] / "export")).state_dict()
+    for name, value in module.policy.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)

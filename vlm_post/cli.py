@@ -68,11 +68,28 @@ class VLMPostCLI(LightningCLI):
             config.trainer.precision = default_precision(config.trainer.accelerator)
         # One run folder: checkpoints default to <default_root_dir>/checkpoints (not a per-version logger
         # folder), so `--trainer.default_root_dir` moves checkpoints, logs and the export together.
+        _check_sharded_ckpt_path(config)
         root = config.trainer.default_root_dir or "."
         for callback in config.trainer.callbacks or []:
             init_args = getattr(callback, "init_args", None)
             if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and init_args.dirpath is None:
                 init_args.dirpath = str(Path(root) / "checkpoints")
+
+
+def _check_sharded_ckpt_path(config) -> None:
+    """A sharded checkpoint folder resumes only under the strategy that wrote it; say so instead of a traceback."""
+    from vlm_post.models.init_from import is_sharded_checkpoint
+
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or not is_sharded_checkpoint(Path(ckpt_path)):
+        return
+    strategy = config.trainer.strategy
+    name = str(getattr(strategy, "class_path", strategy))
+    if "ModelParallelStrategy" not in name:
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path} is a sharded checkpoint folder (FSDP2), but trainer.strategy is {name}: resume "
+            f"it with the strategy that wrote it, or take its weights only with --model.init_args.init_from {ckpt_path}"
+        )
 
 
 def default_precision(accelerator) -> str:

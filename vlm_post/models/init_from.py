@@ -1,4 +1,4 @@
-"""Weights-only initialisation from an HF folder or a vlm_post ``.ckpt``.
+"""Weights-only initialisation from an HF folder or a vlm_post ``.ckpt`` (a file, or a sharded checkpoint folder).
 
 This is how one stage hands its result to the next: fresh optimizer, step 0.
 It is deliberately distinct from ``--ckpt_path``, Lightning's full resume
@@ -20,19 +20,34 @@ def check_init_from(path: str) -> str:
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".ckpt":
         return str(p)
+    if is_sharded_checkpoint(p):
+        return str(p)
     if p.is_dir() and (p / "config.json").is_file():
         return str(p)
     if p.exists():
-        raise ConfigError(f"model.init_from {path!r} is neither an HF model folder nor a .ckpt file")
+        raise ConfigError(
+            f"model.init_from {path!r} is neither an HF model folder nor a .ckpt file or sharded checkpoint folder"
+        )
     raise ConfigError(f"model.init_from not found: {path!r}")
 
 
 def is_checkpoint(path: str) -> bool:
-    return Path(path).suffix == ".ckpt"
+    return Path(path).suffix == ".ckpt" or is_sharded_checkpoint(Path(path))
 
 
-def policy_state_from_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """The policy's weights from a Lightning checkpoint written by any vlm_post stage."""
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint folder written under FSDP2 (ModelParallelStrategy): one file per rank plus metadata."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def policy_state_from_checkpoint(path: str, template: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The policy's weights from a Lightning checkpoint written by any vlm_post stage.
+
+    A sharded checkpoint folder is read into ``template`` (the policy's own state dict, filled in place):
+    only the policy's tensors are read, never the optimizer state beside them, and no process group is needed.
+    """
+    if is_sharded_checkpoint(Path(path)):
+        return _policy_state_from_sharded(path, template)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:
@@ -44,6 +59,22 @@ def policy_state_from_checkpoint(path: str) -> dict[str, torch.Tensor]:
     if not policy:
         raise ConfigError(f"checkpoint {path!r} holds no '{POLICY_PREFIX}*' weights (not written by vlm_post?)")
     return policy
+
+
+def _policy_state_from_sharded(path: str, template: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+
+    if template is None:
+        raise ValueError("a sharded checkpoint is read into the policy's state dict: pass template")
+    wanted = {POLICY_PREFIX + name: tensor for name, tensor in template.items() if not name.endswith("inv_freq")}
+    try:
+        dcp.load({"state_dict": wanted}, checkpoint_id=path, no_dist=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            f"cannot read the policy's weights from sharded checkpoint {path!r}: {type(error).__name__}: {first}"
+        ) from None
+    return {name[len(POLICY_PREFIX) :]: tensor for name, tensor in wanted.items()}
 
 
 def load_policy_state(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:

@@ -97,7 +97,8 @@ class PolicyModule(LightningModule):
         """
         Args:
             model_name_or_path: HF hub id or local folder of an image-text-to-text model (architecture + processor).
-            init_from: weights only, from an HF folder or a vlm_post ``.ckpt`` (fresh optimizer, step 0).
+            init_from: weights only, from an HF folder or a vlm_post ``.ckpt`` (a file, or the folder of a sharded
+                checkpoint) (fresh optimizer, step 0).
                 Use ``--ckpt_path`` instead to resume a run.
             dtype: parameter dtype. Keep float32 with ``trainer.precision: bf16-mixed``, or bfloat16 for pure bf16.
             attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
@@ -145,7 +146,8 @@ class PolicyModule(LightningModule):
         from_hf_folder = self.init_from is not None and not is_checkpoint(self.init_from)
         policy = load_policy(self.init_from if from_hf_folder else self.model_path, self.dtype_name, self.attn_implementation)
         if self.init_from and is_checkpoint(self.init_from):
-            load_policy_state(policy, policy_state_from_checkpoint(self.init_from), self.init_from)
+            state = policy_state_from_checkpoint(self.init_from, template=policy.state_dict())
+            load_policy_state(policy, state, self.init_from)
         if self.init_from:
             rank_zero_info(f"policy weights initialised from {self.init_from}")
         freeze_vision(policy, *self.freeze)
