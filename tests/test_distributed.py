@@ -182,3 +182,32 @@ def test_init_from_a_sharded_checkpoint_in_one_process(sft_runs, tiny_model):
     expected = load_policy(str(sft_runs["fsdp"] / "export")).state_dict()
     for name, value in module.policy.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_sharded_evaluation_writes_what_one_process_writes(tiny_model, demo_data, tmp_path):
+    """``vlm_post test`` on 2 processes: the same metrics, per-problem records (in the data set's order) and
+    bootstrap intervals as one process, on 15 problems (8 + 7 and a filler)."""
+    outputs = {}
+    for label, extra in (("single", {}), ("fsdp", {"devices": 2, "strategy": STRATEGY})):
+        config = yaml.safe_load((ROOT / "configs/demo/eval.yaml").read_text())
+        config["model"]["init_args"]["model_name_or_path"] = str(tiny_model)
+        outputs[label] = tmp_path / label
+        config["model"]["init_args"]["eval"].update(n=4, top_k=1, output_dir=str(outputs[label]))
+        config["data"]["test"] = [{"name": "demo_test", "path": str(demo_data / "test.parquet"), "limit": 15}]
+        config["data"]["eval_batch_size"] = 4
+        config["trainer"].update(default_root_dir=str(tmp_path / f"run_{label}"), **extra)
+        (tmp_path / f"{label}.yaml").write_text(yaml.safe_dump(config))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        command = [VLM_POST, "test", "--config", str(tmp_path / f"{label}.yaml")]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    single, sharded = ((outputs[k] / "demo_test.jsonl").read_text().splitlines() for k in ("single", "fsdp"))
+    assert len(single) == 15 and [json.loads(r)["id"] for r in sharded] == [json.loads(r)["id"] for r in single]
+    for ours, theirs in zip(sharded, single):
+        ours, theirs = json.loads(ours), json.loads(theirs)
+        assert ours.pop("mean_token_entropy") == pytest.approx(theirs.pop("mean_token_entropy"), rel=1e-5)
+        assert ours == theirs
+    summaries = [json.loads((outputs[k] / "summary.json").read_text())["results"][0] for k in ("single", "fsdp")]
+    assert summaries[0].keys() == summaries[1].keys() and summaries[0]["problems"] == summaries[1]["problems"] == 15
+    for key, value in summaries[0].items():
+        assert summaries[1][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from itertools import zip_longest
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -337,12 +338,17 @@ class PolicyModule(LightningModule):
         return out
 
     def _gather(self, rows: list) -> list:
-        """All ranks' rows, on every rank (a no-op in one process)."""
+        """All ranks' rows, on every rank, in the data set's order (a no-op in one process).
+
+        Rank r evaluated problems r, r + R, r + 2R, ... (``EvalShardSampler``), so taking the ranks' rows in
+        turn restores the order one process has, and with it the same files and bootstrap intervals.
+        """
         if self.trainer.world_size == 1:
             return rows
         gathered = [None] * self.trainer.world_size
         torch.distributed.all_gather_object(gathered, rows)
-        return [row for part in gathered for row in part]
+        missing = object()
+        return [row for turn in zip_longest(*gathered, fillvalue=missing) for row in turn if row is not missing]
 
     def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
         summary = {}
