@@ -98,7 +98,7 @@ def main() -> None:
     rows += evaluate(runs, "opd", str(runs / "opd" / "export"))
     rows += evaluate(runs, "rl_from_opd", str(runs / "rl_from_opd" / "export"))
 
-    from vlm_post.modules.base import format_table
+    from vlm_post.modules.evaluation import format_table
 
     (ROOT / runs / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     shown = ["model", "dataset", "accuracy", "mean_accuracy", "pass@16", "entropy", "mean_distinct_answers", "format_rate"]

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
-from itertools import zip_longest
 from dataclasses import asdict, dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.losses import token_logprobs_and_entropy
-from vlm_post.metrics import EvalMetrics, bootstrap_ci, pass_at_k_per_problem
+from vlm_post.metrics import EvalMetrics
 from vlm_post.models.forward import decoder_hidden_states, response_hidden_states
 from vlm_post.models.init_from import (
     check_init_from,
@@ -44,7 +42,8 @@ from vlm_post.models.loading import (
     resolve_model_path,
 )
 from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, is_sharded, shard_model
-from vlm_post.modules.evaluation import EvalConfig, evaluate_batch
+from vlm_post.modules.evaluation import EvalConfig, confidence_intervals, evaluate_batch, format_table
+from vlm_post.modules.rng import restore_rng_states, rng_states
 from vlm_post.rewards import grading_stats
 from vlm_post.rollout import HFGenerateEngine
 
@@ -397,51 +396,3 @@ def _unwrapped_name(name: str) -> str:
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name
-
-
-def rng_states() -> dict:
-    """The global RNG states, in types a weights-only checkpoint load accepts."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss)
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def confidence_intervals(records: list[dict], config: EvalConfig) -> dict[str, tuple[float, float]]:
-    """Problem-level bootstrap intervals for accuracy (and mean@n) and each pass@k."""
-    if not records:
-        return {}
-    ci = lambda values: bootstrap_ci(values, config.bootstrap_resamples, config.confidence, config.seed)
-    out = {}
-    if config.greedy:
-        out["accuracy"] = ci(torch.tensor([float(r["greedy_correct"]) for r in records]))
-    if config.n:
-        correct = torch.tensor([r["correct"] for r in records], dtype=torch.bool)
-        out["mean_accuracy"] = ci(correct.float().mean(-1))
-        if not config.greedy:
-            out["accuracy"] = out["mean_accuracy"]
-        for k in config.pass_k:
-            samples = torch.full((correct.shape[0],), correct.shape[1])
-            out[f"pass@{k}"] = ci(pass_at_k_per_problem(samples, correct.sum(-1), k))
-    return {key: (float(low), float(high)) for key, (low, high) in out.items()}
-
-
-def format_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no results)"
-    columns = list(rows[0])
-    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells])

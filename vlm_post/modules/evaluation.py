@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_post.metrics import bootstrap_ci, pass_at_k_per_problem
 from vlm_post.rewards import grade, normalize_answer
 from vlm_post.rollout import Rollouts, SamplingParams
 from vlm_post.rollout.sequences import policy_inputs, select_rows
@@ -192,3 +193,32 @@ def sampled_token_entropy(module, batch: dict, samples: Rollouts, n: int, config
         )
         out[chunk] = entropy
     return out
+
+
+def confidence_intervals(records: list[dict], config: EvalConfig) -> dict[str, tuple[float, float]]:
+    """Problem-level bootstrap intervals for accuracy (and mean@n) and each pass@k."""
+    if not records:
+        return {}
+    ci = lambda values: bootstrap_ci(values, config.bootstrap_resamples, config.confidence, config.seed)
+    out = {}
+    if config.greedy:
+        out["accuracy"] = ci(torch.tensor([float(r["greedy_correct"]) for r in records]))
+    if config.n:
+        correct = torch.tensor([r["correct"] for r in records], dtype=torch.bool)
+        out["mean_accuracy"] = ci(correct.float().mean(-1))
+        if not config.greedy:
+            out["accuracy"] = out["mean_accuracy"]
+        for k in config.pass_k:
+            samples = torch.full((correct.shape[0],), correct.shape[1])
+            out[f"pass@{k}"] = ci(pass_at_k_per_problem(samples, correct.sum(-1), k))
+    return {key: (float(low), float(high)) for key, (low, high) in out.items()}
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no results)"
+    columns = list(rows[0])
+    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells])
