@@ -72,7 +72,9 @@ def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
     for label, name in (("single", "sft.yaml"), ("fsdp", "sft_fsdp.yaml")):
         runs[label] = root / label
         config = demo_config(name, tiny_model, demo_data, runs[label], **steps)
-        config["export"] = {"weights": "last"}
+        # The sharded run exports its best checkpoint (a sharded folder, loaded back in place): with one validation,
+        # at the last step, the same weights as the single-process run's final ones.
+        config["export"] = {"weights": "best" if label == "fsdp" else "last"}
         # 15 validation problems: 8 + 7 over two ranks, the second topped up with a filler that must not count.
         config["data"]["val"][0]["limit"] = 15
         config["data"]["eval_batch_size"] = 4 if label == "fsdp" else 8
@@ -105,6 +107,8 @@ def test_sharded_sft_takes_the_single_process_steps(sft_runs):
     and so do the validation metrics (each rank grades its share of the 15 problems, torchmetrics sums the counts;
     the filler is left out)."""
     assert_same_weights(exported(sft_runs["fsdp"]), exported(sft_runs["single"]), rtol=1e-4, atol=1e-5)
+    provenance = json.loads((sft_runs["fsdp"] / "export" / "vlm_post_export.json").read_text())
+    assert Path(provenance["weights"]).is_dir() and Path(provenance["weights"]).name.startswith("step3")
     single, sharded = validation_metrics(sft_runs["single"]), validation_metrics(sft_runs["fsdp"])
     assert {"val/demo_val/loss", "val/demo_val/response_length", "val/demo_val/entropy", "val/demo_val/pass@4"} <= set(
         single
