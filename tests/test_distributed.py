@@ -28,11 +28,18 @@ STRATEGY = {
 }
 
 
-def fit(config: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
+def rank_zero_length_reward(responses, examples):
+    """Rank 0's groups differ in reward, rank 1's are all equal: dynamic sampling keeps rows on rank 0 only."""
+    import torch.distributed as dist
+
+    return [len(text) / 10.0 if dist.get_rank() == 0 else 1.0 for text in responses]
+
+
+def fit(config: dict, path: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # ROOT: tests.test_rl's reward
     result = subprocess.run(
-        [VLM_POST, "fit", "--config", str(path), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [VLM_POST, "fit", "--config", str(path), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -215,3 +222,19 @@ def test_sharded_evaluation_writes_what_one_process_writes(tiny_model, demo_data
     assert summaries[0].keys() == summaries[1].keys() and summaries[0]["problems"] == summaries[1]["problems"] == 15
     for key, value in summaries[0].items():
         assert summaries[1][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
+
+
+def test_ranks_that_keep_different_rows_take_the_same_steps(tiny_model, demo_data, tmp_path):
+    """Dynamic sampling keeps rank 0's rows and drops all of rank 1's: rank 1 must still join every forward and
+    backward (FSDP's collectives) with passes of zero weight, or the run hangs; the update is rank 0's rows'."""
+    run = tmp_path / "rl"
+    config = demo_config("rl.yaml", tiny_model, demo_data, run, max_steps=2, limit_val_batches=0, devices=2)
+    config["trainer"].update(strategy=STRATEGY, callbacks=[], enable_checkpointing=False)
+    config["model"]["init_args"].update(
+        reward="tests.test_distributed.rank_zero_length_reward", dynamic_sampling=True, micro_batch_size=4, mini_batch_size=1
+    )
+    config["data"]["batch_size"] = 2
+    config["export"] = {"weights": "last"}
+    fit(config, tmp_path / "rl.yaml", timeout=300)
+    before = load_file(str(tiny_model / "model.safetensors"))
+    assert any(not torch.equal(exported(run)[k], before[k]) for k in before), "no weight moved"

@@ -21,7 +21,7 @@ import inspect
 
 import torch
 
-from vlm_post.models.sharding import as_root_forward
+from vlm_post.models.sharding import as_root_forward, is_sharded
 
 IMAGE_SOURCE = "image_source"  # per image in the batch: the index of the original it copies (not a model input)
 # Models whose 3D (mrope) positions continue from a shared prompt: the base model keeps the prompt's
@@ -83,10 +83,23 @@ def response_hidden_states(model: torch.nn.Module, inputs: dict, prompt_width: i
 def _response_hidden_states(model: torch.nn.Module, inputs: dict, prompt_width: int, length: int) -> torch.Tensor:
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     groups = None if _checkpointing(model) else prompt_groups(model, inputs, prompt_width)
+    if is_sharded(model) and not _all_ranks_agree(groups is not None, inputs["input_ids"].device):
+        groups = None  # FSDP gathers per forward call: every rank must take the same path (two calls or one)
     if groups is not None:
         return shared_prompt_hidden_states(model, inputs, prompt_width, length, *groups)
     hidden = _decoder_hidden_states(model, inputs)
     return hidden[:, prompt_width - 1 : prompt_width - 1 + length]
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value)
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:

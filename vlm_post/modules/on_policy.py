@@ -105,14 +105,22 @@ class OnPolicyModule(PolicyModule):
         for row in rows:
             mini_batches[step_of_prompt[row // n]].append(row)
         totals: dict[str, list[torch.Tensor]] = {}
+        # Under data parallelism each forward/backward is a collective (FSDP's gathers, the gradient sync), so every
+        # rank runs as many as the busiest one: a rank whose filters kept fewer rows adds passes of zero weight.
+        steps = self._most_over_ranks(len(mini_batches))
         for _ in range(epochs):
-            for step_rows in mini_batches:
+            for index in range(steps):
+                step_rows = mini_batches[index] if index < len(mini_batches) else []
+                micros = [step_rows[i : i + self.micro_batch_size] for i in range(0, len(step_rows), self.micro_batch_size)]
                 step_tokens = mask[step_rows].sum().clamp(min=1)
                 share = self.token_share(mask[step_rows].sum())  # across ranks: the global token mean
                 optimizer.zero_grad()
-                for micro_start in range(0, len(step_rows), self.micro_batch_size):
-                    micro = step_rows[micro_start : micro_start + self.micro_batch_size]
+                for k in range(self._most_over_ranks(len(micros))):
+                    micro = micros[k] if k < len(micros) else [0]
                     loss, stats = micro_loss(micro, select_rows(inputs, micro, n, counts))
+                    if k >= len(micros):  # a zero-weight pass, only to take part in the collectives
+                        self.manual_backward(loss * 0.0)
+                        continue
                     # token-mean over the whole mini-batch: weigh each micro-batch by its share of tokens
                     self.manual_backward(loss * (mask[micro].sum() / step_tokens) * share)
                     for name, value in stats.items():
@@ -133,6 +141,13 @@ class OnPolicyModule(PolicyModule):
         stats = {name: torch.stack(values).mean() for name, values in totals.items()}
         stats["skipped_steps"] = torch.tensor(float(self.skipped_steps))
         return stats
+
+    def _most_over_ranks(self, count: int) -> int:
+        """The largest ``count`` over the data-parallel ranks (``count`` itself in one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return count
+        value = torch.tensor(float(count), device=self.device)
+        return int(self.trainer.strategy.reduce(value, reduce_op="max"))
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes this training step's values (every ``trainer.log_every_n_steps``).
