@@ -17,6 +17,19 @@ def length_reward(responses, examples):
     return [len(text) / 10.0 for text in responses]
 
 
+def rl_module(tiny_model, max_new_tokens: int = 8, **kwargs) -> RLModule:
+    """The tests' RLModule: 4 samples of up to ``max_new_tokens`` per prompt, the length reward, no KL, no eval
+    sampling; ``kwargs`` override or add."""
+    kwargs.setdefault("loss", GRPOLossConfig(kl_mode="off"))
+    return RLModule(
+        str(tiny_model),
+        eval=EvalConfig(n=0, max_new_tokens=8),
+        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=max_new_tokens),
+        reward="tests.test_rl.length_reward",
+        **kwargs,
+    )
+
+
 class Record(Callback):
     def __init__(self) -> None:
         self.metrics: list[dict] = []
@@ -28,13 +41,10 @@ class Record(Callback):
 @pytest.mark.parametrize("kl_mode", ["loss", "reward", "off"])
 def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl_mode):
     torch.manual_seed(0)
-    module = RLModule(
-        str(tiny_model),
+    module = rl_module(
+        tiny_model,
         optim=OptimConfig(lr=1e-3),
-        eval=EvalConfig(n=0, max_new_tokens=8),
-        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8),
         loss=GRPOLossConfig(kl_mode=kl_mode),
-        reward="tests.test_rl.length_reward",
         mini_batch_size=2,
         micro_batch_size=3,
         ppo_epochs=2,
@@ -68,13 +78,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_pat
 
     real = rl.grpo_loss
     monkeypatch.setattr(rl, "grpo_loss", poisoned)
-    module = RLModule(
-        str(tiny_model),
-        eval=EvalConfig(n=0, max_new_tokens=8),
-        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8),
-        loss=GRPOLossConfig(kl_mode="off"),
-        reward="tests.test_rl.length_reward",
-    )
+    module = rl_module(tiny_model)
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2).fit(module, demo_datamodule(demo_data, batch_size=4))
@@ -82,10 +86,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_pat
     assert all(torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
     assert all(torch.isfinite(v).all() for v in module.policy.state_dict().values())
 
-    stopping = RLModule(
-        str(tiny_model), eval=EvalConfig(n=0, max_new_tokens=8), rollout=SamplingParams(n=4, max_new_tokens=8),
-        loss=GRPOLossConfig(kl_mode="off"), reward="tests.test_rl.length_reward", on_nonfinite="stop",
-    )  # fmt: skip
+    stopping = rl_module(tiny_model, on_nonfinite="stop")
     with pytest.raises(FloatingPointError, match="non-finite"):
         trainer(tmp_path, max_steps=1).fit(stopping, demo_datamodule(demo_data, batch_size=4))
 
@@ -107,14 +108,7 @@ def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(tiny_
 
     monkeypatch.setattr(on_policy, "select_rows", select)
     monkeypatch.setattr(rl, "overlong_penalty", penalty)
-    module = RLModule(
-        str(tiny_model),
-        eval=EvalConfig(n=0, max_new_tokens=8),
-        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=3),
-        loss=GRPOLossConfig(kl_mode="off"),
-        reward="tests.test_rl.length_reward",
-        overlong=rl.OverlongConfig(penalty=1.0, filter_truncated=True),
-    )
+    module = rl_module(tiny_model, max_new_tokens=3, overlong=rl.OverlongConfig(penalty=1.0, filter_truncated=True))
     real_generate = module.engine.generate
 
     def generate(*args, **kwargs):  # a random policy rarely stops within 3 tokens: call every 3rd row finished
@@ -148,12 +142,8 @@ def test_overlong_buffer_must_fit_the_response_budget(tiny_model):
 
 
 def test_old_logprobs_from_the_sampler_skip_the_extra_forward(tiny_model, demo_data, tmp_path, monkeypatch):
-    module = RLModule(
-        str(tiny_model),
-        eval=EvalConfig(n=0, max_new_tokens=8),
-        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8),
-        loss=GRPOLossConfig(kl_mode="off"),
-        reward="tests.test_rl.length_reward",
+    module = rl_module(
+        tiny_model,
         mini_batch_size=2,
         ppo_epochs=2,
         old_logprobs="sampler",
