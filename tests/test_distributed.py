@@ -238,3 +238,32 @@ def test_ranks_that_keep_different_rows_take_the_same_steps(tiny_model, demo_dat
     fit(config, tmp_path / "rl.yaml", timeout=300)
     before = load_file(str(tiny_model / "model.safetensors"))
     assert any(not torch.equal(exported(run)[k], before[k]) for k in before), "no weight moved"
+
+
+def test_a_rank_with_every_score_cached_joins_the_other_ranks_teacher_passes(tiny_model, demo_data, tmp_path):
+    """OPD's sharded teacher forwards are collectives. A run repeated with rank 1's cached scores removed finds all of
+    rank 0's rows in the cache and none of rank 1's: rank 0 must join rank 1's teacher passes with passes of its own,
+    or the run hangs. The scores it reads equal those it would compute, so both runs end on the same weights."""
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    teacher = build_tiny_qwen2_5_vl(tmp_path / "teacher", seed=1, hidden_size=192)
+    cache = tmp_path / "cache"
+    weights = {}
+    for label in ("scored", "half_cached"):
+        run = tmp_path / label
+        config = demo_config("opd.yaml", tiny_model, demo_data, run, max_steps=2, limit_val_batches=0, devices=2)
+        config["trainer"].update(strategy=STRATEGY, callbacks=[], enable_checkpointing=False)
+        config["model"]["init_args"]["teacher"].update(model_name_or_path=str(teacher), cache_dir=str(cache))
+        config["data"]["batch_size"] = 2
+        config["export"] = {"weights": "last"}
+        fit(config, tmp_path / f"{label}.yaml", timeout=300)
+        weights[label] = exported(run)
+        if label == "scored":
+            rank1 = json.loads((cache / "manifest-rank1.json").read_text())
+            assert rank1["shards"], "rank 1 wrote no scores"
+            (cache / "manifest-rank1.json").unlink()  # its shards, listed nowhere, are ignored
+            rank0_shards = json.loads((cache / "manifest-rank0.json").read_text())["shards"]
+    # Rank 0 scored nothing the second time (its manifest is unchanged); rank 1 scored its rows again.
+    assert json.loads((cache / "manifest-rank0.json").read_text())["shards"] == rank0_shards
+    assert json.loads((cache / "manifest-rank1.json").read_text())["shards"]
+    assert_same_weights(weights["scored"], weights["half_cached"], rtol=0, atol=0)
