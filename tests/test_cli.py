@@ -75,7 +75,7 @@ def test_missing_model_folder(capsys, demo_overrides):
 
 def test_missing_data_file(capsys, demo_overrides, monkeypatch):
     loaded = []
-    import vlm_post.modules.base as base
+    from vlm_post.modules import base
 
     monkeypatch.setattr(base, "load_policy", lambda *a, **k: loaded.append(a))
     err = run_main(["fit", "--config", DEMO, *demo_overrides, "--data.train.path=missing/train.parquet"], capsys)

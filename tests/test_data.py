@@ -51,9 +51,11 @@ def test_geometry3k_sample_normalised(processor):
 def test_mathvista_testmini_without_images_is_counted_not_crashed():
     # testmini.json carries questions and answers but no images: every row is bad, and we say so.
     dm = VLMDataModule(test=[DataSource("mathvista", kind="mathvista", path=str(MATHVISTA_TESTMINI))])
-    with pytest.warns(UserWarning, match="skipped 1000 of 1000 rows"):
-        with pytest.raises(ConfigError, match=r"'mathvista'.*no usable rows.*missing image file"):
-            dm._dataset(dm.test_sources[0])
+    with (
+        pytest.warns(UserWarning, match="skipped 1000 of 1000 rows"),
+        pytest.raises(ConfigError, match=r"'mathvista'.*no usable rows.*missing image file"),
+    ):
+        dm._dataset(dm.test_sources[0])
 
 
 @needs_shared

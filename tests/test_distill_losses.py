@@ -206,7 +206,7 @@ def test_tail_bucket_when_the_teacher_top_k_mass_is_one():
 
 def test_topk_entropy_is_the_coarsened_entropy_a_lower_bound_exact_at_full_k():
     num_tokens, vocab, k = 7, 30, 6
-    full, ids, values = teacher_topk(num_tokens, vocab, k, torch.float64)
+    full, _, values = teacher_topk(num_tokens, vocab, k, torch.float64)
     full_entropy = -(full.exp() * full).sum(-1)
     torch.testing.assert_close(topk_entropy(full), full_entropy)  # k = V
     head = values.exp()

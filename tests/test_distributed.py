@@ -65,8 +65,8 @@ def exported(run: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_weights(a: dict, b: dict, **tolerance) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], msg=name, **tolerance)
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], msg=name, **tolerance)
 
 
 @pytest.fixture(scope="module")

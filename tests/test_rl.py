@@ -70,7 +70,7 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
 
 
 def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_path, monkeypatch):
-    import vlm_post.modules.rl as rl
+    from vlm_post.modules import rl
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
@@ -92,8 +92,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_pat
 
 
 def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(tiny_model, demo_data, tmp_path, monkeypatch):
-    import vlm_post.modules.on_policy as on_policy
-    import vlm_post.modules.rl as rl
+    from vlm_post.modules import on_policy, rl
 
     events = []  # in call order: each step's finished flags, then the rows of each micro-batch it trained on
     real_select, real_penalty = on_policy.select_rows, rl.overlong_penalty

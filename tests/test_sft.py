@@ -96,7 +96,7 @@ def test_resume_restores_optimizer_scheduler_and_step(tiny_model, demo_data, tmp
 
 
 def test_nonfinite_sft_loss_is_skipped(tiny_model, demo_data, tmp_path, monkeypatch):
-    import vlm_post.modules.sft as sft
+    from vlm_post.modules import sft
 
     monkeypatch.setattr(sft, "sft_cross_entropy", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), 1))
     module = sft_module(tiny_model)

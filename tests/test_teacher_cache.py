@@ -267,7 +267,7 @@ def test_bytes_per_token_within_6k_plus_16(tmp_path):
     k, length = 32, 256
     with TeacherCacheWriter(tmp_path, k=k) as writer:
         for i in range(40):
-            example_id, prompt, response = rollout(i, length=length, prompt_len=300)
+            _, prompt, response = rollout(i, length=length, prompt_len=300)
             writer.add(f"step{i // 8}/prompt{i % 8}/sample{i}", prompt, response, scores(i, length, k))
     total = sum(p.stat().st_size for p in tmp_path.iterdir())  # shards, manifest and lock file
     assert total / (40 * length) <= 6 * k + 16, total / (40 * length)

@@ -124,9 +124,8 @@ class VLMDataModule(LightningDataModule):
         names = [s.name for s in self.val_sources] + [s.name for s in self.test_sources]
         for source in ([train] if train else []) + self.val_sources + self.test_sources:
             source.check()
-        if len(set(s.name for s in self.val_sources)) != len(self.val_sources) or len(
-            set(s.name for s in self.test_sources)
-        ) != len(self.test_sources):
+        val_names, test_names = [s.name for s in self.val_sources], [s.name for s in self.test_sources]
+        if len(set(val_names)) != len(val_names) or len(set(test_names)) != len(test_names):
             raise ConfigError(f"data source names must be unique within val and within test, got {names}")
         if min_pixels > max_pixels:
             raise ConfigError(f"data.min_pixels ({min_pixels}) is larger than data.max_pixels ({max_pixels})")

@@ -25,10 +25,10 @@ from vlm_post.losses.overlong import OverlongConfig, overlong_penalty
 from vlm_post.losses.sft import IGNORE_INDEX, sft_cross_entropy
 
 __all__ = [
-    "GRPOLossConfig",
     "IGNORE_INDEX",
-    "OverlongConfig",
     "TAIL_FLOOR",
+    "GRPOLossConfig",
+    "OverlongConfig",
     "aggregate",
     "coarsened_reverse_kl",
     "group_advantages",

@@ -36,7 +36,7 @@ def resolve_model_path(name: str, what: str = "model") -> str:
     try:
         hf_hub_download(name, "config.json", local_files_only=True)
         return name
-    except Exception:
+    except (OSError, ValueError):  # not in the local cache (LocalEntryNotFoundError): try the hub below
         pass
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(
