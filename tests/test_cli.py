@@ -56,6 +56,19 @@ def test_unknown_module_key(capsys):
     assert "learning_rate" in err
 
 
+def test_nested_culprit_is_named_by_its_full_key(capsys, tmp_path):
+    """jsonargparse reports a bad value under ``model`` as a tree of Union attempts; the message is its bottom."""
+    err = run_main(["fit", "--config", DEMO, "--model.init_args.optim.lr", "fast"], capsys)
+    assert err.startswith("vlm_post: error: model.init_args.optim.lr: Expected a float. Got value: fast\n"), err
+    config = (ROOT / DEMO).read_text()
+    (tmp_path / "typo.yaml").write_text(config.replace("      lr: 1.0e-3", "      lrr: 1.0e-3"))
+    err = run_main(["fit", "--config", str(tmp_path / "typo.yaml")], capsys)
+    assert err.startswith("vlm_post: error: model.init_args.optim: Option 'lrr' is not accepted\n"), err
+    (tmp_path / "class.yaml").write_text(config.replace("vlm_post.modules.SFTModule", "vlm_post.modules.SFTModul"))
+    err = run_main(["fit", "--config", str(tmp_path / "class.yaml")], capsys)
+    assert err.startswith("vlm_post: error: model.class_path: ") and "SFTModul" in err, err
+
+
 def test_missing_config_file(capsys):
     err = run_main(["fit", "--config", "configs/demo/no_such.yaml"], capsys)
     assert "no_such.yaml" in err

@@ -14,6 +14,7 @@ weights are loaded.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,13 +39,39 @@ class _Parser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:
             return super().error(message, ex)
-        lines = [line.rstrip() for line in str(message).strip().splitlines() if line.strip()]
-        # jsonargparse puts the culprit key first and the reason and given value below; keep those.
-        short = " ".join(line.strip() for line in lines[:2])
-        if len(lines) > 2:
-            short += f" ... {lines[-1].strip()}"
         prog = self.prog.replace(" [options]", "")
-        _fail(f"{short}\n(see '{prog} --help')")
+        _fail(f"{_innermost_error(str(message))}\n(see '{prog} --help')")
+
+
+# Lines of jsonargparse's nested Union report that say nothing about the culprit.
+_UNION_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|- Expected a <class 'NoneType'>)"
+)
+
+
+def _innermost_error(message: str) -> str:
+    """jsonargparse's error as one line: the full key of the innermost culprit and its reason.
+
+    A bad value under ``model`` comes back as a tree (the subclass, then each nested config, each a Union with
+    None); the reason is at its bottom: ``model.init_args.optim.lr: Expected a float. Got value: abc``.
+    """
+    keys: list[str] = []
+    for line in (raw.strip() for raw in message.strip().splitlines()):
+        if not line or _UNION_NOISE.match(line):
+            continue
+        key = re.fullmatch(r'Parser key "(.+)":', line)
+        if key:
+            keys.append(key[1])
+        elif line.startswith("- Problem with given class_path"):
+            if len(keys) == 1:  # the top-level subclass (model: class_path + init_args) takes init_args
+                keys.append("init_args")
+        else:
+            reason = re.sub(r"<class '([\w.]+)'>", r"\1", line.removeprefix("- "))
+            import_failed = re.search(r"No module named|has no attribute|import|subclass", reason, re.IGNORECASE)
+            if keys[-1:] == ["init_args"] and import_failed:
+                keys[-1] = "class_path"  # the class itself is the culprit, not its arguments
+            return f"{'.'.join(keys)}: {reason}" if keys else reason
+    return " ".join(message.split())
 
 
 class VLMPostCLI(LightningCLI):
