@@ -120,8 +120,13 @@ def test_default_precision_is_fp32_without_a_bf16_gpu():
 
 
 def test_sharded_checkpoint_under_another_strategy(capsys, demo_overrides, tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
     folder = tmp_path / "last.ckpt"  # what ModelParallelStrategy writes: a folder of shards plus .metadata
-    folder.mkdir()
-    (folder / ".metadata").write_bytes(b"")
+    dcp.save({"state_dict": {"policy.lm_head.weight": torch.zeros(2, 2)}}, checkpoint_id=folder, no_dist=True)
     err = run_main(["fit", "--config", DEMO, *demo_overrides, f"--ckpt_path={folder}"], capsys)
-    assert "sharded checkpoint folder" in err and "init_from" in err and str(folder) in err
+    assert "sharded checkpoint folder (FSDP2" in err and "init_from" in err and str(folder) in err
+    (folder / ".metadata").write_bytes(b"")  # a truncated copy
+    err = run_main(["fit", "--config", DEMO, *demo_overrides, f"--ckpt_path={folder}"], capsys)
+    assert f"sharded checkpoint folder {folder}: cannot read its .metadata" in err

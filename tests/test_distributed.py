@@ -28,6 +28,13 @@ STRATEGY = {
 }
 
 
+def fsdp1_strategy(**options) -> dict:
+    """configs/geo3k/sft_qwen2_5_vl_7b.yaml's FSDP1 strategy, through the CPU subclass in tests/cpu_fsdp1.py."""
+    recipe = yaml.safe_load((ROOT / "configs/geo3k/sft_qwen2_5_vl_7b.yaml").read_text())["trainer"]["strategy"]
+    init_args = {**recipe["init_args"], "process_group_backend": "gloo", **options}
+    return {"class_path": "tests.cpu_fsdp1.CPUFSDPStrategy", "init_args": init_args}
+
+
 def rank_zero_length_reward(responses, examples):
     """Rank 0's groups differ in reward, rank 1's are all equal: dynamic sampling keeps rows on rank 0 only."""
     import torch.distributed as dist
@@ -71,20 +78,23 @@ def assert_same_weights(a: dict, b: dict, **tolerance) -> None:
 
 @pytest.fixture(scope="module")
 def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
-    """One process (batch 16) and 2 FSDP2 processes (8 each) for 3 steps, validation at step 3; and the FSDP2 run
-    stopped at step 2, then resumed from its sharded last.ckpt to step 3."""
+    """One process (batch 16), 2 FSDP2 processes and 2 FSDP1 processes (8 each) for 3 steps, validation at step 3;
+    and each sharded run stopped at step 2, then resumed from its last.ckpt to step 3 (FSDP1 both from a sharded
+    folder and from a full-state file)."""
     root = tmp_path_factory.mktemp("distributed")
     runs = {}
     steps = dict(max_steps=3, val_check_interval=3)
-    for label, name in (("single", "sft.yaml"), ("fsdp", "sft_fsdp.yaml")):
+    for label, name in (("single", "sft.yaml"), ("fsdp", "sft_fsdp.yaml"), ("fsdp1", "sft_fsdp.yaml")):
         runs[label] = root / label
         config = demo_config(name, tiny_model, demo_data, runs[label], **steps)
-        # The sharded run exports its best checkpoint (a sharded folder, loaded back in place): with one validation,
-        # at the last step, the same weights as the single-process run's final ones.
-        config["export"] = {"weights": "best" if label == "fsdp" else "last"}
+        if label == "fsdp1":
+            config["trainer"]["strategy"] = fsdp1_strategy()
+        # The sharded runs export their best checkpoint (loaded back in place): with one validation, at the last
+        # step, the same weights as the single-process run's final ones.
+        config["export"] = {"weights": "last" if label == "single" else "best"}
         # 15 validation problems: 8 + 7 over two ranks, the second topped up with a filler that must not count.
         config["data"]["val"][0]["limit"] = 15
-        config["data"]["eval_batch_size"] = 4 if label == "fsdp" else 8
+        config["data"]["eval_batch_size"] = 8 if label == "single" else 4
         config["model"]["init_args"]["val"]["n"] = 4  # samples too: mean@n, pass@k, entropy, diversity
         config["model"]["init_args"]["val"]["top_k"] = 1  # deterministic samples: the same on any rank
         config["trainer"]["logger"] = {
@@ -92,12 +102,25 @@ def sft_runs(tiny_model, demo_data, tmp_path_factory) -> dict[str, Path]:
             "init_args": {"save_dir": str(runs[label])},
         }
         fit(config, root / f"{label}.yaml")
-    runs["resumed"] = root / "resumed"
-    config = demo_config("sft_fsdp.yaml", tiny_model, demo_data, runs["resumed"], max_steps=2, val_check_interval=2)
+    for label, strategy in (("resumed", None), ("fsdp1_resumed", fsdp1_strategy())):
+        runs[label] = root / label
+        config = demo_config("sft_fsdp.yaml", tiny_model, demo_data, runs[label], max_steps=2, val_check_interval=2)
+        if strategy:
+            config["trainer"]["strategy"] = strategy
+        config["export"] = {"weights": "last"}
+        fit(config, root / f"{label}_first.yaml")
+        config["trainer"].update(max_steps=3, val_check_interval=3)
+        fit(config, root / f"{label}.yaml", f"--ckpt_path={runs[label] / 'checkpoints' / 'last.ckpt'}")
+    # FSDP1 with full-state checkpoint files, 2 steps; then restored from its last.ckpt with nothing left to train,
+    # exporting what it restored. (Resuming to step 3 is not compared: on CPU processes torch's full optimizer-state
+    # gather returns exp_avg and exp_avg_sq in one shared buffer, so the file's Adam moments are wrong there.)
+    runs["fsdp1_full"] = root / "fsdp1_full"
+    config = demo_config("sft_fsdp.yaml", tiny_model, demo_data, runs["fsdp1_full"], max_steps=2, val_check_interval=2)
+    config["trainer"]["strategy"] = fsdp1_strategy(state_dict_type="full")
     config["export"] = {"weights": "last"}
-    fit(config, root / "first.yaml")
-    config["trainer"].update(max_steps=3, val_check_interval=3)
-    fit(config, root / "resumed.yaml", f"--ckpt_path={runs['resumed'] / 'checkpoints' / 'last.ckpt'}")
+    fit(config, root / "fsdp1_full.yaml")
+    config["export"]["dirpath"] = str(runs["fsdp1_full"] / "export_restored")
+    fit(config, root / "fsdp1_full_restored.yaml", f"--ckpt_path={runs['fsdp1_full'] / 'checkpoints' / 'last.ckpt'}")
     return runs
 
 
@@ -109,14 +132,16 @@ def validation_metrics(run: Path) -> dict[str, float]:
     return {key: float(value) for key, value in logged[0].items() if key.startswith("val/") and value}
 
 
-def test_sharded_sft_takes_the_single_process_steps(sft_runs):
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp1"])
+def test_sharded_sft_takes_the_single_process_steps(sft_runs, strategy):
     """The same global batch of 16, split 8 + 8 over two ranks: the weights after 3 steps equal one process's,
     and so do the validation metrics (each rank grades its share of the 15 problems, torchmetrics sums the counts;
-    the filler is left out)."""
-    assert_same_weights(exported(sft_runs["fsdp"]), exported(sft_runs["single"]), rtol=1e-4, atol=1e-5)
-    provenance = json.loads((sft_runs["fsdp"] / "export" / "vlm_post_export.json").read_text())
-    assert Path(provenance["weights"]).is_dir() and Path(provenance["weights"]).name.startswith("step3")
-    single, sharded = validation_metrics(sft_runs["single"]), validation_metrics(sft_runs["fsdp"])
+    the filler is left out). FSDP2 (ModelParallelStrategy) and FSDP1 (FSDPStrategy) alike."""
+    assert_same_weights(exported(sft_runs[strategy]), exported(sft_runs["single"]), rtol=1e-4, atol=1e-5)
+    provenance = json.loads((sft_runs[strategy] / "export" / "vlm_post_export.json").read_text())
+    weights = Path(provenance["weights"])  # the best checkpoint, a sharded folder, loaded back in place
+    assert weights.is_dir() and weights.name.startswith("step3")
+    single, sharded = validation_metrics(sft_runs["single"]), validation_metrics(sft_runs[strategy])
     assert {"val/demo_val/loss", "val/demo_val/response_length", "val/demo_val/entropy", "val/demo_val/pass@4"} <= set(
         single
     )
@@ -183,14 +208,33 @@ def test_rl_and_opd_take_sharded_steps(tiny_model, demo_data, tmp_path):
         assert events, f"{name}: nothing logged"
 
 
-def test_init_from_a_sharded_checkpoint_in_one_process(sft_runs, tiny_model):
-    """The next stage (or an evaluation) on one process starts from a sharded checkpoint folder: weights only."""
+def test_fsdp1_resumes_from_sharded_and_full_state_checkpoints(sft_runs):
+    """FSDP1 (the 7B SFT recipe's FSDPStrategy) stopped at step 2 and resumed from its sharded last.ckpt to step 3:
+    the uninterrupted run's weights. A full-state last.ckpt (one ordinary file, which Lightning's own loader
+    cannot read from torch 2.14 on) restores the weights it holds, and the next stage's ``init_from`` reads it."""
+    from vlm_post.models.init_from import policy_state_from_checkpoint
+    from vlm_post.models.loading import load_policy
+
+    assert (sft_runs["fsdp1_resumed"] / "checkpoints" / "last.ckpt").is_dir()
+    assert_same_weights(exported(sft_runs["fsdp1_resumed"]), exported(sft_runs["fsdp1"]), rtol=1e-5, atol=1e-6)
+    full = sft_runs["fsdp1_full"]
+    assert (full / "checkpoints" / "last.ckpt").is_file()
+    restored = load_file(str(full / "export_restored" / "model.safetensors"))
+    assert_same_weights(restored, exported(full), rtol=0, atol=0)
+    loaded = load_policy(str(full / "export")).state_dict()  # in module names
+    assert_same_weights(policy_state_from_checkpoint(str(full / "checkpoints" / "last.ckpt")), loaded, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp1"])
+def test_init_from_a_sharded_checkpoint_in_one_process(sft_runs, tiny_model, strategy):
+    """The next stage (or an evaluation) on one process starts from a sharded checkpoint folder, FSDP2's or
+    FSDP1's (they keep the weights under different keys): weights only."""
     from vlm_post.models.loading import load_policy
     from vlm_post.modules import SFTModule
 
-    module = SFTModule(str(tiny_model), init_from=str(sft_runs["fsdp"] / "checkpoints" / "last.ckpt"))
+    module = SFTModule(str(tiny_model), init_from=str(sft_runs[strategy] / "checkpoints" / "last.ckpt"))
     module.configure_model()
-    expected = load_policy(str(sft_runs["fsdp"] / "export")).state_dict()
+    expected = load_policy(str(sft_runs[strategy] / "export")).state_dict()
     for name, value in module.policy.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.models.export import export_hf
@@ -39,15 +40,22 @@ class HFExport(Callback):
         source = "final weights"
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        sharded = is_sharded(pl_module.policy)
-        if self.weights == "best" and best and Path(best).is_dir() and sharded:
-            trainer.strategy.load_checkpoint(best)  # a sharded checkpoint: each rank loads its shards in place
+        fsdp1 = isinstance(trainer.strategy, FSDPStrategy)
+        sharded = fsdp1 or is_sharded(pl_module.policy)
+        if self.weights == "best" and best and (fsdp1 or (Path(best).is_dir() and sharded)):
+            # FSDP1 (a full-state file or a sharded folder) and FSDP2 (a sharded folder): every rank loads in place.
+            trainer.strategy.load_checkpoint(best)
             source = best
         elif self.weights == "best" and best and Path(best).is_file():
             load_policy_state(pl_module.policy, policy_state_from_checkpoint(best), best)
             source = best
         out = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
-        state_dict = full_state_dict(pl_module.policy) if sharded else None  # every rank takes part in the gather
+        state_dict = None
+        if fsdp1:  # FSDP1 wraps the LightningModule itself: gather from that root, keep the policy's weights
+            state_dict = full_state_dict(trainer.strategy.model, wrapped=True)
+            state_dict = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+        elif sharded:
+            state_dict = full_state_dict(pl_module.policy)  # every rank takes part in the gather
         if trainer.is_global_zero:
             export_hf(pl_module.policy, pl_module.processor, out, state_dict)
             provenance = {

@@ -17,6 +17,24 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def read_fsdp_full_checkpoints_with_mmap() -> None:
+    """Make Lightning's FSDPStrategy (FSDP1) read full-state checkpoint files with ``torch.load(mmap=True)``.
+
+    Lightning 2.6 reads them with its own lazy unpickler, which fails on every file torch 2.14 writes
+    (``'UntypedStorage' object has no attribute 'dtype'``), so ``--ckpt_path last.ckpt`` could not resume an FSDP1
+    run with ``state_dict_type: full``. A memory-mapped load is just as lazy (pages are read when touched) and is
+    what Lightning's own ModelParallelStrategy uses for the same files.
+    """
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+
+    lightning_fsdp._lazy_load = _mmap_load
+
+
+def _mmap_load(path) -> Any:
+    # Our own checkpoints (hyperparameters, loop state): not weights-only.
+    return torch.load(path, mmap=True, map_location="cpu", weights_only=False)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:

@@ -47,6 +47,8 @@ class _Parser(LightningArgumentParser):
 _UNION_NOISE = re.compile(
     r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|- Expected a <class 'NoneType'>)"
 )
+# A Union branch that was not even tried (the value is a dict, the branch a str): a reason only if none other is.
+_UNTRIED_BRANCH = re.compile(r"- Expected a <class '[\w.]+'>")
 
 
 def _innermost_error(message: str) -> str:
@@ -56,6 +58,7 @@ def _innermost_error(message: str) -> str:
     None); the reason is at its bottom: ``model.init_args.optim.lr: Expected a float. Got value: abc``.
     """
     keys: list[str] = []
+    untried = None
     for line in (raw.strip() for raw in message.strip().splitlines()):
         if not line or _UNION_NOISE.match(line):
             continue
@@ -63,15 +66,21 @@ def _innermost_error(message: str) -> str:
         if key:
             keys.append(key[1])
         elif line.startswith("- Problem with given class_path"):
-            if len(keys) == 1:  # the top-level subclass (model: class_path + init_args) takes init_args
+            if len(keys) == 1:  # a top-level subclass (model: class_path + init_args) takes init_args
                 keys.append("init_args")
+        elif _UNTRIED_BRANCH.fullmatch(line):
+            untried = untried or (list(keys), line)
         else:
-            reason = re.sub(r"<class '([\w.]+)'>", r"\1", line.removeprefix("- "))
-            import_failed = re.search(r"No module named|has no attribute|import|subclass", reason, re.IGNORECASE)
-            if keys[-1:] == ["init_args"] and import_failed:
-                keys[-1] = "class_path"  # the class itself is the culprit, not its arguments
-            return f"{'.'.join(keys)}: {reason}" if keys else reason
-    return " ".join(message.split())
+            return _culprit(keys, line)
+    return _culprit(*untried) if untried else " ".join(message.split())
+
+
+def _culprit(keys: list[str], line: str) -> str:
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", line.removeprefix("- "))
+    import_failed = re.search(r"No module named|has no attribute|import|subclass", reason, re.IGNORECASE)
+    if keys[-1:] == ["init_args"] and import_failed:
+        keys = [*keys[:-1], "class_path"]  # the class itself is the culprit, not its arguments
+    return f"{'.'.join(keys)}: {reason}" if keys else reason
 
 
 class VLMPostCLI(LightningCLI):
@@ -105,17 +114,21 @@ class VLMPostCLI(LightningCLI):
 
 def _check_sharded_ckpt_path(config) -> None:
     """A sharded checkpoint folder resumes only under the strategy that wrote it; say so instead of a traceback."""
-    from vlm_post.models.init_from import is_sharded_checkpoint
+    from vlm_post.models.init_from import is_sharded_checkpoint, sharded_checkpoint_writer
 
     ckpt_path = config.get("ckpt_path")
     if not ckpt_path or not is_sharded_checkpoint(Path(ckpt_path)):
         return
     strategy = config.trainer.strategy
     name = str(getattr(strategy, "class_path", strategy))
-    if "ModelParallelStrategy" not in name:
+    writer = sharded_checkpoint_writer(Path(ckpt_path))
+    fsdp1 = "FSDPStrategy" in name or name.startswith("fsdp")
+    if (writer == "fsdp1") != fsdp1 or (writer == "fsdp2" and "ModelParallelStrategy" not in name):
+        wrote = "FSDP1, FSDPStrategy" if writer == "fsdp1" else "FSDP2, ModelParallelStrategy"
         raise ConfigError(
-            f"--ckpt_path {ckpt_path} is a sharded checkpoint folder (FSDP2), but trainer.strategy is {name}: resume "
-            f"it with the strategy that wrote it, or take its weights only with --model.init_args.init_from {ckpt_path}"
+            f"--ckpt_path {ckpt_path} is a sharded checkpoint folder ({wrote}), but trainer.strategy is {name}: "
+            f"resume it with the strategy that wrote it, or take its weights only with "
+            f"--model.init_args.init_from {ckpt_path}"
         )
 
 

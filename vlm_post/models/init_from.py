@@ -36,8 +36,21 @@ def is_checkpoint(path: str) -> bool:
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    """A checkpoint folder written under FSDP2 (ModelParallelStrategy): one file per rank plus metadata."""
+    """A sharded checkpoint folder (torch distributed checkpoint): one file per rank plus metadata."""
     return path.is_dir() and (path / ".metadata").is_file()
+
+
+def sharded_checkpoint_writer(path: Path) -> str:
+    """Which strategy wrote a sharded checkpoint folder: ``"fsdp1"`` (Lightning's FSDPStrategy keeps the module's
+    tensors under ``model.``) or ``"fsdp2"`` (ModelParallelStrategy, under ``state_dict.``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as error:
+        raise ConfigError(f"sharded checkpoint folder {path}: cannot read its .metadata ({type(error).__name__}: "
+                          f"{error}); was it copied whole?") from None  # fmt: skip
+    return "fsdp1" if any(key.startswith("model.") for key in keys) else "fsdp2"
 
 
 def policy_state_from_checkpoint(path: str, template: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -67,8 +80,9 @@ def _policy_state_from_sharded(path: str, template: dict[str, torch.Tensor] | No
     if template is None:
         raise ValueError("a sharded checkpoint is read into the policy's state dict: pass template")
     wanted = {POLICY_PREFIX + name: tensor for name, tensor in template.items() if not name.endswith("inv_freq")}
+    top = "model" if sharded_checkpoint_writer(Path(path)) == "fsdp1" else "state_dict"
     try:
-        dcp.load({"state_dict": wanted}, checkpoint_id=path, no_dist=True)
+        dcp.load({top: wanted}, checkpoint_id=path, no_dist=True)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError(

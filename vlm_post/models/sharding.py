@@ -160,9 +160,12 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(getattr(unit, "_vlm_post_reshard", True), recurse=False)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on every rank, in CPU memory (a collective under FSDP)."""
-    if not is_sharded(model):
+def full_state_dict(model: torch.nn.Module, wrapped: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights in CPU memory on rank 0 (empty on the others): a collective under FSDP.
+
+    ``wrapped``: ``model`` is an FSDP1 root (Lightning's FSDPStrategy wraps the LightningModule itself).
+    """
+    if not (wrapped or is_sharded(model)):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
+from vlm_post.checkpoint_io import read_fsdp_full_checkpoints_with_mmap
 from vlm_post.losses import token_logprobs_and_entropy
 from vlm_post.metrics import EvalMetrics
 from vlm_post.models.forward import decoder_hidden_states, response_hidden_states
@@ -138,6 +139,12 @@ class PolicyModule(LightningModule):
         self.eval_records: dict[str, list[dict]] = {}
 
     # --- model -------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # before any checkpoint is restored
+            read_fsdp_full_checkpoints_with_mmap()
 
     def configure_model(self) -> None:
         """Load the policy (once). Runs after data setup, so bad data fails before any weights load."""

@@ -68,6 +68,7 @@ class OnPolicyModule(PolicyModule):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
+        super().setup(stage)
         if isinstance(self.trainer.strategy, FSDPStrategy):
             # FSDP1 runs the whole training_step inside its root forward, and these modules step the optimizer
             # (backward included) there themselves, which FSDP1 does not allow.
