@@ -161,7 +161,8 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
 
 
 def full_state_dict(model: torch.nn.Module, wrapped: bool = False) -> dict[str, torch.Tensor]:
-    """The whole model's weights in CPU memory on rank 0 (empty on the others): a collective under FSDP.
+    """Under FSDP, a collective: the whole model's weights in CPU memory on rank 0, empty on the others.
+    Otherwise the model's own state dict.
 
     ``wrapped``: ``model`` is an FSDP1 root (Lightning's FSDPStrategy wraps the LightningModule itself).
     """
