@@ -311,3 +311,16 @@ def test_a_rank_with_every_score_cached_joins_the_other_ranks_teacher_passes(tin
     assert json.loads((cache / "manifest-rank0.json").read_text())["shards"] == rank0_shards
     assert json.loads((cache / "manifest-rank1.json").read_text())["shards"]
     assert_same_weights(weights["scored"], weights["half_cached"], rtol=0, atol=0)
+
+
+def test_rl_under_fsdp1_is_refused_in_one_line(tiny_model, demo_data, tmp_path):
+    """RL steps its optimizer inside training_step, which FSDP1's root forward cannot host: a clear refusal."""
+    config = demo_config("rl.yaml", tiny_model, demo_data, tmp_path / "rl", max_steps=1, devices=2)
+    config["trainer"]["strategy"] = fsdp1_strategy()
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [VLM_POST, "fit", "--config", str(tmp_path / "rl.yaml")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    assert "vlm_post: error: RLModule cannot train under trainer.strategy FSDPStrategy (FSDP1)" in result.stderr
