@@ -40,9 +40,9 @@ class HFExport(Callback):
         source = "final weights"
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        fsdp1 = isinstance(trainer.strategy, FSDPStrategy)
-        sharded = fsdp1 or is_sharded(pl_module.policy)
-        if self.weights == "best" and best and (fsdp1 or (Path(best).is_dir() and sharded)):
+        fsdp1 = isinstance(trainer.strategy, FSDPStrategy)  # wraps the LightningModule itself, not the policy
+        sharded = is_sharded(pl_module.policy)  # FSDP2
+        if self.weights == "best" and best and (fsdp1 or (sharded and Path(best).is_dir())):
             # FSDP1 (a full-state file or a sharded folder) and FSDP2 (a sharded folder): every rank loads in place.
             trainer.strategy.load_checkpoint(best)
             source = best
@@ -51,8 +51,8 @@ class HFExport(Callback):
             source = best
         out = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
         state_dict = None
-        if fsdp1:  # FSDP1 wraps the LightningModule itself: gather from that root, keep the policy's weights
-            state_dict = full_state_dict(trainer.strategy.model, wrapped=True)
+        if fsdp1:  # gather from the wrapped root, keep the policy's weights
+            state_dict = full_state_dict(trainer.strategy.model)
             state_dict = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
         elif sharded:
             state_dict = full_state_dict(pl_module.policy)  # every rank takes part in the gather

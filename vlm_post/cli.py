@@ -122,8 +122,9 @@ def _check_sharded_ckpt_path(config) -> None:
     strategy = config.trainer.strategy
     name = str(getattr(strategy, "class_path", strategy))
     writer = sharded_checkpoint_writer(Path(ckpt_path))
-    fsdp1 = "FSDPStrategy" in name or name.startswith("fsdp")
-    if (writer == "fsdp1") != fsdp1 or (writer == "fsdp2" and "ModelParallelStrategy" not in name):
+    reader = "fsdp1" if "FSDPStrategy" in name or name.startswith("fsdp") else None
+    reader = "fsdp2" if "ModelParallelStrategy" in name else reader
+    if writer != reader:
         wrote = "FSDP1, FSDPStrategy" if writer == "fsdp1" else "FSDP2, ModelParallelStrategy"
         raise ConfigError(
             f"--ckpt_path {ckpt_path} is a sharded checkpoint folder ({wrote}), but trainer.strategy is {name}: "

@@ -160,16 +160,14 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(getattr(unit, "_vlm_post_reshard", True), recurse=False)
 
 
-def full_state_dict(model: torch.nn.Module, wrapped: bool = False) -> dict[str, torch.Tensor]:
-    """Under FSDP, a collective: the whole model's weights in CPU memory on rank 0, empty on the others.
-    Otherwise the model's own state dict.
-
-    ``wrapped``: ``model`` is an FSDP1 root (Lightning's FSDPStrategy wraps the LightningModule itself).
-    """
-    if not (wrapped or is_sharded(model)):
-        return model.state_dict()
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Under FSDP2 or an FSDP1 root, a collective: the whole model's weights in CPU memory on rank 0, empty on the
+    others. Otherwise the model's own state dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
+    if not (is_sharded(model) or isinstance(model, FullyShardedDataParallel)):
+        return model.state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
