@@ -4,6 +4,7 @@
     vlm_post validate --config configs/demo/sft.yaml --model.init_from runs/demo/sft/export
     vlm_post test     --config configs/demo/eval.yaml --model.init_from runs/demo/sft/export
     vlm_post fit      --config configs/demo/sft.yaml --ckpt_path runs/demo/sft/checkpoints/last.ckpt
+    vlm_post study    --config configs/study/demo.yaml          (vlm_post.study: arms of fit/test stages)
 
 The config picks the stage by ``model.class_path`` (``vlm_post.modules.SFTModule``, ...).
 Every config error (unknown key, wrong type, missing file, unresolvable model,
@@ -151,6 +152,11 @@ def _quiet_progress_bars() -> None:
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["study"]:  # the study layer runs the other subcommands, as processes of their own
+        from vlm_post.study.cli import main as study_main
+
+        study_main(argv[1:])
     _quiet_progress_bars()
     try:
         VLMPostCLI(args=args)

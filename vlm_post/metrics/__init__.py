@@ -1,6 +1,6 @@
 """Metrics (torchmetrics, synced across ranks) and the pure functions behind them."""
 
-from vlm_post.metrics.bootstrap import bootstrap_ci
+from vlm_post.metrics.bootstrap import bootstrap_ci, paired_bootstrap_ci
 from vlm_post.metrics.diversity import AnswerDiversity, distinct_answer_count
 from vlm_post.metrics.entropy import TokenEntropy
 from vlm_post.metrics.evaluation import EvalMetrics
@@ -12,6 +12,7 @@ __all__ = [
     "PassAtK",
     "TokenEntropy",
     "bootstrap_ci",
+    "paired_bootstrap_ci",
     "distinct_answer_count",
     "pass_at_k",
     "pass_at_k_per_problem",

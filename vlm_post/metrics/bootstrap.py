@@ -42,3 +42,21 @@ def bootstrap_ci(
     tail = (1.0 - confidence) / 2.0
     low, high = torch.quantile(torch.cat(means), torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return low, high
+
+
+def paired_bootstrap_ci(
+    a: torch.Tensor, b: torch.Tensor, num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """The difference mean(a) - mean(b) of two systems on the same P problems, and its paired bootstrap interval.
+
+    ``a[i]`` and ``b[i]`` are the two systems' statistics on problem i. Each resample draws P problems with
+    replacement and takes both systems on those same problems, so problem difficulty, which both share, cancels:
+    the interval is much narrower than one built from the two separate intervals. A resample's difference of
+    means is the mean of its per-problem differences, so this is ``bootstrap_ci`` of ``a - b``.
+    Returns (difference, low, high).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same problems, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    differences = a.detach().to("cpu", torch.float64) - b.detach().to("cpu", torch.float64)
+    low, high = bootstrap_ci(differences, num_resamples, confidence, seed)
+    return float(differences.mean()), low, high

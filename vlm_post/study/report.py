@@ -1,0 +1,241 @@
+"""``vlm_post study report``: the study's table, paired differences and figures, from the finished runs alone.
+
+Reads ``<study_dir>/study.json`` (the plan), each evaluation's ``summary.json`` and per-problem JSONL, and the RL
+stages' TensorBoard events; trains nothing. Writes into the study folder:
+
+- ``results.json``: one row per (arm, seed, evaluation point, data set), the keys documented in docs/study.md;
+- ``differences.json``: every pair of arms, at every point and data set: the paired difference of each metric
+  and its paired problem-level bootstrap interval (the same problems resampled for both arms);
+- ``results.md``: the paper's table and the differences;
+- ``figures/*.png`` with their data beside them as ``figures/*.csv`` (see ``vlm_post.study.figures``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from statistics import mean, pstdev
+
+import torch
+
+from vlm_post.metrics import bootstrap_ci, distinct_answer_count, paired_bootstrap_ci, pass_at_k_per_problem
+from vlm_post.rewards import normalize_answer
+from vlm_post.study.curves import Curves, read_curves
+from vlm_post.study.plan import Plan, Stage
+
+PAIRED_METRICS = ("accuracy", "mean_accuracy", "pass@1", "pass@{n}", "mean_distinct_answers")
+
+
+@dataclass
+class Evaluation:
+    """One finished ``vlm_post test`` of one model on one data set: its summary row and per-problem records."""
+
+    arm: str
+    seed: int | None
+    point: str
+    step: int | None
+    dataset: str
+    domain: str
+    summary: dict
+    records: list[dict]
+
+    def per_problem(self, metric: str) -> dict:
+        """Problem id -> the problem's own value of ``metric``, whose mean over problems is the metric."""
+        out = {}
+        for record in self.records:
+            correct = record.get("correct") or []
+            if metric == "accuracy" and "greedy_correct" in record:
+                value = float(record["greedy_correct"])
+            elif metric in ("accuracy", "mean_accuracy"):
+                value = sum(correct) / len(correct)
+            elif metric.startswith("pass@"):
+                value = float(pass_at_k_per_problem(torch.tensor([len(correct)]), torch.tensor([sum(correct)]), int(metric[5:]))[0])
+            elif metric == "mean_distinct_answers":
+                value = float(distinct_answer_count([normalize_answer(a) if a is not None else None for a in record["extracted"]]))
+            else:
+                raise KeyError(metric)
+            out[str(record["id"])] = value
+        return out
+
+    def row(self) -> dict:
+        metrics = {k: v for k, v in self.summary.items() if k not in ("dataset", "ci")}
+        for metric, (low, high) in self.summary.get("ci", {}).items():
+            metrics[f"{metric}_ci_low"], metrics[f"{metric}_ci_high"] = low, high
+        head = dict(arm=self.arm, seed=self.seed, point=self.point, step=self.step, dataset=self.dataset, domain=self.domain)
+        return {**head, **metrics}
+
+
+def collect(plan: Plan) -> list[Evaluation]:
+    """Every finished evaluation of the plan, one per data set (unfinished ones are left out, and said)."""
+    found = []
+    for stage in plan.stages:
+        if stage.command != "test":
+            continue
+        if not stage.marker.is_file():
+            print(f"study report: {stage.key} has not finished; left out")
+            continue
+        summary = json.loads((stage.eval_dir / "summary.json").read_text())
+        step = stage.step if stage.point != "end" else _final_step(plan.by_key()[stage.needs[0]])
+        for row in summary["results"]:
+            name = row["dataset"]
+            lines = (stage.eval_dir / f"{name}.jsonl").read_text().splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            arm = stage.arm or "base"
+            found.append(Evaluation(arm, stage.seed, stage.point, step, name, plan.evaluation.domain_of(name), row, records))
+    return found
+
+
+def _final_step(rl: Stage) -> int | None:
+    provenance = rl.export_dir / "vlm_post_export.json"
+    return json.loads(provenance.read_text()).get("global_step") if provenance.is_file() else None
+
+
+def paired_differences(evaluations: list[Evaluation], plan: Plan) -> list[dict]:
+    """Arm a minus arm b, per point, data set and metric, on the problems both saw, over the seeds both ran.
+
+    With several seeds each problem's value is first averaged over the seeds, then problems are resampled; the
+    spread of the per-seed differences across seeds is given beside it (``seed_sd``), since a problem-level
+    interval does not show how much RL varies from seed to seed.
+    """
+    protocol = plan.evaluation
+    metrics = [m.format(n=protocol.n) for m in PAIRED_METRICS]
+    index = {(e.arm, e.seed, e.point, e.dataset): e for e in evaluations}
+    rows = []
+    for a, b in combinations(plan.arms, 2):
+        for point in ("entry", "end"):
+            for dataset in [item.name for item in protocol.datasets]:
+                seeds = [s for s in plan.seeds if (a, s, point, dataset) in index and (b, s, point, dataset) in index]
+                if not seeds:
+                    continue
+                for metric in metrics:
+                    row = _paired(metric, [index[(a, s, point, dataset)] for s in seeds],
+                                  [index[(b, s, point, dataset)] for s in seeds], protocol)  # fmt: skip
+                    if row is not None:
+                        rows.append({"arm_a": a, "arm_b": b, "point": point, "dataset": dataset,
+                                     "domain": protocol.domain_of(dataset), "seeds": seeds, **row})  # fmt: skip
+    return rows
+
+
+def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], protocol) -> dict | None:
+    try:
+        per_a = [run.per_problem(metric) for run in runs_a]
+        per_b = [run.per_problem(metric) for run in runs_b]
+    except (KeyError, ZeroDivisionError):
+        return None  # e.g. pass@k without samples
+    problems = sorted(set.intersection(*(set(p) for p in per_a + per_b)))
+    if not problems:
+        return None
+    seed_mean = lambda per: torch.tensor([mean(p[i] for p in per) for i in problems], dtype=torch.float64)
+    difference, low, high = paired_bootstrap_ci(seed_mean(per_a), seed_mean(per_b), protocol.bootstrap_resamples,
+                                                protocol.confidence, protocol.bootstrap_seed)  # fmt: skip
+    per_seed = [mean(pa[i] for i in problems) - mean(pb[i] for i in problems) for pa, pb in zip(per_a, per_b)]
+    return {"metric": metric, "problems": len(problems), "difference": difference, "ci_low": low, "ci_high": high,
+            "seed_sd": pstdev(per_seed) if len(per_seed) > 1 else None}  # fmt: skip
+
+
+def build_report(study_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, differences.json, results.md and the figures; return what was written."""
+    from vlm_post.study.figures import write_figures
+
+    plan = Plan.load(study_dir)
+    out = Path(study_dir)
+    evaluations = collect(plan)
+    curves = read_curves(plan)
+    rows = [evaluation.row() for evaluation in evaluations]
+    for row in rows:
+        if row["point"] == "end":
+            row["rl_train_entropy_mean"] = curves.mean_entropy(row["arm"], row["seed"])
+    differences = paired_differences(evaluations, plan)
+    written = {"results.json": out / "results.json", "differences.json": out / "differences.json"}
+    written["results.json"].write_text(json.dumps(rows, indent=2) + "\n")
+    written["differences.json"].write_text(json.dumps(differences, indent=2) + "\n")
+    written["results.md"] = out / "results.md"
+    written["results.md"].write_text(markdown(plan, evaluations, curves, differences))
+    written.update(write_figures(out / "figures", plan, evaluations, curves))
+    return written
+
+
+# --- results.md ------------------------------------------------------------------------------------------------
+
+
+def _cell(runs: list[Evaluation], metric: str, protocol, interval: bool = True) -> str:
+    """The metric's mean over seeds, ± its spread across seeds, [its problem-level interval]."""
+    values = [run.summary[metric] for run in runs if metric in run.summary]
+    if not values:
+        return "–"
+    text = f"{mean(values):.3f}"
+    if len(values) > 1:
+        text += f" ±{pstdev(values):.3f}"
+    if interval and len(runs) == 1 and metric in runs[0].summary.get("ci", {}):
+        low, high = runs[0].summary["ci"][metric]
+        text += f" [{low:.3f}, {high:.3f}]"
+    elif interval and len(runs) > 1:
+        per = [run.per_problem(metric) for run in runs]
+        problems = sorted(set.intersection(*(set(p) for p in per)))
+        pooled = torch.tensor([mean(p[i] for p in per) for i in problems], dtype=torch.float64)
+        low, high = bootstrap_ci(pooled, protocol.bootstrap_resamples, protocol.confidence, protocol.bootstrap_seed)
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differences: list[dict]) -> str:
+    protocol = plan.evaluation
+    first = {domain: next((d.name for d in protocol.datasets if d.domain == domain), None) for domain in ("in", "out")}
+    runs = lambda arm, point, dataset: [e for e in evaluations if (e.arm, e.point, e.dataset) == (arm, point, dataset)]
+    top = f"pass@{protocol.n}"
+    seeds = ", ".join(str(s) for s in plan.seeds)
+    level = f"{protocol.confidence:.0%}"
+    lines = [
+        f"# Study {plan.study_dir}",
+        "",
+        f"Arms: {', '.join(plan.arms)}; seeds: {seeds}. Every model is evaluated on the same problems: greedy "
+        f"accuracy, {protocol.n} samples at temperature {protocol.temperature} (pass@k, entropy, answer diversity). "
+        f"In-domain: {first['in'] or '–'}; out-of-domain: {first['out'] or '–'}. Cells: the mean over seeds, "
+        f"± the standard deviation across seeds (several seeds), [the {level} problem-level bootstrap interval, "
+        f"{protocol.bootstrap_resamples} resamples].",
+        "",
+        "## The warm starts compared",
+        "",
+        "`entry` is the warm start's export (RL entry), `end` the RL export. Entropy at entry: token-mean entropy of "
+        "the sampled responses at the evaluation temperature; over RL: the mean of the RL stage's logged "
+        "`train/entropy` (at the rollout temperature).",
+        "",
+    ]
+    header = ["arm", "in-domain acc entry", "in-domain acc end", "out-of-domain acc entry", "out-of-domain acc end",
+              "entropy entry", "entropy over RL", "pass@1 entry", "pass@1 end", f"{top} entry", f"{top} end",
+              "distinct answers entry"]  # fmt: skip
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in ["base", *plan.arms]:
+        ind, ood = first["in"], first["out"]
+        entry = lambda dataset, metric, interval=True: _cell(runs(arm, "entry", dataset), metric, protocol, interval)
+        end = lambda dataset, metric: _cell(runs(arm, "end", dataset), metric, protocol) if arm != "base" else "–"
+        rl_entropy = [curves.mean_entropy(arm, seed) for seed in plan.seeds] if arm != "base" else []
+        rl_entropy = [value for value in rl_entropy if value is not None]
+        cells = [arm, entry(ind, "accuracy"), end(ind, "accuracy"), entry(ood, "accuracy") if ood else "–",
+                 end(ood, "accuracy") if ood else "–", entry(ind, "entropy", False),
+                 f"{mean(rl_entropy):.3f}" if rl_entropy else "–", entry(ind, "pass@1"), end(ind, "pass@1"),
+                 entry(ind, top), end(ind, top), entry(ind, "mean_distinct_answers", False)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Every data set", "", "| arm | point | data set | domain | accuracy | mean@n | " + top + " | entropy |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for arm in ["base", *plan.arms]:
+        for point in ("entry", "end"):
+            for dataset in protocol.datasets:
+                found = runs(arm, point, dataset.name)
+                if found:
+                    cells = [_cell(found, m, protocol, m != "entropy") for m in ("accuracy", "mean_accuracy", top, "entropy")]
+                    lines.append(f"| {arm} | {point} | {dataset.name} | {dataset.domain} | " + " | ".join(cells) + " |")
+    lines += ["", "## Paired differences between arms", "",
+              f"Arm a minus arm b on the same problems; the interval resamples problems jointly for both arms "
+              f"({level}, {protocol.bootstrap_resamples} resamples). With several seeds, each problem's value is "
+              "averaged over seeds first; `seed sd` is the spread of the difference across seeds.", "",
+              "| a − b | point | data set | metric | difference | interval | seed sd |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in differences:
+        sd = f"{row['seed_sd']:.3f}" if row["seed_sd"] is not None else "–"
+        lines.append(f"| {row['arm_a']} − {row['arm_b']} | {row['point']} | {row['dataset']} | {row['metric']} | "
+                     f"{row['difference']:+.3f} | [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] | {sd} |")  # fmt: skip
+    lines += ["", "Figures (each with its data as CSV beside it): `figures/entropy_vs_step.png`, "
+              "`figures/accuracy_vs_step.png`, `figures/pass_at_k.png`.", ""]  # fmt: skip
+    return "\n".join(lines)
