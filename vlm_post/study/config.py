@@ -289,18 +289,26 @@ def _stage(stage: StageSpec, key: str, base_dir: Path, allowed: set[str]) -> Non
 
 
 def load_study(path: str | Path, base_dir: Path | None = None) -> StudyConfig:
-    """Parse and check a study config; every problem is one ``ConfigError`` (or the parser's one-line exit)."""
-    from jsonargparse import ActionConfigFile
-
-    from vlm_post.cli import _Parser
+    """Parse and check a study config; every problem is one ``ConfigError`` that names the key."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     if not Path(path).is_file():
         raise ConfigError(f"--config: no such study config: {path}")
-    parser = _Parser(prog="vlm_post study", description="A warm-start study.")
+    parser = ArgumentParser(prog="vlm_post study", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(StudyConfig, fail_untyped=True, sub_configs=True)
-    config = parser.parse_args(["--config", str(path)])
-    study = parser.instantiate_classes(config)
+    try:
+        study = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))
+    except Exception as error:  # jsonargparse's nested report, as one line
+        raise ConfigError(f"{path}: {_one_line(str(error))}") from None
     study = StudyConfig(**{key: study[key] for key in StudyConfig.__dataclass_fields__})
     study.check(base_dir or Path.cwd())
     return study
+
+
+def _one_line(message: str) -> str:
+    """``Parser key "arms": ... Parser key "stages": ... reason`` -> ``arms.stages: reason``."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    reason = message.strip().splitlines()[-1].strip()
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
+    return f"{'.'.join(keys)}: {reason}" if keys else reason

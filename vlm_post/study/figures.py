@@ -78,7 +78,8 @@ def _accuracy(out: Path, plan, evaluations, curves) -> dict[str, Path]:
     for (arm, seed, dataset), points in curves.val_accuracy.items():
         # A validation set the protocol does not name is the RL task's own (in-domain) validation split.
         domain = protocol.domain_of(dataset) if dataset in named else "in"
-        rows += [[arm, seed, dataset, domain, step, value, "val"] for step, value in points]
+        # Lightning logs a validation inside fit at the index of the last finished batch: after s + 1 updates.
+        rows += [[arm, seed, dataset, domain, step + 1, value, "val"] for step, value in points]
     rows.sort(key=lambda row: (row[0], row[1], row[2], row[6], row[4]))
     plt = _pyplot()
     domains = [domain for domain in ("in", "out") if any(d.domain == domain for d in protocol.datasets)]

@@ -1,0 +1,234 @@
+"""``vlm_post study`` end to end on a tiny two-arm study, as a user runs it: plan, run, kill, rerun, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT
+from tests.study_fixtures import tiny_study
+from vlm_post.metrics import paired_bootstrap_ci
+
+VLM_POST = str(Path(sys.executable).parent / "vlm_post")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def study(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([VLM_POST, "study", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, demo_data, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The tiny study, run once without interruption: (its config, its folder, the run)."""
+    root = tmp_path_factory.mktemp("study")
+    config = tiny_study(tiny_model, demo_data, root / "configs", root / "study")
+    result = study("--config", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return config, root / "study", result
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_study_runs_every_stage_and_reports(finished):
+    config, folder, result = finished
+    plan = json.loads((folder / "study.json").read_text())
+    keys = [stage["key"] for stage in plan["stages"]]
+    assert len(keys) == 11 and all((folder / key / "vlm_post_stage.json").is_file() for key in keys)
+    assert "[11/11 done] finished" in result.stdout and "running short/seed0/rl" in result.stdout
+    # Handoff: each stage starts from the export of the one before; every run folder holds its resolved config.
+    rl_config = yaml.safe_load((folder / "long/seed0/rl/lightning_logs/version_0/config.yaml").read_text())
+    assert rl_config["model"]["init_args"]["init_from"] == str(folder / "long/seed0/sft/export")
+    assert all(list((folder / key).glob("lightning_logs/version_0/config.yaml")) for key in keys)
+
+    rows = json.loads((folder / "results.json").read_text())
+    points = {(r["arm"], r["point"], r["dataset"]) for r in rows}
+    assert len(rows) == len(points) == 2 + 2 * 3 * 2  # base, and each arm at entry, step_2 and end, on 2 data sets
+    assert {r["point"] for r in rows} == {"entry", "step_2", "end"}
+    assert {(r["dataset"], r["domain"]) for r in rows} == {("demo_test", "in"), ("demo_shifted", "out")}
+    for row in rows:
+        assert {"accuracy", "pass@4", "entropy", "mean_distinct_answers", "accuracy_ci_low", "pass@4_ci_high"} <= set(row)
+        assert row["accuracy_ci_low"] <= row["accuracy"] <= row["accuracy_ci_high"]
+    end = [r for r in rows if r["point"] == "end"]
+    assert all(r["step"] == 4 and r["rl_train_entropy_mean"] > 0 for r in end)
+    # The arms really differ here (the long SFT is another model), so the comparison is not trivially zero.
+    entry = {r["arm"]: r for r in rows if r["point"] == "entry" and r["dataset"] == "demo_test"}
+    assert entry["short"]["entropy"] != entry["long"]["entropy"]
+
+    differences = json.loads((folder / "differences.json").read_text())
+    accuracy = [d for d in differences if (d["point"], d["dataset"], d["metric"]) == ("entry", "demo_test", "accuracy")]
+    assert len(accuracy) == 1 and accuracy[0]["arm_a"] == "short" and accuracy[0]["arm_b"] == "long"
+    assert accuracy[0]["difference"] == pytest.approx(entry["short"]["accuracy"] - entry["long"]["accuracy"])
+    markdown = (folder / "results.md").read_text()
+    assert "| short |" in markdown and "| long |" in markdown and "## Paired differences between arms" in markdown
+
+    # Figures, each with its CSV: one line per arm, the expected number of points.
+    figures = folder / "figures"
+    assert all((figures / f"{name}.png").stat().st_size > 1000 for name in ("entropy_vs_step", "accuracy_vs_step", "pass_at_k"))
+    entropy = _csv(figures / "entropy_vs_step.csv")
+    assert {r["arm"] for r in entropy} == {"short", "long"}
+    assert all(sorted(int(r["step"]) for r in entropy if r["arm"] == arm) == [0, 1, 2, 3] for arm in ("short", "long"))
+    accuracy_curve = [r for r in _csv(figures / "accuracy_vs_step.csv") if r["source"] == "eval"]
+    for arm in ("short", "long"):
+        for dataset in ("demo_test", "demo_shifted"):
+            steps = sorted(int(r["step"]) for r in accuracy_curve if (r["arm"], r["dataset"]) == (arm, dataset))
+            assert steps == [0, 2, 4], (arm, dataset, steps)
+    pass_at_k = _csv(figures / "pass_at_k.csv")
+    assert {r["arm"] for r in pass_at_k} == {"base", "short", "long"}
+    curve = [r for r in pass_at_k if (r["arm"], r["point"], r["dataset"]) == ("short", "end", "demo_test")]
+    assert [int(r["k"]) for r in curve] == [1, 2, 3, 4]
+    assert float(curve[-1]["pass_at_k"]) == pytest.approx(next(r["pass@4"] for r in end if r["arm"] == "short" and r["dataset"] == "demo_test"))
+
+
+def test_rerun_of_a_finished_study_runs_nothing(finished):
+    config, folder, _ = finished
+    markers = {p: p.stat().st_mtime_ns for p in folder.rglob("vlm_post_stage.json")}
+    result = study("--config", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "11 of 11 stages already finished, skipped" in result.stdout and "running" not in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("vlm_post_stage.json")} == markers
+    before = {name: (folder / name).read_text() for name in ("results.json", "differences.json", "results.md")}
+    (folder / "results.json").unlink()
+    report = study("report", "--dir", str(folder))  # the report alone, rebuilt from the runs: the same numbers
+    assert report.returncode == 0 and "results.md" in report.stdout, report.stderr[-2000:]
+    assert {name: (folder / name).read_text() for name in before} == before
+
+
+def test_sigkill_mid_stage_then_rerun_finishes_with_the_same_results(finished, tiny_model, demo_data, tmp_path):
+    reference = json.loads((finished[1] / "results.json").read_text())
+    config = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
+    folder = tmp_path / "study"
+    process = subprocess.Popen([VLM_POST, "study", "--config", str(config)], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    last = folder / "long/seed0/sft/checkpoints/last.ckpt"  # written at step 8 of 24: the long SFT is mid-run
+    deadline = time.time() + 600
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert last.exists(), process.communicate()[0][-3000:]
+    process.send_signal(signal.SIGKILL)  # the study process alone: its running stage must die with it
+    process.communicate()
+    assert not (folder / "long/seed0/sft/vlm_post_stage.json").exists()
+    time.sleep(1.0)
+    orphans = subprocess.run(["pgrep", "-f", str(folder / "long/seed0/sft")], capture_output=True, text=True).stdout.split()
+    assert not orphans, f"the killed study left its stage running: {orphans}"
+
+    done_before = {p: p.stat().st_mtime_ns for p in folder.rglob("vlm_post_stage.json")}
+    assert len(done_before) == 6  # base/eval and the whole short arm (5 stages)
+    result = study("--config", str(config))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "6 of 11 stages already finished, skipped" in result.stdout
+    assert f"running long/seed0/sft (resuming {last})" in result.stdout
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done_before.items()), "a finished stage ran again"
+    resumed = json.loads((folder / "results.json").read_text())
+    assert len(resumed) == len(reference)
+    for got, want in zip(resumed, reference):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-6, abs=1e-9) if isinstance(value, float) else value), key
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    from vlm_post.study.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda s: s["arms"][0].update(stagez=[]), "stagez"),
+        (lambda s: s["evaluation"].update(n="many"), "evaluation.n"),
+        (lambda s: s["arms"][0]["stages"][0].update(config="configs/nope.yaml"), "arms[0] (short).stages[0].config: no such config file"),
+        (lambda s: s["arms"][1]["stages"][1].update(overrides=["--model.init_args.teacher.model_name_or_path=${teachr}"]),
+         "arms[1] (long).stages[1].overrides: ${teachr} is neither a shared stage nor an earlier stage"),
+        (lambda s: s["arms"][1].update(name="short"), "arms: short named twice"),
+        (lambda s: s["arms"][0].update(stages=s["arms"][0]["stages"][:1]), "2 stages at least"),
+        (lambda s: s["evaluation"]["datasets"][1].update(domain="sideways"), "domain"),
+        (lambda s: s["evaluation"].update(pass_k=[1, 32]), "evaluation.pass_k: 32 is not in [1, n=4]"),
+        (lambda s: s.update(seeds=[]), "seeds"),
+        (lambda s: s["launcher"].update(kind="kubernetes"), "launcher.kind"),
+    ],
+)
+def test_bad_study_config_is_one_line(change, expected, tiny_model, demo_data, tmp_path, capsys):
+    path = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
+    config = yaml.safe_load(path.read_text())
+    change(config)
+    path.write_text(yaml.safe_dump(config))
+    err = _one_line_error(capsys, ["--config", str(path), "--dry-run"])
+    assert expected in err, err
+    assert not (tmp_path / "study").exists()
+
+
+def test_missing_study_config_is_one_line(capsys, tmp_path):
+    assert "no such study config" in _one_line_error(capsys, ["--config", str(tmp_path / "none.yaml")])
+    assert "not a study folder" in _one_line_error(capsys, ["report", "--dir", str(tmp_path)])
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tiny_model, demo_data, tmp_path):
+    config = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
+    result = study("--config", str(config), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "11 stages, launcher local" in result.stdout
+    assert "[4] short/seed0/eval_entry (to run) after short/seed0/sft" in result.stdout
+    assert f"vlm_post fit --config {tmp_path / 'configs' / 'rl.yaml'}" in result.stdout
+    assert f"--model.init_args.init_from={tmp_path / 'study' / 'long/seed0/sft/export'}" in result.stdout
+    assert not (tmp_path / "study").exists()
+
+
+def test_failing_stage_stops_its_arm_and_the_others_go_on(tiny_model, demo_data, tmp_path):
+    path = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
+    config = yaml.safe_load(path.read_text())
+    config["evaluation"].pop("every_k_steps")
+    config["arms"][1]["stages"][0]["overrides"] = ["--trainer.max_steps=4", "--model.init_args.optim.schedule=sideways"]
+    config["arms"][0]["stages"][0]["overrides"] = ["--trainer.max_steps=2"]
+    path.write_text(yaml.safe_dump(config))
+    result = study("--config", str(path))
+    assert result.returncode == 1
+    log = tmp_path / "study/long/seed0/sft/stage.log"
+    assert f"study: stage long/seed0/sft failed (exit 2); log: {log}; 3 stages that need it will not run" in result.stdout
+    assert "schedule" in log.read_text()
+    assert "study: 1 stage(s) failed: long/seed0/sft" in result.stdout
+    rows = json.loads((tmp_path / "study/results.json").read_text())
+    assert {(r["arm"], r["point"]) for r in rows} == {("base", "entry"), ("short", "entry"), ("short", "end")}
+
+
+def test_paired_bootstrap_against_a_hand_computation():
+    a = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.25])
+    b = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.25, 0.25])
+    difference, low, high = paired_bootstrap_ci(a, b, num_resamples=500, confidence=0.9, seed=3)
+    # By hand: the same 500 resamples of the 8 problems (the same generator draws), both systems on each resample,
+    # the difference of their means, and the 5% and 95% quantiles with linear interpolation.
+    generator = torch.Generator().manual_seed(3)
+    indices = torch.randint(8, (500, 8), generator=generator).tolist()
+    resampled = sorted(sum(a[i].item() for i in draw) / 8 - sum(b[i].item() for i in draw) / 8 for draw in indices)
+
+    def quantile(q: float) -> float:
+        position = q * (len(resampled) - 1)
+        below = int(position)
+        return resampled[below] + (position - below) * (resampled[min(below + 1, len(resampled) - 1)] - resampled[below])
+
+    assert difference == pytest.approx((a.sum() - b.sum()).item() / 8)
+    assert low == pytest.approx(quantile(0.05)) and high == pytest.approx(quantile(0.95))
+    # Pairing matters: the problems both systems share cancel, so the interval is narrower than unpaired resampling.
+    generator = torch.Generator().manual_seed(4)
+    unpaired = sorted((a[torch.randint(8, (8,), generator=generator)].mean() - b[torch.randint(8, (8,), generator=generator)].mean()).item()
+                      for _ in range(500))  # fmt: skip
+    assert high - low < unpaired[474] - unpaired[25]
+    with pytest.raises(ValueError, match="same problems"):
+        paired_bootstrap_ci(a, b[:4])
