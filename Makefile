@@ -8,9 +8,19 @@ STAMP  := $(VENV)/.vlm_post-installed
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup system-packages demo test bench clean-demo
 
 setup: $(STAMP)
+
+# Debian packages the tests use: a real one-node SLURM for the study launcher (tests/test_study_slurm.py).
+# Installed only as root with apt-get; elsewhere those tests skip and say why.
+SYSTEM_PACKAGES := slurm-wlm munge
+system-packages:
+	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(SYSTEM_PACKAGES) (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "not root or no apt-get: the SLURM launcher tests will skip ($(SYSTEM_PACKAGES) not installed)"; fi
 
 # Idempotent: re-runs only when the pins or the package metadata change.
 $(STAMP): pyproject.toml requirements/lock.txt
@@ -21,7 +31,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 demo: setup
 	$(PY) tools/demo.py
 
-test: setup
+test: setup system-packages
 	$(PY) -m pytest -q
 
 # Bench extras (the side-by-side baselines, e.g. TRL) go into .venv only here, never as runtime dependencies.

@@ -11,6 +11,7 @@ import ctypes
 import fcntl
 import json
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -213,7 +214,7 @@ def _sbatch(command: list[str]) -> str:
 def _live_jobs() -> set[str]:
     """Job ids SLURM still has queued or running (of this user)."""
     try:
-        result = subprocess.run(["squeue", "-h", "-u", os.environ.get("USER", str(os.getuid())), "-o", "%i"],
+        result = subprocess.run(["squeue", "-h", "-u", pwd.getpwuid(os.getuid()).pw_name, "-o", "%i"],
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
     except FileNotFoundError:
         raise ConfigError("launcher.kind: slurm, but there is no 'squeue' on this machine's PATH") from None
