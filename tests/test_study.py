@@ -31,7 +31,7 @@ def study(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def finished(tiny_model, demo_data, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """The tiny study, run once without interruption: (its config, its folder, the run)."""
     root = tmp_path_factory.mktemp("study")
-    config = tiny_study(tiny_model, demo_data, root / "configs", root / "study")
+    config = tiny_study(tiny_model, demo_data, root / "configs", root / "study", kind="local", max_parallel=2)
     result = study("--config", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return config, root / "study", result
@@ -107,7 +107,7 @@ def test_rerun_of_a_finished_study_runs_nothing(finished):
 
 
 def test_sigkill_mid_stage_then_rerun_finishes_with_the_same_results(finished, tiny_model, demo_data, tmp_path):
-    reference = json.loads((finished[1] / "results.json").read_text())
+    reference = json.loads((finished[1] / "results.json").read_text())  # 2 stages at a time there, 1 here
     config = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
     folder = tmp_path / "study"
     process = subprocess.Popen([VLM_POST, "study", "--config", str(config)], cwd=ROOT, env=ENV,

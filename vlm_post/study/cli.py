@@ -3,6 +3,7 @@
     vlm_post study --config configs/study/demo.yaml             # run every unfinished stage, then the report
     vlm_post study --config configs/study/demo.yaml --dry-run   # the stage graph and the exact commands
     vlm_post study report --dir runs/study/demo                 # results.json, results.md, figures, no training
+    vlm_post study --config configs/study/demo.yaml --seeds=[1] --study_dir=runs/study/demo-seed1   # keys overridden
 
 Rerunning the same command after an interruption (even SIGKILL) skips the finished stages and resumes the
 interrupted ones from their last checkpoint.
@@ -18,7 +19,10 @@ from vlm_post.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm_post study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="vlm_post study", description=__doc__.split("\n\n")[0],
+        epilog="Any other --key=value overrides that key of the study config (--seeds=[0,1,2], --study_dir=DIR).",
+    )  # fmt: skip
     parser.add_argument("--config", help="the study config (configs/study/*.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its commands; run nothing")
     return parser
@@ -58,10 +62,10 @@ def run(argv: list[str]) -> int:
         written = build_report(report.parse_args(argv[1:]).dir)
         print("\n".join(f"wrote {path}" for path in written.values()))
         return 0
-    args = _parser().parse_args(argv)
+    args, overrides = _parser().parse_known_args(argv)
     if not args.config:
         raise ConfigError("--config: vlm_post study needs a study config (see 'vlm_post study --help')")
-    study = load_study(args.config)
+    study = load_study(args.config, overrides)
     plan = build_plan(study)
     if args.dry_run:
         print(describe(plan, study.launcher))

@@ -288,8 +288,11 @@ def _stage(stage: StageSpec, key: str, base_dir: Path, allowed: set[str]) -> Non
             raise ConfigError(f"{key}.overrides: {item!r} is not of the form --key=value")
 
 
-def load_study(path: str | Path, base_dir: Path | None = None) -> StudyConfig:
-    """Parse and check a study config; every problem is one ``ConfigError`` that names the key."""
+def load_study(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> StudyConfig:
+    """Parse and check a study config, then ``overrides`` (``--seeds=[1]``, ``--study_dir=...``) over it.
+
+    Every problem is one ``ConfigError`` that names the key.
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     if not Path(path).is_file():
@@ -298,7 +301,7 @@ def load_study(path: str | Path, base_dir: Path | None = None) -> StudyConfig:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(StudyConfig, fail_untyped=True, sub_configs=True)
     try:
-        study = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))
+        study = parser.instantiate_classes(parser.parse_args(["--config", str(path), *overrides]))
     except Exception as error:  # jsonargparse's nested report, as one line
         raise ConfigError(f"{path}: {_one_line(str(error))}") from None
     study = StudyConfig(**{key: study[key] for key in StudyConfig.__dataclass_fields__})

@@ -72,6 +72,8 @@ def run_local(plan: Plan, launcher: LauncherConfig) -> list[str]:
                     resumed = f" (resuming {stage.resume_checkpoint()})" if stage.resume_checkpoint() else ""
                     say(f"[{len(finished)}/{total} done] running {stage.key}{resumed}; log: {stage.log}")
             if not running:
+                if any(stage.key not in blocked for stage in todo):  # cannot happen: needs come first in the plan
+                    raise RuntimeError(f"study: {[s.key for s in todo]} wait for stages that are not in the plan")
                 continue  # only blocked stages were left: the loop drops them
             time.sleep(0.2)
             for key, (process, stage, started) in list(running.items()):
