@@ -232,3 +232,52 @@ def test_paired_bootstrap_against_a_hand_computation():
     assert high - low < unpaired[474] - unpaired[25]
     with pytest.raises(ValueError, match="same problems"):
         paired_bootstrap_ci(a, b[:4])
+
+
+def _write_evaluation(stage, correct: dict[str, list[bool]], greedy: dict[str, bool]) -> None:
+    """The files a finished ``vlm_post test`` leaves, for one data set, and the stage's done marker."""
+    stage.eval_dir.mkdir(parents=True, exist_ok=True)
+    records = [{"id": pid, "answer": "a", "greedy_correct": greedy[pid], "correct": c, "extracted": ["a" if ok else "b" for ok in c]}
+               for pid, c in correct.items()]  # fmt: skip
+    with open(stage.eval_dir / "demo_test.jsonl", "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    accuracy = sum(greedy.values()) / len(greedy)
+    summary = {"dataset": "demo_test", "problems": len(records), "accuracy": accuracy, "entropy": 1.0, "ci": {}}
+    (stage.eval_dir / "summary.json").write_text(json.dumps({"results": [summary]}))
+    stage.mark_finished()
+
+
+def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path, monkeypatch):
+    """Two arms, two seeds, hand-made evaluation files: the paired difference pools seeds per problem."""
+    from vlm_post.study import build_plan, load_study
+    from vlm_post.study.report import build_report
+
+    monkeypatch.chdir(ROOT)
+    config = {"study_dir": str(tmp_path / "study"), "seeds": [0, 1],
+              "arms": [{"name": n, "stages": [{"name": "sft", "config": "configs/demo/sft.yaml"},
+                                               {"name": "rl", "config": "configs/demo/rl.yaml"}]} for n in ("a", "b")],
+              "evaluation": {"config": "configs/demo/eval.yaml", "n": 2, "bootstrap_resamples": 300,
+                             "datasets": [{"name": "demo_test", "path": "unused.parquet"}]}}  # fmt: skip
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    plan = build_plan(load_study(tmp_path / "study.yaml"))
+    plan.save()
+    greedy = {  # per (arm, seed): greedy correctness of problems p0..p3
+        ("a", 0): [1, 1, 0, 1], ("a", 1): [1, 0, 0, 1], ("b", 0): [0, 1, 0, 0], ("b", 1): [1, 0, 0, 0], (None, None): [0, 0, 0, 0]
+    }  # fmt: skip
+    for stage in plan.stages:
+        if stage.command == "test":
+            flags = greedy[(stage.arm, stage.seed)]
+            ids = [f"p{i}" for i in range(4)]
+            _write_evaluation(stage, {p: [bool(f), False] for p, f in zip(ids, flags)}, dict(zip(ids, map(bool, flags))))
+    build_report(plan.study_dir)
+    rows = json.loads((tmp_path / "study/results.json").read_text())
+    assert len(rows) == 1 + 2 * 2 * 2  # base; 2 arms x 2 seeds x (entry, end)
+    difference = next(d for d in json.loads((tmp_path / "study/differences.json").read_text())
+                      if (d["point"], d["metric"]) == ("entry", "accuracy"))  # fmt: skip
+    # Per seed: a - b = 3/4 - 1/4 = 0.5 (seed 0) and 2/4 - 1/4 = 0.25 (seed 1); pooled 0.375, spread 0.125.
+    assert difference["seeds"] == [0, 1] and difference["difference"] == pytest.approx(0.375)
+    assert difference["seed_sd"] == pytest.approx(0.125)
+    pooled_a, pooled_b = torch.tensor([1.0, 0.5, 0.0, 1.0]), torch.tensor([0.5, 0.5, 0.0, 0.0])
+    assert (difference["ci_low"], difference["ci_high"]) == pytest.approx(paired_bootstrap_ci(pooled_a, pooled_b, 300)[1:])
+    markdown = (tmp_path / "study/results.md").read_text()
+    assert "| a | 0.625 ±0.125 [" in markdown  # in-domain accuracy at entry: seeds 0.75 and 0.5

@@ -21,10 +21,11 @@ def test_study_config_plans_and_its_stage_commands_parse(path, monkeypatch):
     study = load_study(path)
     plan = build_plan(study)
     assert len(plan.arms) == 3 and all(stage.key.count("/") <= 2 for stage in plan.stages)
-    # One stage of each distinct command shape (each arm's stages, one evaluation), parsed by the real CLI.
+    # One stage of each distinct stage config and overrides (and one evaluation), parsed by the real CLI.
     seed = study.seeds[0]
-    keys = [f"{arm.name}/seed{seed}/{stage.name}" for arm in study.arms for stage in arm.stages]
-    keys += [s.key for s in plan.stages if s.key.startswith("shared/")] + [f"{study.arms[0].name}/seed{seed}/eval_end"]
+    distinct = {(stage.config, *stage.overrides): f"{arm.name}/seed{seed}/{stage.name}" for arm in study.arms for stage in arm.stages}
+    keys = [*distinct.values(), *[s.key for s in plan.stages if s.key.startswith("shared/")]]
+    keys.append(f"{study.arms[0].name}/seed{seed}/eval_end")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for key in keys:
         stage = plan.by_key()[key]

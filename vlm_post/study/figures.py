@@ -62,7 +62,8 @@ def _entropy(out: Path, plan, curves) -> dict[str, Path]:
         if points:
             axis.plot(*zip(*points), label=arm)
     axis.set(xlabel="RL step", ylabel="policy entropy (token mean, nats)", title="Entropy through RL")
-    axis.legend()
+    if axis.lines:
+        axis.legend()
     figure.tight_layout()
     figure.savefig(out / "entropy_vs_step.png", dpi=120)
     plt.close(figure)
@@ -95,7 +96,8 @@ def _accuracy(out: Path, plan, evaluations, curves) -> dict[str, Path]:
                                   alpha=1.0 if source == "eval" else 0.5)  # fmt: skip
         name = "in-domain" if domain == "in" else "out-of-domain"
         axis.set(xlabel="RL step", ylabel="accuracy", title=f"{name} accuracy through RL")
-        axis.legend(fontsize=7)
+        if axis.lines:
+            axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "accuracy_vs_step.png", dpi=120)
     plt.close(figure)
@@ -127,7 +129,8 @@ def _pass_at_k(out: Path, plan, evaluations) -> dict[str, Path]:
             if points:
                 axis.plot(*zip(*points), "o-", label=arm, color="gray" if arm == "base" else f"C{arm_index - 1}")
         axis.set(xlabel="k", ylabel="pass@k", title=f"pass@k on {primary} at RL {point}", xscale="log")
-        axis.legend()
+        if axis.lines:
+            axis.legend()
     figure.tight_layout()
     figure.savefig(out / "pass_at_k.png", dpi=120)
     plt.close(figure)

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from vlm_post.errors import ConfigError
-from vlm_post.study.config import PLACEHOLDER, EvalProtocol, SlurmResources, StageSpec, StudyConfig
+from vlm_post.study.config import PLACEHOLDER, EvalProtocol, EvalSet, SlurmResources, StageSpec, StudyConfig
 
 MARKER = "vlm_post_stage.json"  # written when a stage exited 0 (and, for fit, left its export)
 STEP_CHECKPOINTS = "checkpoints/steps"  # the last stage's every-K-steps checkpoints, for the step_<K> points
@@ -135,11 +135,8 @@ class Plan:
         raw = json.loads(path.read_text())
         stages = [Stage(**{**s, "slurm": SlurmResources(**s["slurm"])}) for s in raw["stages"]]
         protocol = raw["evaluation"]
-        from vlm_post.study.config import EvalSet
-
-        protocol = EvalProtocol(
-            **{**protocol, "datasets": [EvalSet(**d) for d in protocol["datasets"]], "slurm": SlurmResources(**protocol["slurm"])}
-        )
+        datasets = [EvalSet(**item) for item in protocol["datasets"]]
+        protocol = EvalProtocol(**{**protocol, "datasets": datasets, "slurm": SlurmResources(**protocol["slurm"])})
         return Plan(raw["study_dir"], stages, raw["arms"], raw["seeds"], protocol)
 
 
@@ -150,13 +147,8 @@ def build_plan(study: StudyConfig) -> Plan:
     shared: dict[tuple[str, int | None], Stage] = {}  # (name, seed, or None when run once for all seeds)
 
     def shared_for(seed: int | None) -> dict[str, Stage]:
-        found = {}
-        for (name, stage_seed), stage in shared.items():
-            if stage_seed is None or stage_seed == seed:
-                found[name] = stage
-            elif seed is None:
-                raise ConfigError(f"shared: an unseeded stage names ${{{name}}}, which runs once per seed (seeded: true)")
-        return found
+        """The shared stages a stage of this seed may name (None: a shared stage that runs once for all seeds)."""
+        return {name: stage for (name, stage_seed), stage in shared.items() if stage_seed in (None, seed)}
 
     for spec in study.shared:
         for seed in study.seeds if spec.seeded else [None]:
@@ -207,6 +199,8 @@ def _fit_stage(
             "--trainer.callbacks.filename=step{step:06d}",
             "--trainer.callbacks.auto_insert_metric_name=false",
         ]
+    for name in sorted(spec.references() - set(named)):  # check() saw the name: it is a seeded shared stage
+        raise ConfigError(f"shared: {spec.name} runs once for all seeds but names ${{{name}}}, which runs once per seed")
     values = {"run_dir": str(run_dir), "seed": str(seed), "study_dir": study.study_dir}
     values.update({name: str(stage.export_dir) for name, stage in named.items()})
     arguments += [PLACEHOLDER.sub(lambda match: values[match[1]], item) for item in spec.arguments()]
