@@ -43,7 +43,7 @@ def _csv(path: Path) -> list[dict]:
 
 
 def test_study_runs_every_stage_and_reports(finished):
-    config, folder, result = finished
+    _, folder, result = finished
     plan = json.loads((folder / "study.json").read_text())
     keys = [stage["key"] for stage in plan["stages"]]
     assert len(keys) == 11 and all((folder / key / "vlm_post_stage.json").is_file() for key in keys)

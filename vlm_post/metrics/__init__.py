@@ -12,8 +12,8 @@ __all__ = [
     "PassAtK",
     "TokenEntropy",
     "bootstrap_ci",
-    "paired_bootstrap_ci",
     "distinct_answer_count",
+    "paired_bootstrap_ci",
     "pass_at_k",
     "pass_at_k_per_problem",
 ]

@@ -19,12 +19,16 @@ import torch
 from vlm_post.metrics import pass_at_k_per_problem
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as handle:
+def _save(figure, out: Path, name: str, header: list[str], rows: list[list]) -> dict[str, Path]:
+    """``<name>.png`` and its data, ``<name>.csv``."""
+    figure.tight_layout()
+    figure.savefig(out / f"{name}.png", dpi=120)
+    _pyplot().close(figure)
+    with open(out / f"{name}.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
-    return path
+    return {f"{name}.png": out / f"{name}.png", f"{name}.csv": out / f"{name}.csv"}
 
 
 def _seed_mean(points: list[tuple]) -> list[tuple]:
@@ -64,11 +68,7 @@ def _entropy(out: Path, plan, curves) -> dict[str, Path]:
     axis.set(xlabel="RL step", ylabel="policy entropy (token mean, nats)", title="Entropy through RL")
     if axis.lines:
         axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "entropy_vs_step.png", dpi=120)
-    plt.close(figure)
-    csv_path = _write_csv(out / "entropy_vs_step.csv", ["arm", "seed", "step", "entropy"], rows)
-    return {"entropy_vs_step.png": out / "entropy_vs_step.png", "entropy_vs_step.csv": csv_path}
+    return _save(figure, out, "entropy_vs_step", ["arm", "seed", "step", "entropy"], rows)
 
 
 def _accuracy(out: Path, plan, evaluations, curves) -> dict[str, Path]:
@@ -98,12 +98,7 @@ def _accuracy(out: Path, plan, evaluations, curves) -> dict[str, Path]:
         axis.set(xlabel="RL step", ylabel="accuracy", title=f"{name} accuracy through RL")
         if axis.lines:
             axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "accuracy_vs_step.png", dpi=120)
-    plt.close(figure)
-    header = ["arm", "seed", "dataset", "domain", "step", "accuracy", "source"]
-    csv_path = _write_csv(out / "accuracy_vs_step.csv", header, rows)
-    return {"accuracy_vs_step.png": out / "accuracy_vs_step.png", "accuracy_vs_step.csv": csv_path}
+    return _save(figure, out, "accuracy_vs_step", ["arm", "seed", "dataset", "domain", "step", "accuracy", "source"], rows)
 
 
 def _pass_at_k(out: Path, plan, evaluations) -> dict[str, Path]:
@@ -131,9 +126,4 @@ def _pass_at_k(out: Path, plan, evaluations) -> dict[str, Path]:
         axis.set(xlabel="k", ylabel="pass@k", title=f"pass@k on {primary} at RL {point}", xscale="log")
         if axis.lines:
             axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "pass_at_k.png", dpi=120)
-    plt.close(figure)
-    header = ["arm", "seed", "point", "dataset", "domain", "k", "pass_at_k"]
-    csv_path = _write_csv(out / "pass_at_k.csv", header, rows)
-    return {"pass_at_k.png": out / "pass_at_k.png", "pass_at_k.csv": csv_path}
+    return _save(figure, out, "pass_at_k", ["arm", "seed", "point", "dataset", "domain", "k", "pass_at_k"], rows)

@@ -105,7 +105,7 @@ def _start(stage: Stage, launcher: LauncherConfig) -> subprocess.Popen:
     log.flush()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               preexec_fn=_die_with_parent)  # fmt: skip
+                               preexec_fn=_die_with_parent)  # noqa: PLW1509 (the study process runs no threads)
     log.close()
     return process
 
@@ -205,7 +205,7 @@ def _report_script(plan: Plan, launcher: LauncherConfig, workdir: Path) -> str:
 
 def _sbatch(command: list[str]) -> str:
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     except FileNotFoundError:
         raise ConfigError("launcher.kind: slurm, but there is no 'sbatch' on this machine's PATH") from None
     if result.returncode != 0:
@@ -217,7 +217,7 @@ def _live_jobs() -> set[str]:
     """Job ids SLURM still has queued or running (of this user)."""
     try:
         result = subprocess.run(["squeue", "-h", "-u", pwd.getpwuid(os.getuid()).pw_name, "-o", "%i"],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+                                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     except FileNotFoundError:
         raise ConfigError("launcher.kind: slurm, but there is no 'squeue' on this machine's PATH") from None
     if result.returncode != 0:

@@ -180,62 +180,76 @@ def _cell(runs: list[Evaluation], metric: str, protocol, interval: bool = True) 
     return text
 
 
-def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differences: list[dict]) -> str:
+def _intro(plan: Plan, first: dict[str, str | None]) -> list[str]:
     protocol = plan.evaluation
-    first = {domain: next((d.name for d in protocol.datasets if d.domain == domain), None) for domain in ("in", "out")}
-    runs = lambda arm, point, dataset: [e for e in evaluations if (e.arm, e.point, e.dataset) == (arm, point, dataset)]
-    top = f"pass@{protocol.n}"
     seeds = ", ".join(str(s) for s in plan.seeds)
     level = f"{protocol.confidence:.0%}"
-    lines = [
-        f"# Study {plan.study_dir}",
-        "",
+    about = (
         f"Arms: {', '.join(plan.arms)}; seeds: {seeds}. Every model is evaluated on the same problems: greedy "
         f"accuracy, {protocol.n} samples at temperature {protocol.temperature} (pass@k, entropy, answer diversity). "
         f"In-domain: {first['in'] or '–'}; out-of-domain: {first['out'] or '–'}. Cells: the mean over seeds, "
         f"± the standard deviation across seeds (several seeds), [the {level} problem-level bootstrap interval, "
-        f"{protocol.bootstrap_resamples} resamples].",
-        "",
-        "## The warm starts compared",
-        "",
+        f"{protocol.bootstrap_resamples} resamples]."
+    )
+    points = (
         "`entry` is the warm start's export (RL entry), `end` the RL export. Entropy at entry: token-mean entropy of "
         "the sampled responses at the evaluation temperature; over RL: the mean of the RL stage's logged "
-        "`train/entropy` (at the rollout temperature).",
-        "",
-    ]
+        "`train/entropy` (at the rollout temperature)."
+    )
+    return [f"# Study {plan.study_dir}", "", about, "", "## The warm starts compared", "", points, ""]
+
+
+def _arm_row(arm: str, plan: Plan, evaluations: list[Evaluation], curves: Curves, first: dict) -> list[str]:
+    """One row of the paper's table: in- and out-of-domain accuracy, entropy, pass@1 and pass@n, diversity."""
+    protocol = plan.evaluation
+    ind, ood = first["in"], first["out"]
+
+    def cell(point: str, dataset: str | None, metric: str, interval: bool = True) -> str:
+        if dataset is None or (arm == "base" and point == "end"):
+            return "–"
+        found = [e for e in evaluations if (e.arm, e.point, e.dataset) == (arm, point, dataset)]
+        return _cell(found, metric, protocol, interval)
+
+    rl_entropy = [curves.mean_entropy(arm, seed) for seed in plan.seeds] if arm != "base" else []
+    rl_entropy = [value for value in rl_entropy if value is not None]
+    top = f"pass@{protocol.n}"
+    return [arm, cell("entry", ind, "accuracy"), cell("end", ind, "accuracy"), cell("entry", ood, "accuracy"),
+            cell("end", ood, "accuracy"), cell("entry", ind, "entropy", False),
+            f"{mean(rl_entropy):.3f}" if rl_entropy else "–", cell("entry", ind, "pass@1"), cell("end", ind, "pass@1"),
+            cell("entry", ind, top), cell("end", ind, top), cell("entry", ind, "mean_distinct_answers", False)]  # fmt: skip
+
+
+def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differences: list[dict]) -> str:
+    protocol = plan.evaluation
+    first = {domain: next((d.name for d in protocol.datasets if d.domain == domain), None) for domain in ("in", "out")}
+    top = f"pass@{protocol.n}"
+    lines = _intro(plan, first)
     header = ["arm", "in-domain acc entry", "in-domain acc end", "out-of-domain acc entry", "out-of-domain acc end",
               "entropy entry", "entropy over RL", "pass@1 entry", "pass@1 end", f"{top} entry", f"{top} end",
               "distinct answers entry"]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for arm in ["base", *plan.arms]:
-        ind, ood = first["in"], first["out"]
-        entry = lambda dataset, metric, interval=True: _cell(runs(arm, "entry", dataset), metric, protocol, interval)
-        end = lambda dataset, metric: _cell(runs(arm, "end", dataset), metric, protocol) if arm != "base" else "–"
-        rl_entropy = [curves.mean_entropy(arm, seed) for seed in plan.seeds] if arm != "base" else []
-        rl_entropy = [value for value in rl_entropy if value is not None]
-        cells = [arm, entry(ind, "accuracy"), end(ind, "accuracy"), entry(ood, "accuracy") if ood else "–",
-                 end(ood, "accuracy") if ood else "–", entry(ind, "entropy", False),
-                 f"{mean(rl_entropy):.3f}" if rl_entropy else "–", entry(ind, "pass@1"), end(ind, "pass@1"),
-                 entry(ind, top), end(ind, top), entry(ind, "mean_distinct_answers", False)]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Every data set", "", "| arm | point | data set | domain | accuracy | mean@n | " + top + " | entropy |",
+    lines += ["| " + " | ".join(_arm_row(arm, plan, evaluations, curves, first)) + " |" for arm in ["base", *plan.arms]]
+    lines += ["", "## Every data set", "", f"| arm | point | data set | domain | accuracy | mean@n | {top} | entropy |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm in ["base", *plan.arms]:
         for point in ("entry", "end"):
             for dataset in protocol.datasets:
-                found = runs(arm, point, dataset.name)
+                found = [e for e in evaluations if (e.arm, e.point, e.dataset) == (arm, point, dataset.name)]
                 if found:
                     cells = [_cell(found, m, protocol, m != "entropy") for m in ("accuracy", "mean_accuracy", top, "entropy")]
                     lines.append(f"| {arm} | {point} | {dataset.name} | {dataset.domain} | " + " | ".join(cells) + " |")
-    lines += ["", "## Paired differences between arms", "",
-              f"Arm a minus arm b on the same problems; the interval resamples problems jointly for both arms "
-              f"({level}, {protocol.bootstrap_resamples} resamples). With several seeds, each problem's value is "
-              "averaged over seeds first; `seed sd` is the spread of the difference across seeds.", "",
+    paired = (
+        f"Arm a minus arm b on the same problems; the interval resamples problems jointly for both arms "
+        f"({protocol.confidence:.0%}, {protocol.bootstrap_resamples} resamples). With several seeds, each problem's "
+        "value is averaged over seeds first; `seed sd` is the spread of the difference across seeds."
+    )
+    lines += ["", "## Paired differences between arms", "", paired, "",
               "| a − b | point | data set | metric | difference | interval | seed sd |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in differences:
         sd = f"{row['seed_sd']:.3f}" if row["seed_sd"] is not None else "–"
+        interval = f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
         lines.append(f"| {row['arm_a']} − {row['arm_b']} | {row['point']} | {row['dataset']} | {row['metric']} | "
-                     f"{row['difference']:+.3f} | [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] | {sd} |")  # fmt: skip
-    lines += ["", "Figures (each with its data as CSV beside it): `figures/entropy_vs_step.png`, "
-              "`figures/accuracy_vs_step.png`, `figures/pass_at_k.png`.", ""]  # fmt: skip
+                     f"{row['difference']:+.3f} | {interval} | {sd} |")  # fmt: skip
+    figures = "`figures/entropy_vs_step.png`, `figures/accuracy_vs_step.png`, `figures/pass_at_k.png`"
+    lines += ["", f"Figures (each with its data as CSV beside it): {figures}.", ""]
     return "\n".join(lines)
