@@ -5,9 +5,11 @@
 2. ``vlm_post study --config configs/study/demo.yaml``: the teacher's SFT (shared), then three arms, OPD,
    early-stopped SFT and over-trained SFT, each followed by the same GRPO; every model evaluated by one protocol;
    the report (``runs/study/demo/results.md``, ``results.json``, ``differences.json``, ``figures/``).
-3. Check the demo's floors on the in-domain test set (greedy accuracy): each warm start is at least
-   ``MIN_STAGE1_GAIN`` above the base model, RL adds at least ``MIN_RL_GAIN`` to at least one arm, and no arm's RL
-   ends more than ``MAX_RL_LOSS`` below its entry.
+3. Check the demo's floors on the in-domain test set: every warm start enters RL below ``MAX_ENTRY`` greedy
+   accuracy (RL has room), and, in sampled accuracy (mean@16, what RL's reward measures), each warm start is at
+   least ``MIN_STAGE1_GAIN`` above the base model, RL adds at least ``MIN_RL_GAIN`` to at least one arm, and no
+   arm's RL ends more than ``MAX_RL_LOSS`` below its entry. Greedy accuracy is reported, not floored: on this toy
+   RL moves it by about as much as one evaluation's noise (README).
 
 ``--seed N`` runs the study with seed N into ``runs/study/demo-seed<N>``, to check that the floors hold beyond
 one lucky seed. ``--artifacts-only`` builds step 1 and stops. The study resumes where it stopped when rerun;
@@ -31,6 +33,8 @@ TINY_MODEL = Path("artifacts/tiny-qwen2.5-vl")
 TINY_TEACHER = Path("artifacts/tiny-qwen2.5-vl-teacher")  # hidden 256, 3 layers: about 4x the student
 DEMO_DATA = Path("artifacts/demo-data")
 IN_DOMAIN = "demo_test"
+FLOORED = "mean_accuracy"  # mean@16: the sampled correctness that RL's reward is
+MAX_ENTRY = 0.9  # greedy accuracy at RL entry
 MIN_STAGE1_GAIN = 0.2
 MIN_RL_GAIN = 0.05
 MAX_RL_LOSS = 0.02
@@ -54,10 +58,12 @@ def build_artifacts() -> None:
 
 def floors(rows: list[dict]) -> list[str]:
     """What the demo promises, on the in-domain test set; one message per broken floor."""
-    accuracy = {(r["arm"], r["point"]): r["accuracy"] for r in rows if r["dataset"] == IN_DOMAIN}
+    accuracy = {(r["arm"], r["point"]): r[FLOORED] for r in rows if r["dataset"] == IN_DOMAIN}
+    greedy = {(r["arm"], r["point"]): r["accuracy"] for r in rows if r["dataset"] == IN_DOMAIN}
     base = accuracy[("base", "entry")]
     arms = sorted({arm for arm, point in accuracy if arm != "base"})
-    broken = []
+    broken = [f"{arm}: enters RL at {greedy[(arm, 'entry')]:.3f} greedy, not below {MAX_ENTRY}"
+              for arm in arms if greedy[(arm, "entry")] >= MAX_ENTRY]  # fmt: skip
     for arm in arms:
         entry, end = accuracy[(arm, "entry")], accuracy[(arm, "end")]
         if entry - base < MIN_STAGE1_GAIN:
