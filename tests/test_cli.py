@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ def test_nested_culprit_is_named_by_its_full_key(capsys, tmp_path):
     err = run_main(["fit", "--config", DEMO, "--model.init_args.optim.lr", "fast"], capsys)
     assert err.startswith("vlm_post: error: model.init_args.optim.lr: Expected a float. Got value: fast\n"), err
     config = (ROOT / DEMO).read_text()
-    (tmp_path / "typo.yaml").write_text(config.replace("      lr: 1.0e-3", "      lrr: 1.0e-3"))
+    (tmp_path / "typo.yaml").write_text(re.sub(r"^(\s+)lr: ", r"\1lrr: ", config, count=1, flags=re.MULTILINE))
     err = run_main(["fit", "--config", str(tmp_path / "typo.yaml")], capsys)
     assert err.startswith("vlm_post: error: model.init_args.optim: Option 'lrr' is not accepted\n"), err
     (tmp_path / "class.yaml").write_text(config.replace("vlm_post.modules.SFTModule", "vlm_post.modules.SFTModul"))

@@ -29,8 +29,8 @@ def test_fit_select_best_export_then_test(tiny_model, demo_data, tmp_path):
     config["model"]["init_args"]["model_name_or_path"] = str(tiny_model)
     config["data"]["train"]["path"] = str(demo_data / "train.parquet")
     config["data"]["val"][0]["path"] = str(demo_data / "validation.parquet")
-    config["trainer"].update(default_root_dir=str(run), max_steps=60, val_check_interval=20, log_every_n_steps=5)
-    # A fast lr: in 60 steps the model learns the answer format (the demo's 3e-4 is tuned for its longer runs).
+    config["trainer"].update(default_root_dir=str(run), max_steps=120, val_check_interval=60, log_every_n_steps=5)
+    # A fast lr: in 120 steps the model learns to sample the answer format (the demo is tuned for longer runs).
     config["model"]["init_args"]["optim"]["lr"] = 1e-3
     # checkpoints/, lightning_logs/ and export/ follow default_root_dir
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
@@ -77,5 +77,6 @@ def test_fit_select_best_export_then_test(tiny_model, demo_data, tmp_path):
 
     assert summaries["base"]["accuracy"] == 0.0
     assert summaries["sft"]["accuracy"] >= summaries["base"]["accuracy"] + 0.2
-    assert summaries["sft"]["format_rate"] > summaries["base"]["format_rate"] + 0.5
+    sft = summaries["sft"]
+    assert sft["format_rate"] > summaries["base"]["format_rate"] + 0.5, (sft["format_rate"], sft["mean_accuracy"])
     assert {"pass@16", "entropy", "mean_distinct_answers", "ci"} <= set(summaries["sft"])
