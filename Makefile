@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.vlm_post-installed
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-packages demo test bench clean-demo
+.PHONY: setup system-packages artifacts demo test bench clean-demo
 
 setup: $(STAMP)
 
@@ -28,10 +28,14 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[test]'
 	touch $(STAMP)
 
-demo: setup
+# The demo's tiny models and data sets (offline, deterministic; skipped when present), which configs/demo/* name.
+artifacts: setup
+	$(PY) tools/demo.py --artifacts-only
+
+demo: artifacts
 	$(PY) tools/demo.py
 
-test: setup system-packages
+test: setup system-packages artifacts
 	$(PY) -m pytest -q
 
 # Bench extras (the side-by-side baselines, e.g. TRL) go into .venv only here, never as runtime dependencies.
@@ -41,4 +45,4 @@ bench: setup
 	@for script in bench/[!_]*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(PY) "$$script" || exit 1; done
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/study/demo runs/study/demo-seed*

@@ -131,3 +131,13 @@ def test_sharded_checkpoint_under_another_strategy(capsys, demo_overrides, tmp_p
     (folder / ".metadata").write_bytes(b"")  # a truncated copy
     err = run_main(["fit", "--config", DEMO, *demo_overrides, f"--ckpt_path={folder}"], capsys)
     assert f"sharded checkpoint folder {folder}: cannot read its .metadata" in err
+
+
+def test_missing_demo_artifacts_name_the_command_that_builds_them(capsys, demo_overrides):
+    """A fresh clone's first command, before 'make demo': the message says what builds the demo's models and data."""
+    model = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=artifacts/no-such-vl"], capsys)
+    assert "'artifacts/no-such-vl'" in model and "make artifacts" in model, model
+    data = run_main(["fit", "--config", DEMO, *demo_overrides, "--data.train.path=artifacts/no-such/train.parquet"], capsys)
+    assert "artifacts/no-such/train.parquet" in data and "make artifacts" in data, data
+    elsewhere = run_main(["fit", "--config", DEMO, *demo_overrides, "--data.train.path=/nowhere/train.parquet"], capsys)
+    assert "make artifacts" not in elsewhere  # only the demo's own folder gets the hint

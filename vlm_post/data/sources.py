@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm_post.data.schema import Example
-from vlm_post.errors import ConfigError
+from vlm_post.errors import ConfigError, build_hint
 
 SourceKind = Literal["geometry3k", "mathvista", "synthetic"]
 _LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
@@ -55,7 +55,7 @@ class DataSource:
         if not self.path:
             raise ConfigError(f"data source {self.name!r}: 'path' is required for kind {self.kind!r}")
         if _is_local(self.path) and not _local_files(self.path):
-            raise ConfigError(f"data source {self.name!r}: data file not found: {self.path}")
+            raise ConfigError(f"data source {self.name!r}: data file not found: {self.path}{build_hint(self.path)}")
 
 
 def _is_local(path: str) -> bool:
@@ -124,7 +124,7 @@ def _load_local(path: str, split: str):
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     files = _local_files(path)
     if not files:
-        raise ConfigError(f"data file not found: {path}")
+        raise ConfigError(f"data file not found: {path}{build_hint(path)}")
     if p.is_dir():  # a folder of split files, as on the hub: keep the requested split's files
         matching = [f for f in files if Path(f).name.startswith(split) or f"/{split}/" in f or f"{split}-" in Path(f).name]
         files = matching or files

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from vlm_post.errors import ConfigError
+from vlm_post.errors import ConfigError, build_hint
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -30,7 +30,7 @@ def resolve_model_path(name: str, what: str = "model") -> str:
             raise ConfigError(f"{what} folder {name!r} has no config.json (is it an HF model folder?)")
         return str(path)
     if not _HUB_ID.match(name):
-        raise ConfigError(f"{what} path not found: {name!r}")
+        raise ConfigError(f"{what} path not found: {name!r}{build_hint(name)}")
     from huggingface_hub import constants, hf_hub_download
 
     try:
@@ -41,7 +41,7 @@ def resolve_model_path(name: str, what: str = "model") -> str:
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(
             f"{what} {name!r} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
-            "(HF_HUB_OFFLINE=1): download it first or pass a local folder"
+            f"(HF_HUB_OFFLINE=1): download it first or pass a local folder{build_hint(name)}"
         )
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
     try:  # a quick name lookup spares the user five noisy retries when there is no network at all
@@ -49,7 +49,7 @@ def resolve_model_path(name: str, what: str = "model") -> str:
     except OSError:
         raise ConfigError(
             f"{what} {name!r} is neither a local folder nor in the Hugging Face cache, and the hub ({host}) "
-            "cannot be reached: download it first or pass a local folder"
+            f"cannot be reached: download it first or pass a local folder{build_hint(name)}"
         ) from None
     try:
         hf_hub_download(name, "config.json", etag_timeout=10)
