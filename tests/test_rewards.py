@@ -216,3 +216,12 @@ def test_workers_exit_with_their_parent():
             return
         time.sleep(0.1)
     pytest.fail(f"sympy worker {pid} outlived its parent")
+
+
+def test_numbers_beyond_float_range_are_never_equal_by_overflow():
+    """float("1e400") is inf: two different huge numbers, or a huge one and infinity, must not compare equal."""
+    assert not math_equal("1e400", "2e400")
+    assert not math_equal("-1e400", "1e400")
+    assert not math_equal("\\infty", "1e999") and not math_equal("1e999", "\\infty")
+    assert math_equal("1e400", "1e400") and math_equal("1e400", "1.00001e400")  # exactly, within rel_tol
+    assert math_equal("\\infty", "\\infty")

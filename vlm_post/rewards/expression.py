@@ -311,7 +311,10 @@ def evaluate(node: list) -> float:
     """The float value of a constant tree. Raises NeedsSympy (variables, complex, domain errors) or TooBig."""
     kind = node[0]
     if kind == "n":
-        return _checked(float(node[1]))
+        value = float(node[1])
+        if math.isinf(value):  # a written number past float range ("1e400"), not infinity itself
+            raise TooBig("beyond floats")
+        return _checked(value)
     if kind == "pi":
         return math.pi
     if kind == "inf":

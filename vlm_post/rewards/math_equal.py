@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from fractions import Fraction
 
 from vlm_post.rewards.expression import MAX_CHARS, NeedsSympy, NotMath, TooBig, TooComplex, evaluate, parse, screen
 from vlm_post.rewards.extract import extract_boxed
@@ -201,6 +202,8 @@ class _Comparison:
             if pct_p != pct_r:  # "50%" against "0.5" or "50"
                 candidates.append((value_p / 100, value_r) if pct_p else (value_p, value_r / 100))
             return _TRUE if any(self._close(a, b) for a, b in candidates) else _FALSE
+        if value_p is TooBig and value_r is TooBig and tree_p[0] == tree_r[0] == "n":
+            return _TRUE if self._close_exact(tree_p[1], tree_r[1]) else _FALSE  # two written numbers past floats
         if value_p is TooBig or value_r is TooBig:
             return _REJECTED if value_p is value_r else _FALSE  # a huge value never equals a normal one
         try:
@@ -215,6 +218,11 @@ class _Comparison:
         self.used_sympy = True
         equal = sympy_pool().compare(tree_p, tree_r, self.rel_tol, remaining)
         return _TIMEOUT if equal is None else _TRUE if equal else _FALSE
+
+    def _close_exact(self, a: str, b: str) -> bool:
+        """Two decimal literals compared exactly, as fractions, within ``rel_tol`` (floats would overflow to inf)."""
+        x, y = Fraction(a), Fraction(b)
+        return abs(x - y) <= Fraction(self.rel_tol) * max(abs(x), abs(y))
 
     def _close(self, a: float, b: float) -> bool:
         if math.isinf(a) or math.isinf(b):
