@@ -141,3 +141,17 @@ def test_missing_demo_artifacts_name_the_command_that_builds_them(capsys, demo_o
     assert "artifacts/no-such/train.parquet" in data and "make artifacts" in data, data
     elsewhere = run_main(["fit", "--config", DEMO, *demo_overrides, "--data.train.path=/nowhere/train.parquet"], capsys)
     assert "make artifacts" not in elsewhere  # only the demo's own folder gets the hint
+
+
+@pytest.mark.parametrize(
+    ("key", "option"),
+    [("trainer.default_root_dir", "--trainer.default_root_dir"), ("export.dirpath", "--export.dirpath"),
+     ("model.init_args.eval.output_dir", "--model.init_args.eval.output_dir")],
+)  # fmt: skip
+def test_output_folder_under_a_file_is_one_line_before_any_weights_load(key, option, capsys, demo_overrides, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    started = time.time()
+    err = run_main(["fit", "--config", DEMO, *demo_overrides, f"{option}={blocker / 'run'}"], capsys)
+    assert f"{key}: {blocker / 'run'} cannot be made: {blocker} is a file, not a folder" in err, err
+    assert time.time() - started < 30 and blocker.read_text() == "not a folder"

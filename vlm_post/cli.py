@@ -107,6 +107,13 @@ class VLMPostCLI(LightningCLI):
         # folder), so `--trainer.default_root_dir` moves checkpoints, logs and the export together.
         _check_sharded_ckpt_path(config)
         root = config.trainer.default_root_dir or "."
+        _check_writable(root, "trainer.default_root_dir")
+        if getattr(config, "export", None) is not None and config.export.dirpath:
+            _check_writable(config.export.dirpath, "export.dirpath")
+        evaluation = getattr(getattr(config.model, "init_args", None), "eval", None)
+        output_dir = evaluation.get("output_dir") if hasattr(evaluation, "get") else getattr(evaluation, "output_dir", None)
+        if output_dir:
+            _check_writable(output_dir, "model.init_args.eval.output_dir")
         for callback in config.trainer.callbacks or []:
             init_args = getattr(callback, "init_args", None)
             if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and init_args.dirpath is None:
@@ -132,6 +139,19 @@ def _check_sharded_ckpt_path(config) -> None:
             f"resume it with the strategy that wrote it, or take its weights only with "
             f"--model.init_args.init_from {ckpt_path}"
         )
+
+
+def _check_writable(path: str, key: str) -> None:
+    """An output folder that can be made and written, or one line now (not a traceback once the model loaded)."""
+    wanted = Path(path).expanduser().absolute()
+    for folder in (wanted, *wanted.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise ConfigError(f"{key}: {path} cannot be made: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK):  # also a read-only mount, even for root
+            raise ConfigError(f"{key}: {path} cannot be written: {folder} is not writable")
+        return
 
 
 def default_precision(accelerator) -> str:
