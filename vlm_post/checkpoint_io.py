@@ -9,6 +9,7 @@ which is atomic on POSIX file systems.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,23 @@ def read_fsdp_full_checkpoints_with_mmap() -> None:
 def _mmap_load(path) -> Any:
     # Our own checkpoints (hyperparameters, loop state): not weights-only.
     return torch.load(path, mmap=True, map_location="cpu", weights_only=False)
+
+
+def remove_leftovers(checkpoint_dir: Path, export_dir: Path) -> list[Path]:
+    """Delete what a kill in the middle of a save left: ``.<name>.*.tmp`` files of ``AtomicCheckpointIO`` in
+    ``checkpoint_dir``, and ``.<export name>.*`` folders of ``export_hf`` beside ``export_dir``. Returns them.
+
+    Only these names are touched: both writers make them, and neither keeps one past its own save.
+    """
+    found = [p for p in checkpoint_dir.glob(".*.tmp") if p.is_file()] if checkpoint_dir.is_dir() else []
+    if export_dir.parent.is_dir():
+        found += [p for p in export_dir.parent.glob(f".{export_dir.name}.*") if p.is_dir()]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

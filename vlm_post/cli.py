@@ -22,6 +22,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlm_post.callbacks import HFExport
+from vlm_post.checkpoint_io import remove_leftovers
 from vlm_post.data.datamodule import VLMDataModule
 from vlm_post.errors import ConfigError
 from vlm_post.modules.base import PolicyModule
@@ -108,6 +109,11 @@ class VLMPostCLI(LightningCLI):
         _check_sharded_ckpt_path(config)
         root = config.trainer.default_root_dir or "."
         _check_writable(root, "trainer.default_root_dir")
+        if self.subcommand in ("fit", None):  # None: the CLI built with run=False, to fit by hand
+            export = getattr(config, "export", None)
+            export_dir = Path(export.dirpath if export is not None and export.dirpath else Path(root) / "export")
+            for leftover in remove_leftovers(Path(root) / "checkpoints", export_dir):
+                sys.stderr.write(f"vlm_post: removed {leftover}, left by a save that was interrupted\n")
         if getattr(config, "export", None) is not None and config.export.dirpath:
             _check_writable(config.export.dirpath, "export.dirpath")
         evaluation = getattr(getattr(config.model, "init_args", None), "eval", None)
