@@ -27,7 +27,8 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert io.load_checkpoint(path)["step"] == 3
 
 
-def test_the_cli_uses_atomic_checkpoints(tiny_model, demo_data, tmp_path, monkeypatch):
+def _demo_cli(tiny_model, demo_data, root, monkeypatch):
+    """The CLI on the demo's SFT config, built (run=False) as ``vlm_post fit`` builds it, in run folder ``root``."""
     import sys
 
     from tests.conftest import ROOT
@@ -35,27 +36,26 @@ def test_the_cli_uses_atomic_checkpoints(tiny_model, demo_data, tmp_path, monkey
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["vlm_post"])
-    cli = VLMPostCLI(
+    return VLMPostCLI(
         args=[
             "--config", "configs/demo/sft.yaml",
             f"--model.init_args.model_name_or_path={tiny_model}",
             f"--data.train.path={demo_data / 'train.parquet'}",
             f"--data.val=[{{name: demo_val, path: {demo_data / 'validation.parquet'}}}]",
-            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.default_root_dir={root}",
         ],
         run=False,
     )  # fmt: skip
+
+
+def test_the_cli_uses_atomic_checkpoints(tiny_model, demo_data, tmp_path, monkeypatch):
+    cli = _demo_cli(tiny_model, demo_data, tmp_path, monkeypatch)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
 
 
 def test_leftovers_of_an_interrupted_save_are_removed_at_the_next_start(tiny_model, demo_data, tmp_path, monkeypatch, capsys):
     """A kill inside a save leaves AtomicCheckpointIO's temporary file (or export_hf's folder): the next fit removes it."""
-    import sys
-
-    from tests.conftest import ROOT
-    from vlm_post.cli import VLMPostCLI
-
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     (checkpoints / "last.ckpt").write_bytes(b"the previous checkpoint")
@@ -66,18 +66,7 @@ def test_leftovers_of_an_interrupted_save_are_removed_at_the_next_start(tiny_mod
     (half_export / "config.json").write_text("{}")
     keep = tmp_path / "notes.tmp"  # not a name our writers use
     keep.write_text("mine")
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["vlm_post"])
-    VLMPostCLI(
-        args=[
-            "--config", "configs/demo/sft.yaml",
-            f"--model.init_args.model_name_or_path={tiny_model}",
-            f"--data.train.path={demo_data / 'train.parquet'}",
-            f"--data.val=[{{name: demo_val, path: {demo_data / 'validation.parquet'}}}]",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        run=False,
-    )  # fmt: skip
+    _demo_cli(tiny_model, demo_data, tmp_path, monkeypatch)
     err = capsys.readouterr().err
     assert not orphan.exists() and not half_export.exists()
     assert (checkpoints / "last.ckpt").read_bytes() == b"the previous checkpoint" and keep.read_text() == "mine"
