@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from vlm_post.errors import ConfigError
 
@@ -38,8 +39,6 @@ def describe(plan, launcher) -> str:
         after = f" after {', '.join(stage.needs)}" if stage.needs else ""
         lines.append(f"\n[{number}] {stage.key} ({state}){after}")
         if launcher.kind == "slurm":
-            from pathlib import Path
-
             sbatch = [line for line in job_script(stage, launcher, Path.cwd()).splitlines() if line.startswith("#SBATCH")]
             dependency = f" --dependency=afterok:{':'.join('<' + k + '>' for k in stage.needs)}" if stage.needs else ""
             lines.append(f"  sbatch{dependency} {stage.run_dir}/job.sbatch")

@@ -68,8 +68,9 @@ def run_local(plan: Plan, launcher: LauncherConfig) -> list[str]:
                     todo.remove(stage)
                 elif set(stage.needs) <= finished:
                     todo.remove(stage)
+                    resume = stage.resume_checkpoint()
                     running[stage.key] = (_start(stage, launcher), stage, time.time())
-                    resumed = f" (resuming {stage.resume_checkpoint()})" if stage.resume_checkpoint() else ""
+                    resumed = f" (resuming {resume})" if resume else ""
                     say(f"[{len(finished)}/{total} done] running {stage.key}{resumed}; log: {stage.log}")
             if not running:
                 if any(stage.key not in blocked for stage in todo):  # cannot happen: needs come first in the plan
@@ -142,7 +143,7 @@ def job_script(stage: Stage, launcher: LauncherConfig, workdir: Path) -> str:
 
 def _check_outputs(stage: Stage) -> str:
     """The shell form of ``Stage.output_problem``: fail the job (no marker) when the expected output is absent."""
-    needed = stage.export_dir / "config.json" if stage.command == "fit" else stage.eval_dir / "summary.json"
+    needed = stage.expected_output
     path = shlex.quote(str(needed))
     return f"test -f {path} || {{ echo \"study: stage {stage.key} exited 0 but wrote no {needed}\"; exit 1; }}"
 

@@ -85,13 +85,18 @@ class Stage:
             )
         return True
 
+    @property
+    def expected_output(self) -> Path:
+        """What a successful exit leaves: the HF export a fit hands on, or the evaluation's summary."""
+        return self.export_dir / "config.json" if self.command == "fit" else self.eval_dir / "summary.json"
+
     def output_problem(self) -> str | None:
         """What a successful exit should have left and did not."""
-        if self.command == "fit" and not (self.export_dir / "config.json").is_file():
+        if self.expected_output.is_file():
+            return None
+        if self.command == "fit":
             return f"it wrote no HF export in {self.export_dir} (export.enabled: false?), which the next stage needs"
-        if self.command == "test" and not (self.eval_dir / "summary.json").is_file():
-            return f"it wrote no {self.eval_dir / 'summary.json'}"
-        return None
+        return f"it wrote no {self.expected_output}"
 
     def mark_finished(self) -> None:
         record = {"key": self.key, "command": self.shell(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

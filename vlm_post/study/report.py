@@ -43,21 +43,19 @@ class Evaluation:
 
     def per_problem(self, metric: str) -> dict:
         """Problem id -> the problem's own value of ``metric``, whose mean over problems is the metric."""
-        out = {}
-        for record in self.records:
-            correct = record.get("correct") or []
-            if metric == "accuracy" and "greedy_correct" in record:
-                value = float(record["greedy_correct"])
-            elif metric in ("accuracy", "mean_accuracy"):
-                value = sum(correct) / len(correct)
-            elif metric.startswith("pass@"):
-                value = float(pass_at_k_per_problem(torch.tensor([len(correct)]), torch.tensor([sum(correct)]), int(metric[5:]))[0])
-            elif metric == "mean_distinct_answers":
-                value = float(distinct_answer_count([normalize_answer(a) if a is not None else None for a in record["extracted"]]))
-            else:
-                raise KeyError(metric)
-            out[str(record["id"])] = value
-        return out
+        ids = [str(record["id"]) for record in self.records]
+        correct = [record.get("correct") or [] for record in self.records]
+        if metric.startswith("pass@"):  # one vectorised call over every problem
+            samples, hits = torch.tensor([len(c) for c in correct]), torch.tensor([sum(c) for c in correct])
+            return dict(zip(ids, pass_at_k_per_problem(samples, hits, int(metric[5:])).tolist()))
+        if metric == "accuracy" and all("greedy_correct" in record for record in self.records):
+            return {i: float(record["greedy_correct"]) for i, record in zip(ids, self.records)}
+        if metric in ("accuracy", "mean_accuracy"):
+            return {i: sum(c) / len(c) for i, c in zip(ids, correct)}
+        if metric == "mean_distinct_answers":
+            normalized = [[normalize_answer(a) if a is not None else None for a in r["extracted"]] for r in self.records]
+            return {i: float(distinct_answer_count(answers)) for i, answers in zip(ids, normalized)}
+        raise KeyError(metric)
 
     def row(self) -> dict:
         metrics = {k: v for k, v in self.summary.items() if k not in ("dataset", "ci")}
@@ -122,7 +120,7 @@ def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], pro
     try:
         per_a = [run.per_problem(metric) for run in runs_a]
         per_b = [run.per_problem(metric) for run in runs_b]
-    except (KeyError, ZeroDivisionError):
+    except (KeyError, ValueError, ZeroDivisionError):
         return None  # e.g. pass@k without samples
     problems = sorted(set.intersection(*(set(p) for p in per_a + per_b)))
     if not problems:
