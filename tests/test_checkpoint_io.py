@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_post.checkpoint_io import AtomicCheckpointIO
+from vlm_post.checkpoint_io import AtomicCheckpointIO, remove_leftovers
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -71,3 +71,42 @@ def test_leftovers_of_an_interrupted_save_are_removed_at_the_next_start(tiny_mod
     assert not orphan.exists() and not half_export.exists()
     assert (checkpoints / "last.ckpt").read_bytes() == b"the previous checkpoint" and keep.read_text() == "mine"
     assert f"removed {orphan}, left by a save that was interrupted" in err and f"removed {half_export}" in err
+
+
+def test_leftovers_of_an_interrupted_export_never_include_the_live_version(tmp_path):
+    """Beside ``export -> export.2``: a temporary folder and link, and the version a killed export replaced, go;
+    the live version, folders of the user's and anything a symlink points to stay."""
+    from vlm_post.models.export import MANIFEST
+
+    def version(name: str, manifest: bool = True):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        if manifest:
+            (tmp_path / name / MANIFEST).write_text("{}")
+        return tmp_path / name
+
+    stale, live, pinned = version("export.1"), version("export.2"), version("export.4")
+    users_own = version("export.3", manifest=False)
+    (tmp_path / "export").symlink_to("export.2")
+    (tmp_path / "best").symlink_to("export.4")  # the user's own link to an older version
+    half = version(".export.k3j2")
+    link = tmp_path / ".export.9f8e.link"
+    link.symlink_to("export.2")  # a kill between making the new link and swapping it in
+    found = remove_leftovers(tmp_path / "checkpoints", tmp_path / "export")
+    assert sorted(p.name for p in found) == sorted([stale.name, half.name, link.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "export", "export.2", "export.3", "export.4"]
+    assert live.is_dir() and users_own.is_dir() and pinned.is_dir() and (tmp_path / "export" / MANIFEST).is_file()
+
+
+def test_an_export_path_a_kill_left_missing_is_pointed_at_the_complete_version(tmp_path):
+    """Killed between the two renames of a swap without renameat2: no ``export``, the old folder parked, the new
+    version complete beside it. The next fit points ``export`` at the new version and removes the old."""
+    from vlm_post.models.export import MANIFEST
+
+    (tmp_path / "export.1").mkdir()
+    (tmp_path / "export.1" / MANIFEST).write_text("{}")
+    parked = tmp_path / ".export.1a2b.old"
+    parked.mkdir()
+    found = remove_leftovers(tmp_path / "checkpoints", tmp_path / "export")
+    assert found == [parked] and not parked.exists()
+    assert (tmp_path / "export").readlink().name == "export.1"

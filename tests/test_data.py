@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import GEO3K_SAMPLE, MATHVISTA_TESTMINI, needs_shared
 from vlm_post.data import DataSource, VLMDataModule
 from vlm_post.data.collate import IGNORE_INDEX, Collator
-from vlm_post.data.prompting import build_messages
+from vlm_post.data.prompting import DEFAULT_INSTRUCTION, build_messages
 from vlm_post.data.schema import Example
 from vlm_post.errors import ConfigError
 
@@ -109,8 +109,8 @@ def test_bad_rows_reported_skipped_counted(tmp_path, processor):
     assert [e.id for e in dataset] == ["1"]
     assert dm.skipped == {"mixed": 4}
     reasons = dict(dataset.skipped)
-    assert "corrupt" in reasons["2"] and "missing image" in reasons["3"]
-    assert "empty question" in reasons["4"] and "empty answer" in reasons["5"]
+    assert "corrupt" in reasons["id=2"] and "missing image" in reasons["id=3"]
+    assert "empty question" in reasons["id=4"] and "empty answer" in reasons["id=5"]
     messages = " ".join(str(w.message) for w in warnings)
     assert "id=2" in messages and "skipped 4 of 5 rows" in messages
 
@@ -168,7 +168,9 @@ def test_sft_labels_cover_the_answer_only(processor):
 
 def test_sft_target_column(processor):
     image = Image.new("RGB", (56, 56))
-    example = Example(id="1", images=[image], question="Q", answer="3", source="s", extra={"solution": "<think>1+2</think>\\boxed{3}"})
+    example = Example(
+        id="1", images=[image], question="Q", answer="3", source="s", extra={"solution": "<think>1+2</think>\\boxed{3}"}
+    )
     sft = Collator(processor, with_prompt=False, with_sft=True, target_column="solution")([example])["sft"]
     target = sft["labels"][0][sft["labels"][0] != IGNORE_INDEX]
     assert processor.tokenizer.decode(target) == "<think>1+2</think>\\boxed{3}<|im_end|>"
@@ -207,3 +209,147 @@ def test_an_eval_filler_is_a_marked_copy_that_no_metric_counts(demo_data):
     kept = result.select([1])
     assert kept.greedy_texts == ["b"] and kept.sample_texts == [["z", "w"]]
     assert kept.sample_lengths.tolist() == [[3, 4]] and kept.token_entropy.tolist() == [[4.0, 5.0], [6.0, 7.0]]
+
+
+# --- rows that cannot be loaded, and prompts too long: bad rows named by file and line, or by id ------------------
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def test_json_lines_that_are_not_rows_are_bad_rows_by_line(tmp_path):
+    from vlm_post.data.sources import load_rows
+
+    data = _write(
+        tmp_path / "rows.jsonl",
+        b'\xef\xbb\xbf{"id": 1, "problem": "a"}\n'  # a byte-order mark opens the file: not a fault
+        b'{"id": 2, "problem": "caf\xe9"}\n'
+        b'{"id": 3, "problem": \n'
+        b"42\n"
+        b"\n"
+        b"   \r\n"
+        b'{"id": 7, "problem": "b", "solution": "c"}\r\n',  # a key the first row lacks: null there
+    )
+    loaded = load_rows(DataSource("s", path=str(data)))
+    assert loaded.unreadable == [
+        (f"{data} line 2", "not valid UTF-8: byte 0xe9 at column 26"),
+        (f"{data} line 3", "not valid JSON: Expecting value at column 22"),
+        (f"{data} line 4", "a JSON number, not an object"),
+        (f"{data} line 5", "empty line"),
+        (f"{data} line 6", "empty line"),
+    ]
+    assert loaded.rows.to_list() == [
+        {"id": 1, "problem": "a", "solution": None},
+        {"id": 7, "problem": "b", "solution": "c"},
+    ]
+
+
+def test_limit_counts_unreadable_lines_and_reads_no_further(tmp_path):
+    from vlm_post.data.sources import load_rows
+
+    data = _write(tmp_path / "rows.jsonl", b'{"id": 1}\n[]\n{"id": 3}\n{"id": 4}\nnot read\n')
+    loaded = load_rows(DataSource("s", path=str(data), limit=3))
+    assert loaded.rows["id"] == [1, 3] and loaded.unreadable == [(f"{data} line 2", "a JSON array, not an object")]
+
+
+def test_json_documents_arrays_keyed_objects_and_json_lines_in_a_json_file(tmp_path):
+    from vlm_post.data.sources import load_rows
+
+    array = _write(tmp_path / "array.json", b'[{"id": 1}, "two", {"id": 3}]')
+    loaded = load_rows(DataSource("s", path=str(array)))
+    assert loaded.rows["id"] == [1, 3] and loaded.unreadable == [(f"{array} item 2", "a JSON string, not an object")]
+    keyed = _write(tmp_path / "keyed.json", b'{"a": {"pid": "a"}, "b": {"pid": "b"}}')  # MathVista's testmini.json
+    assert load_rows(DataSource("s", path=str(keyed))).rows["pid"] == ["a", "b"]
+    lines = _write(tmp_path / "lines.json", b'{"id": 1}\n{"id": 2\n{"id": 3}\n')  # JSON Lines, named .json
+    loaded = load_rows(DataSource("s", path=str(lines)))
+    assert loaded.rows["id"] == [1, 3] and [where for where, _ in loaded.unreadable] == [f"{lines} line 2"]
+    scalar = _write(tmp_path / "scalar.json", b"3")
+    with pytest.raises(
+        ConfigError, match=r"'s'.*scalar.json: a JSON number, not an array of rows or an object of rows"
+    ):
+        load_rows(DataSource("s", path=str(scalar)))
+
+
+def test_a_column_of_mixed_types_is_one_error_naming_the_column(tmp_path):
+    from vlm_post.data.sources import load_rows
+
+    data = _write(tmp_path / "rows.jsonl", b'{"id": 1, "answer": "3"}\n{"id": 2, "answer": [3]}\n')
+    with pytest.raises(
+        ConfigError, match=r"data source 's': .*rows.jsonl: column 'answer' holds values of different types"
+    ):
+        load_rows(DataSource("s", path=str(data)))
+
+
+def test_a_row_arrow_cannot_decode_is_a_bad_row(tmp_path, processor):
+    """datasets reads a parquet string column without checking its UTF-8; the row fails only when it is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = _bad_rows_parquet(tmp_path / "good.parquet")
+    table = pq.read_table(path).slice(0, 1)
+    broken = pa.array([b"<image>Find \xff."], pa.binary()).view(pa.string())  # skips pyarrow's UTF-8 check
+    pq.write_table(pa.concat_tables([table, table.set_column(1, "problem", broken)]), tmp_path / "mixed.parquet")
+    dm = _datamodule(processor, val=[DataSource("mixed", path=str(tmp_path / "mixed.parquet"))])
+    with pytest.warns(
+        UserWarning, match=r"skipped row at index 1 of .*mixed.parquet: unreadable row \(UnicodeDecodeError"
+    ):
+        dm.setup("validate")
+    assert dm.skipped == {"mixed": 1} and len(dm.datasets["mixed"]) == 1
+
+
+@pytest.mark.parametrize("sizes", [[], [(112, 112)], [(300, 77), (28, 900)], [(1000, 1000)]])
+def test_prompt_token_count_is_what_the_collator_encodes(processor, sizes):
+    from vlm_post.data.collate import prompt_text, prompt_token_count
+
+    images = [Image.new("RGB", size) for size in sizes]
+    example = Example(id="1", images=images, question="<image>" * len(images) + "Which bar?", answer="a", source="s")
+    encoded = Collator(processor)([example])["prompt"]
+    assert prompt_token_count(processor, prompt_text(processor, example), images) == int(
+        encoded["attention_mask"].sum()
+    )
+
+
+def test_the_prompt_limit_counts_image_tokens_and_checks_characters_before_tokenizing(processor, monkeypatch):
+    from vlm_post.data import limits
+    from vlm_post.data.collate import prompt_text, prompt_token_count
+    from vlm_post.data.sources import BadRow
+
+    image = Image.new("RGB", (112, 112))
+    example = Example(id="1", images=[image], question="<image>Which bar?", answer="a", source="s")
+    tokens = prompt_token_count(processor, prompt_text(processor, example), [image])
+    text_only = prompt_token_count(processor, prompt_text(processor, example), [])
+    assert tokens - text_only == 16 - 1  # the image's 16 tokens, where the text had one placeholder
+    limits.PromptLimit(tokens, DEFAULT_INSTRUCTION, processor).check(example)
+    with pytest.raises(
+        BadRow, match=rf"prompt of {tokens} tokens \(text and images\), over data.max_prompt_length={tokens - 1}$"
+    ):
+        limits.PromptLimit(tokens - 1, DEFAULT_INSTRUCTION, processor).check(example)
+    monkeypatch.setattr(limits, "prompt_token_count", lambda *args: pytest.fail("a huge question was tokenized"))
+    huge = Example(id="2", images=[image], question="x" * 1601, answer="a", source="s")
+    with pytest.raises(
+        BadRow,
+        match=r"question of 1,601 characters, over the bound of 1,600 \(16 per token of data.max_prompt_length=100\); not tokenized",
+    ):
+        limits.PromptLimit(100, DEFAULT_INSTRUCTION, processor).check(huge)
+    limits.PromptLimit(100, DEFAULT_INSTRUCTION, None).check(example)  # without a processor: characters only
+
+
+def test_the_default_prompt_limit_keeps_every_demo_row(processor, demo_data):
+    dm = _datamodule(processor, train=DataSource("demo_train", path=str(demo_data / "train.parquet")), min_pixels=12544)
+    assert dm.max_prompt_length == 8192
+    dm.setup("fit")
+    assert dm.skipped == {"demo_train": 0} and len(dm.datasets["demo_train"]) == 128
+
+
+def test_an_unsupported_or_empty_path_is_named_at_construction(tmp_path):
+    _write(tmp_path / "rows.csv", b"id,problem\n1,a\n")
+    with pytest.raises(
+        ConfigError, match=r"'s': .*rows.csv: unsupported data file format '.csv' \(read: .arrow, .json"
+    ):
+        VLMDataModule(train=DataSource("s", path=str(tmp_path / "rows.csv")))
+    with pytest.raises(
+        ConfigError, match=r"'s': no data files \(.arrow, .json, .jsonl, .parquet or a save_to_disk folder\) in folder"
+    ):
+        VLMDataModule(train=DataSource("s", path=str(tmp_path)))

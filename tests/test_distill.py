@@ -7,10 +7,11 @@ import torch
 from lightning.pytorch import Callback
 
 from tests.helpers import demo_datamodule, trainer
+from tests.test_teacher_cache import snapshot
 from vlm_post.errors import ConfigError
 from vlm_post.modules import DistillLossConfig, DistillModule, EvalConfig, OptimConfig, TeacherConfig
 from vlm_post.rollout import SamplingParams
-from vlm_post.teacher import TeacherCache
+from vlm_post.teacher import TeacherCache, TeacherFingerprintError
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,14 @@ def tiny_teacher(tmp_path_factory):
     from vlm_post.models.tiny import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("teacher") / "teacher", seed=1, hidden_size=192)
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """Another teacher of the same shape and tokenizer: only its weights differ."""
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("other") / "other", seed=2, hidden_size=192)
 
 
 class Record(Callback):
@@ -139,12 +148,15 @@ def test_a_teacher_is_required(tiny_model):
         distill_module(tiny_model, TeacherConfig())
 
 
-def test_an_external_scorer_fills_the_cache_the_student_waits_for(tiny_model, tiny_teacher, demo_data, tmp_path):
+def test_an_external_scorer_fills_the_cache_the_student_waits_for(tiny_model, tiny_teacher, other_teacher, demo_data,
+                                                                  tmp_path, capsys):  # fmt: skip
     """Cache-only training writes rollout files; tools/score_teacher.py scores them from the student's config;
     the rerun trains on exactly the scores an in-process teacher gives."""
     import importlib.util
 
     import yaml
+
+    from vlm_post.teacher import HFTeacher
 
     cache = tmp_path / "cache"
     config = {
@@ -173,6 +185,18 @@ def test_an_external_scorer_fills_the_cache_the_student_waits_for(tiny_model, ti
 
     cached, cached_record = fit(TeacherConfig(cache_dir=str(cache), top_k=8), "cached")
     assert cached.teacher_scored_rows == 0
+    # the scorer records the fingerprint an in-process teacher has: the same teacher in-process reuses its scores
+    assert TeacherCache(cache).teacher == HFTeacher(str(tiny_teacher), cached.processor, 8).fingerprint("float16")
+    in_process, _ = fit(TeacherConfig(model_name_or_path=str(tiny_teacher), cache_dir=str(cache), top_k=8), "same")
+    assert in_process.teacher_scored_rows == 0
+    # a scorer of another teacher is refused before it writes anything
+    before = snapshot(cache)
+    capsys.readouterr()
+    assert tool.main(["--config", str(tmp_path / "opd.yaml"), "--teacher", str(other_teacher)]) == 2
+    err = capsys.readouterr().err
+    assert f"score_teacher: teacher cache {cache} holds the scores of teacher " in err and "weights" in err
+    assert "set model.init_args.teacher.cache_dir to a new folder" in err
+    assert snapshot(cache) == before
     live, live_record = fit(TeacherConfig(model_name_or_path=str(tiny_teacher), top_k=8), "live")
     assert live.teacher_scored_rows == 8
     assert cached_record.metrics[0]["train/reverse_kl"] == pytest.approx(
@@ -219,3 +243,44 @@ def test_resume_from_a_checkpoint_reuses_the_cached_scores(tiny_model, tiny_teac
     assert resumed.trainer.global_step == 2 and resumed.teacher_scored_rows == 0
     for key, value in resumed.policy.state_dict().items():
         assert torch.allclose(value, first.policy.state_dict()[key], atol=1e-6), key
+
+
+def test_a_cache_of_another_teacher_is_refused_unless_rescoring(tiny_model, tiny_teacher, other_teacher, demo_data,
+                                                               tmp_path):  # fmt: skip
+    """Teacher B is refused teacher A's cache before it changes a byte; rescoring, it scores into its namespace,
+    which a second rescoring run reuses, and teacher A, rescoring too, still finds its scores at the root."""
+    cache = tmp_path / "cache"
+
+    def fit(teacher_path, root: str, **config) -> DistillModule:
+        torch.manual_seed(0)  # the same samples on every run
+        teacher = TeacherConfig(model_name_or_path=str(teacher_path), cache_dir=str(cache), top_k=8, **config)
+        module = distill_module(tiny_model, teacher, optim=OptimConfig(lr=0.0))
+        trainer(tmp_path / root, max_steps=1).fit(module, demo_datamodule(demo_data, batch_size=4))
+        return module
+
+    assert fit(tiny_teacher, "a").teacher_scored_rows == 8
+    before = snapshot(cache)
+    with pytest.raises(TeacherFingerprintError, match=r"holds the scores of teacher \w{12} .*this vs cached: weights"):
+        fit(other_teacher, "b")
+    assert snapshot(cache) == before
+    rescored = fit(other_teacher, "b_rescore", on_mismatch="rescore")
+    namespace = cache / f"teacher-{rescored.teacher_fingerprint.short}"
+    assert rescored.teacher_scored_rows == 8 and TeacherCache(namespace).teacher == rescored.teacher_fingerprint
+    assert {k: v for k, v in snapshot(cache).items() if not k.startswith("teacher-")} == before
+    assert fit(other_teacher, "b_again", on_mismatch="rescore").teacher_scored_rows == 0
+    assert fit(tiny_teacher, "a_again", on_mismatch="rescore").teacher_scored_rows == 0
+
+
+def test_rescoring_needs_an_in_process_teacher(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match=r"on_mismatch: rescore needs an in-process teacher"):
+        distill_module(tiny_model, TeacherConfig(cache_dir=str(tmp_path), on_mismatch="rescore"))
+
+
+def test_a_cache_only_run_refuses_scores_of_another_top_k(tiny_model, tiny_teacher, demo_data, tmp_path):
+    cache = str(tmp_path / "cache")
+    torch.manual_seed(0)
+    module = distill_module(tiny_model, TeacherConfig(model_name_or_path=str(tiny_teacher), cache_dir=cache, top_k=8))
+    trainer(tmp_path / "a", max_steps=1).fit(module, demo_datamodule(demo_data, batch_size=2))
+    reader = distill_module(tiny_model, TeacherConfig(cache_dir=cache, top_k=4))
+    with pytest.raises(ConfigError, match=r"holds top_k=8 float16 scores, model.teacher asks for top_k=4 float16"):
+        trainer(tmp_path / "b", max_steps=1).fit(reader, demo_datamodule(demo_data, batch_size=2))

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch import Callback
 
 from tests.helpers import demo_datamodule, trainer
+from vlm_post.errors import RunStopped
 from vlm_post.losses import GRPOLossConfig
 from vlm_post.modules import EvalConfig, OptimConfig, RLModule
 from vlm_post.rollout import SamplingParams
@@ -81,14 +82,32 @@ def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_pat
     module = rl_module(tiny_model)
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
-    trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2).fit(module, demo_datamodule(demo_data, batch_size=4))
+    run = trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2)
+    run.fit(module, demo_datamodule(demo_data, batch_size=4))
     assert module.skipped_steps == 2
+    assert run.global_step == 2, "a skipped step counts: max_steps ends the run"
     assert all(torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
     assert all(torch.isfinite(v).all() for v in module.policy.state_dict().values())
 
-    stopping = rl_module(tiny_model, on_nonfinite="stop")
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        trainer(tmp_path, max_steps=1).fit(stopping, demo_datamodule(demo_data, batch_size=4))
+    stopping = rl_module(tiny_model, max_consecutive_skips=3)
+    with pytest.raises(RunStopped, match="3 optimizer step.s. in a row had a non-finite"):
+        trainer(tmp_path, max_steps=10).fit(stopping, demo_datamodule(demo_data, batch_size=4))
+    assert stopping.skipped_steps == 3 and stopping.trainer.global_step == 2
+
+
+def test_a_skip_between_good_steps_does_not_stop_the_run(tiny_model, demo_data, tmp_path, monkeypatch):
+    from vlm_post.modules import rl
+
+    def every_other_step_poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if module.global_step % 2 == 0 else loss), stats
+
+    real = rl.grpo_loss
+    monkeypatch.setattr(rl, "grpo_loss", every_other_step_poisoned)
+    module = rl_module(tiny_model, max_consecutive_skips=2)
+    run = trainer(tmp_path, max_steps=6)
+    run.fit(module, demo_datamodule(demo_data, batch_size=4))
+    assert run.global_step == 6 and module.skipped_steps == 3 and module.skips.consecutive == 0
 
 
 def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(tiny_model, demo_data, tmp_path, monkeypatch):

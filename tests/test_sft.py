@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.helpers import demo_datamodule, sft_module, trainer
 from vlm_post.callbacks import HFExport
+from vlm_post.errors import RunStopped
 
 
 class RecordLoss(Callback):
@@ -102,6 +104,41 @@ def test_nonfinite_sft_loss_is_skipped(tiny_model, demo_data, tmp_path, monkeypa
     module = sft_module(tiny_model)
     module.configure_model()
     before = _weights(module)
-    trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2).fit(module, demo_datamodule(demo_data))
-    assert module.skipped_steps == 2
+    run = trainer(tmp_path, max_steps=2)
+    run.fit(module, demo_datamodule(demo_data))
+    assert module.skipped_steps == 2 and run.global_step == 2, "a skipped step counts: max_steps ends the run"
     assert all(torch.equal(v, before[k]) for k, v in _weights(module).items())
+
+    stopping = sft_module(tiny_model, max_consecutive_skips=2)
+    with pytest.raises(RunStopped, match="2 optimizer step.s. in a row"):
+        trainer(tmp_path, max_steps=10).fit(stopping, demo_datamodule(demo_data))
+    assert stopping.skipped_steps == 2
+
+
+def test_nonfinite_sft_gradient_is_skipped_and_no_checkpoint_holds_a_nan(tiny_model, demo_data, tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient is skipped too; a save of non-finite weights is refused, the last one kept."""
+    module = sft_module(tiny_model)
+    module.configure_model()
+    first_weight = next(p for p in module.policy.parameters() if p.ndim == 2)
+    first_weight.register_hook(lambda grad: grad * float("nan") if module.global_step == 1 else grad)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    run = trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[ckpt])
+    run.fit(module, demo_datamodule(demo_data))
+    assert module.skipped_steps == 1 and run.global_step == 3
+
+    class PoisonBeforeSave(Callback):  # what a bug elsewhere could do: a NaN weight at save time
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    next(pl_module.policy.parameters()).view(-1)[0] = float("nan")
+
+    module = sft_module(tiny_model)
+    saves = ModelCheckpoint(dirpath=tmp_path / "saves", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    with pytest.raises(RunStopped, match="refusing to save the checkpoint of step 2: 1 of .* tensors are non-finite"):
+        trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[PoisonBeforeSave(), saves]).fit(
+            module, demo_datamodule(demo_data)
+        )
+    kept = sorted(path.name for path in (tmp_path / "saves").iterdir())
+    assert kept == ["epoch=0-step=1.ckpt", "last.ckpt"], kept
+    state = torch.load(tmp_path / "saves" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

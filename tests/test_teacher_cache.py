@@ -1,10 +1,14 @@
-"""The teacher-logit cache: exact round trips, shards, resume, concurrent writers, and loud failures."""
+"""The teacher-logit cache: exact round trips, shards, resume, concurrent writers, the teacher it records, and
+loud failures."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import multiprocessing
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -15,10 +19,35 @@ from vlm_post.teacher import (
     TeacherCacheError,
     TeacherCacheMismatchError,
     TeacherCacheWriter,
+    TeacherFingerprint,
+    TeacherFingerprintError,
     TeacherScores,
     entry_key,
+    namespace_dir,
     pad_scores,
+    read_cache_teacher,
+    rescore_dir,
 )
+
+
+def fake_teacher(name: str, k: int = 8, dtype: str = "float16") -> TeacherFingerprint:
+    """A made-up teacher's fingerprint: the cache compares digests and never reads a teacher."""
+
+    def part(what: str) -> str:
+        return hashlib.sha256(f"{name}/{what}".encode()).hexdigest()
+
+    settings = {"top_k": k, "cache_dtype": dtype, "dtype": "float32", "temperature": 1.0, "scoring": 1}
+    return TeacherFingerprint(part("weights"), part("config"), part("tokenizer"), settings, source=f"teachers/{name}")
+
+
+TEACHER_A = fake_teacher("a")
+TEACHER_B = dataclasses.replace(TEACHER_A, weights=fake_teacher("b").weights, source="teachers/b")  # other weights
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes, lock files left out (they hold nothing)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".lock-")}  # fmt: skip
 
 
 def rollout(i: int, length: int | None = None, prompt_len: int = 7) -> tuple[str, list[int], list[int]]:
@@ -246,11 +275,11 @@ def test_concurrent_writers_in_separate_processes(tmp_path):
 
 
 def test_one_writer_id_cannot_be_used_twice_at_once(tmp_path):
-    with TeacherCacheWriter(tmp_path, k=8, writer_id="rank0"):
+    with TeacherCacheWriter(tmp_path, k=8, writer_id="rank0", teacher=TEACHER_A):
         with pytest.raises(TeacherCacheError, match="writer id 'rank0' is in use by another process"):
-            TeacherCacheWriter(tmp_path, k=8, writer_id="rank0")
-        TeacherCacheWriter(tmp_path, k=8, writer_id="rank1").close()
-    TeacherCacheWriter(tmp_path, k=8, writer_id="rank0").close()  # released on close
+            TeacherCacheWriter(tmp_path, k=8, writer_id="rank0", teacher=TEACHER_A)
+        TeacherCacheWriter(tmp_path, k=8, writer_id="rank1", teacher=TEACHER_A).close()
+    TeacherCacheWriter(tmp_path, k=8, writer_id="rank0", teacher=TEACHER_A).close()  # released on close
     assert len(TeacherCache(tmp_path)) == 0  # writers that added nothing leave a valid, empty cache
 
 
@@ -276,7 +305,7 @@ def test_bytes_per_token_within_6k_plus_16(tmp_path):
 def test_bad_scores_are_refused_by_the_writer(tmp_path):
     example_id, prompt, response = rollout(0)
     good = scores(0, len(response))
-    with TeacherCacheWriter(tmp_path, k=8) as writer:
+    with TeacherCacheWriter(tmp_path, k=8, teacher=TEACHER_A) as writer:
         with pytest.raises(TeacherCacheError, match=r"shapes"):
             writer.add(example_id, prompt, response + [1], good)
         nan = TeacherScores(good.topk_ids, good.topk_logprobs.clone().fill_(float("nan")), good.sampled_logprobs)
@@ -285,3 +314,136 @@ def test_bad_scores_are_refused_by_the_writer(tmp_path):
         with pytest.raises(TeacherCacheError, match="writer_id must match"):
             TeacherCacheWriter(tmp_path, k=8, writer_id="../evil")
     assert len(TeacherCache(tmp_path)) == 0
+
+
+# --- the teacher the cache records ------------------------------------------------------------------
+
+
+def test_the_cache_records_the_teacher_that_scored_it(tmp_path):
+    write(tmp_path, range(3), teacher=TEACHER_A)
+    cache = TeacherCache(tmp_path)
+    assert cache.teacher == TEACHER_A and cache.teacher.source == "teachers/a"
+    assert json.loads((tmp_path / "manifest-main.json").read_text())["teacher"] == TEACHER_A.digest
+    assert json.loads((tmp_path / "teacher.json").read_text())["fingerprint"] == TEACHER_A.digest
+    write(tmp_path, range(3, 5), teacher=TEACHER_A, writer_id="rank1")  # the same teacher appends
+    assert len(TeacherCache(tmp_path)) == 5
+
+
+def test_a_writer_of_another_teacher_is_refused_and_changes_nothing(tmp_path):
+    write(tmp_path, range(3), teacher=TEACHER_A)
+    before = snapshot(tmp_path)
+    with pytest.raises(TeacherFingerprintError) as refused:
+        TeacherCacheWriter(tmp_path, k=8, writer_id="rank1", teacher=TEACHER_B)
+    message = str(refused.value)
+    assert f"teacher cache {tmp_path} holds the scores of teacher {TEACHER_A.short} (teachers/a)" in message
+    assert f"not of this teacher {TEACHER_B.short} (teachers/b) (this vs cached: weights)" in message
+    assert "\n" not in message
+    # the settings are part of the teacher: the same model scoring its top 16 is another one
+    with pytest.raises(TeacherFingerprintError, match=r"this vs cached: top_k=16 vs 8\)"):
+        TeacherCacheWriter(tmp_path, k=16, writer_id="rank2", teacher=fake_teacher("a", k=16))
+    assert snapshot(tmp_path) == before and not (tmp_path / ".lock-rank1").exists()
+
+
+def test_a_writer_that_does_not_know_its_teacher_is_bound_before_it_writes(tmp_path):
+    """The external scorer opens its writer before it knows its teacher, and binds it in RolloutScorer."""
+    write(tmp_path, range(2), teacher=TEACHER_A)
+    before = snapshot(tmp_path)
+    refused = pytest.raises(TeacherFingerprintError, match=f"holds the scores of teacher {TEACHER_A.short}")
+    with TeacherCacheWriter(tmp_path, k=8, writer_id="scorer-b") as writer, refused:
+        writer.bind_teacher(TEACHER_B)
+    assert snapshot(tmp_path) == before, "a refused writer leaves no manifest"
+    writer = TeacherCacheWriter(tmp_path, k=8, writer_id="scorer-a")
+    example_id, prompt, response = rollout(7)
+    writer.add(example_id, prompt, response, scores(7, len(response)))
+    with pytest.raises(TeacherFingerprintError, match=r"'scorer-a' does not know its teacher.*pass teacher="):
+        writer.flush()
+    with pytest.raises(TeacherCacheError, match=r"is of top_k=16 float16 scores; writer 'scorer-a' writes k=8"):
+        writer.bind_teacher(fake_teacher("a", k=16))
+    writer.bind_teacher(TEACHER_A)
+    writer.close()
+    assert len(TeacherCache(tmp_path)) == 3
+    before = snapshot(tmp_path)
+    # its own writer id again, another teacher
+    with TeacherCacheWriter(tmp_path, k=8, writer_id="scorer-a") as writer, pytest.raises(TeacherFingerprintError):
+        writer.bind_teacher(TEACHER_B)
+    assert snapshot(tmp_path) == before, "its manifest is not rewritten (without the teacher it names)"
+
+
+def test_a_cache_from_before_the_fingerprint_is_refused_unless_it_holds_no_scores(tmp_path):
+    old = tmp_path / "old"
+    write(old, range(2))  # a writer without a teacher writes as vlm_post did before the fingerprint
+    assert TeacherCache(old).teacher is None
+    before = snapshot(old)
+    with pytest.raises(TeacherFingerprintError, match=r"old holds 2 scored responses but no teacher fingerprint"):
+        TeacherCacheWriter(old, k=8, teacher=TEACHER_A)
+    assert snapshot(old) == before
+    assert rescore_dir(old, TEACHER_A) == namespace_dir(old, TEACHER_A) == old / f"teacher-{TEACHER_A.short}"
+    empty = tmp_path / "empty"  # a writer from before that added nothing left a manifest without shards
+    empty.mkdir()
+    manifest = json.loads((old / "manifest-main.json").read_text())
+    (empty / "manifest-main.json").write_text(json.dumps({**manifest, "entries": 0, "tokens": 0, "shards": []}))
+    assert rescore_dir(empty, TEACHER_A) == empty
+    write(empty, range(2), teacher=TEACHER_A, writer_id="rank0")  # claimed: nothing in it was scored by another
+    assert TeacherCache(empty).teacher == TEACHER_A and len(TeacherCache(empty)) == 2
+
+
+def test_rescoring_uses_the_cache_of_the_same_teacher_and_a_namespace_for_another(tmp_path):
+    assert rescore_dir(tmp_path / "new", TEACHER_B) == tmp_path / "new"
+    write(tmp_path, range(2), teacher=TEACHER_A)
+    assert rescore_dir(tmp_path, TEACHER_A) == tmp_path
+    namespace = rescore_dir(tmp_path, TEACHER_B)
+    assert namespace == tmp_path / f"teacher-{TEACHER_B.short}"
+    write(namespace, range(2), teacher=TEACHER_B)
+    assert TeacherCache(namespace).teacher == TEACHER_B and TeacherCache(tmp_path).teacher == TEACHER_A
+    assert len(TeacherCache(tmp_path)) == 2  # the root reads its own manifests, not the namespace's
+
+
+def test_a_manifest_of_another_teacher_copied_in_is_refused(tmp_path):
+    write(tmp_path / "a", range(2), teacher=TEACHER_A)
+    write(tmp_path / "b", range(2, 4), teacher=TEACHER_B, writer_id="other")
+    for path in (tmp_path / "b").glob("other*"):
+        shutil.copy(path, tmp_path / "a")
+    shutil.copy(tmp_path / "b" / "manifest-other.json", tmp_path / "a")
+    with pytest.raises(
+        TeacherFingerprintError,
+        match=rf"manifest-other.json names teacher {TEACHER_B.short}, but "
+        rf".*teacher.json records {TEACHER_A.short}: the cache mixes",
+    ):
+        TeacherCache(tmp_path / "a")
+
+
+def test_a_corrupt_teacher_record_is_refused(tmp_path):
+    write(tmp_path, range(1), teacher=TEACHER_A)
+    record = json.loads((tmp_path / "teacher.json").read_text())
+    (tmp_path / "teacher.json").write_text(json.dumps({**record, "weights": TEACHER_B.weights}))
+    with pytest.raises(TeacherCacheError, match=r"teacher.json is corrupt: its fingerprint '\w+' is not the sha256"):
+        TeacherCache(tmp_path)
+    (tmp_path / "teacher.json").write_text("{")
+    with pytest.raises(TeacherCacheError, match=r"teacher.json is corrupt"):
+        read_cache_teacher(tmp_path)
+
+
+def _claiming_process(cache_dir: str, name: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        write(cache_dir, [0 if name == "a" else 1], teacher=fake_teacher(name), writer_id=name)
+        results.put((name, "wrote"))
+    except TeacherFingerprintError:
+        results.put((name, "refused"))
+
+
+def test_of_two_teachers_racing_on_a_new_cache_one_claims_it(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_claiming_process, args=(str(tmp_path), name, barrier, results)) for name in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    outcome = dict(results.get(timeout=5) for _ in procs)
+    assert sorted(outcome.values()) == ["refused", "wrote"], outcome
+    winner = next(name for name, result in outcome.items() if result == "wrote")
+    cache = TeacherCache(tmp_path)
+    assert cache.teacher == fake_teacher(winner) and len(cache) == 1
+    assert [p.name for p in tmp_path.glob("manifest-*.json")] == [f"manifest-{winner}.json"]

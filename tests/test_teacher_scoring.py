@@ -1,4 +1,5 @@
-"""HFTeacher.score: rows that share a prompt run it once (models.forward) and score as the full forward does."""
+"""HFTeacher.score: rows that share a prompt run it once (models.forward) and score as the full forward does; and
+the fingerprint that names a teacher and its scoring settings in the cache."""
 
 from __future__ import annotations
 
@@ -97,3 +98,132 @@ def test_topk_logprobs_equal_the_full_log_softmax():
     assert ids.dtype == torch.int32 and torch.equal(ids.long(), top.indices)
     torch.testing.assert_close(values, top.values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sampled, full.gather(-1, targets[:, None]).squeeze(-1), rtol=1e-5, atol=1e-5)
+
+
+# --- the teacher's fingerprint (vlm_post.teacher.fingerprint) ------------------------------------------------
+
+
+def _fingerprint(folder, **settings):
+    from vlm_post.teacher.fingerprint import fingerprint_teacher
+
+    return fingerprint_teacher(folder, **{"top_k": 8, "cache_dtype": "float16", **settings})
+
+
+def _flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_the_fingerprint_names_the_teacher_and_its_settings_not_its_folder(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    reference = _fingerprint(tiny_model)
+    assert _fingerprint(copy) == reference and _fingerprint(copy).source == str(copy)  # moved: the same teacher
+    assert _fingerprint(copy, dtype="float32") == reference  # auto is the saved dtype (float32)
+    for setting in ({"top_k": 16}, {"cache_dtype": "bfloat16"}, {"dtype": "bfloat16"}):
+        assert _fingerprint(copy, **setting) != reference, setting
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "transformers_version": "0.0", "_name_or_path": "x"}))
+    assert _fingerprint(copy) == reference, "a re-save's bookkeeping is not the teacher"
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+    assert _fingerprint(copy).differences(reference) == ["config"]
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "tokenizer_config.json").write_text(
+        (copy / "tokenizer_config.json").read_text().replace("}", ', "x": 1}', 1)
+    )
+    assert _fingerprint(copy).differences(reference) == ["tokenizer"]
+    shutil.copy(tiny_model / "tokenizer_config.json", copy)
+    _flip_byte(copy / "model.safetensors", (copy / "model.safetensors").stat().st_size // 2)  # small: hashed whole
+    assert _fingerprint(copy).differences(reference) == ["weights"]
+    (copy / "model.safetensors").unlink()
+    from vlm_post.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"copy has no weight files \(\*.safetensors, \*.bin\) to fingerprint"):
+        _fingerprint(copy)
+
+
+def test_the_teacher_fingerprints_itself_as_the_module_does(teacher, tiny_model):
+    assert teacher.fingerprint("float16") == _fingerprint(tiny_model)
+    assert teacher.fingerprint("float16").settings["dtype"] == "float32"
+
+
+def _write_large_safetensors(folder, monkeypatch):
+    """A weight file past FULL_HASH_BYTES (lowered for the test): a 1 MiB matrix and a small norm."""
+    from safetensors.torch import save_file
+
+    from vlm_post.teacher import fingerprint
+
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 1 << 16)
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "made_up"}')
+    path = folder / "model.safetensors"
+    save_file({"layer.weight": torch.randn(512, 512), "norm.weight": torch.ones(16)}, str(path))
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    return path, header  # layer.weight comes first: its bytes start at ``header``
+
+
+def test_a_large_weight_file_is_fingerprinted_by_its_header_and_samples_of_every_tensor(tmp_path, monkeypatch):
+    from vlm_post.teacher.fingerprint import SAMPLE_BYTES
+
+    path, start = _write_large_safetensors(tmp_path / "t", monkeypatch)
+    original, reference = path.read_bytes(), _fingerprint(tmp_path / "t")
+    matrix_bytes = 512 * 512 * 4
+    changed = {
+        "the matrix's first bytes": start + 10,
+        "the matrix's last bytes": start + matrix_bytes - 10,
+        "a sampled place inside it": start + (matrix_bytes - SAMPLE_BYTES) // 3 + 5,
+        "the small tensor (read whole)": start + matrix_bytes + 7,
+    }
+    for where, offset in changed.items():
+        _flip_byte(path, offset)
+        assert _fingerprint(tmp_path / "t") != reference, where
+        path.write_bytes(original)
+    path.write_bytes(original.replace(b"norm.weight", b"norm.weighs", 1))  # the header (names, shapes, dtypes)
+    assert _fingerprint(tmp_path / "t") != reference
+    path.write_bytes(original)
+    # What it misses, as its docstring says: a change between the sampled places of a large tensor.
+    _flip_byte(path, start + matrix_bytes // 6)
+    assert _fingerprint(tmp_path / "t") == reference
+
+
+def test_fingerprinting_a_large_teacher_reads_only_samples(tmp_path):
+    """A 16 GiB sparse safetensors file of 128 tensors (the layout of a large teacher's shard) in well under a
+    second: the header and 4 x 4 KiB of each tensor, not the 16 GiB."""
+    import json
+    import struct
+    import time
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "made_up"}')
+    size = 128 << 20  # bytes per tensor
+    tensor = {"dtype": "BF16", "shape": [8192, size // 16384]}
+    header = json.dumps(
+        {f"layers.{i}.weight": {**tensor, "data_offsets": [i * size, (i + 1) * size]} for i in range(128)}
+    )
+    path = folder / "model-00001-of-00001.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header.encode())
+        f.truncate(8 + len(header) + 128 * size)
+    started = time.perf_counter()
+    reference = _fingerprint(folder)
+    assert time.perf_counter() - started < 2.0
+    with open(path, "r+b") as f:  # a trained teacher: every tensor's bytes differ
+        f.seek(8 + len(header) + 5 * size)
+        f.write(b"\x01" * 8)
+    assert _fingerprint(folder).differences(reference) == ["weights"]
+
+
+def test_a_large_weight_file_of_another_format_is_sampled_evenly(tmp_path, monkeypatch):
+    from vlm_post.teacher import fingerprint
+
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 1 << 16)
+    (tmp_path / "config.json").write_text('{"model_type": "made_up"}')
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(bytes(1 << 20))
+    reference = _fingerprint(tmp_path)
+    _flip_byte(path, (1 << 20) - 1)  # the file's last bytes are sampled
+    assert _fingerprint(tmp_path) != reference

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from vlm_post.errors import RunStopped
 from vlm_post.models.export import export_hf
 from vlm_post.models.init_from import load_policy_state, policy_state_from_checkpoint
 from vlm_post.models.sharding import full_state_dict, is_sharded
@@ -26,7 +26,9 @@ class HFExport(Callback):
         enabled: turn the export off.
 
     With ``best``, the module's policy is left holding the best weights, as
-    ``trainer.test(ckpt_path="best")`` would.
+    ``trainer.test(ckpt_path="best")`` would. ``dirpath`` becomes a symlink to a version folder beside it,
+    replaced atomically, with a sha256 manifest (``vlm_post.models.export``). Weights with a NaN or inf are not
+    exported: the fit stops with ``RunStopped`` and the previous export stays as it was.
     """
 
     def __init__(self, dirpath: str | None = None, weights: Literal["best", "last"] = "best", enabled: bool = True) -> None:
@@ -56,14 +58,20 @@ class HFExport(Callback):
             state_dict = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
         elif sharded:
             state_dict = full_state_dict(pl_module.policy)  # every rank takes part in the gather
+        refusal = None
         if trainer.is_global_zero:
-            export_hf(pl_module.policy, pl_module.processor, out, state_dict)
             provenance = {
                 "weights": source,
                 "global_step": trainer.global_step,
                 "monitor": getattr(checkpoint, "monitor", None),
                 "best_score": float(checkpoint.best_model_score) if getattr(checkpoint, "best_model_score", None) is not None else None,
             }
-            (out / "vlm_post_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
-            rank_zero_info(f"exported {source} in HF format to {out}")
-        trainer.strategy.barrier()
+            try:
+                export_hf(pl_module.policy, pl_module.processor, out, state_dict, provenance)
+                rank_zero_info(f"exported {source} in HF format to {out}")
+            except RunStopped as error:  # non-finite weights: nothing written, the previous export kept
+                refusal = str(error)
+        # Every rank stops together: a rank that went on alone would wait for the others forever.
+        refusal = trainer.strategy.broadcast(refusal, src=0)
+        if refusal:
+            raise RunStopped(refusal)

@@ -9,13 +9,15 @@ which is atomic on POSIX file systems.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from vlm_post.models.export import discard, export_leftovers, restore_pointer
 
 
 def read_fsdp_full_checkpoints_with_mmap() -> None:
@@ -38,19 +40,23 @@ def _mmap_load(path) -> Any:
 
 def remove_leftovers(checkpoint_dir: Path, export_dir: Path) -> list[Path]:
     """Delete what a kill in the middle of a save left: ``.<name>.*.tmp`` files of ``AtomicCheckpointIO`` in
-    ``checkpoint_dir``, and ``.<export name>.*`` folders of ``export_hf`` beside ``export_dir``. Returns them.
+    ``checkpoint_dir``, and beside ``export_dir`` the temporary ``.<export name>.*`` folders and links and the
+    stale ``<export name>.<n>`` versions of ``export_hf`` (``vlm_post.models.export.export_leftovers``; never
+    the version ``export_dir`` points to). Returns them. An ``export_dir`` that a kill left missing beside a
+    complete version is pointed at it first (``restore_pointer``).
 
     Only these names are touched: both writers make them, and neither keeps one past its own save.
     """
     found = [p for p in checkpoint_dir.glob(".*.tmp") if p.is_file()] if checkpoint_dir.is_dir() else []
-    if export_dir.parent.is_dir():
-        found += [p for p in export_dir.parent.glob(f".{export_dir.name}.*") if p.is_dir()]
     for path in found:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return found
+        path.unlink(missing_ok=True)
+    restored = restore_pointer(export_dir)
+    if restored is not None:
+        rank_zero_info(f"vlm_post: {export_dir} now points to {restored.name}, the export a kill had left unlinked")
+    exports = export_leftovers(export_dir)
+    for path in exports:
+        discard(path, export_dir)
+    return found + exports
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -15,7 +15,7 @@ weights are loaded.
 from __future__ import annotations
 
 import os
-import re
+import pickle
 import sys
 from pathlib import Path
 
@@ -24,15 +24,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from vlm_post.callbacks import HFExport
 from vlm_post.checkpoint_io import remove_leftovers
 from vlm_post.data.datamodule import VLMDataModule
-from vlm_post.errors import ConfigError
+from vlm_post.errors import ConfigError, RunStopped, one_line_parse_error
 from vlm_post.modules.base import PolicyModule
 
+EXIT_RUN_STOPPED = 1
 EXIT_CONFIG_ERROR = 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = EXIT_CONFIG_ERROR) -> None:
     sys.stderr.write(f"vlm_post: error: {message}\n")
-    sys.exit(EXIT_CONFIG_ERROR)
+    sys.exit(status)
 
 
 class _Parser(LightningArgumentParser):
@@ -42,47 +43,7 @@ class _Parser(LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        _fail(f"{_innermost_error(str(message))}\n(see '{prog} --help')")
-
-
-# Lines of jsonargparse's nested Union report that say nothing about the culprit.
-_UNION_NOISE = re.compile(
-    r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|- Expected a <class 'NoneType'>)"
-)
-# A Union branch that was not even tried (the value is a dict, the branch a str): a reason only if none other is.
-_UNTRIED_BRANCH = re.compile(r"- Expected a <class '[\w.]+'>")
-
-
-def _innermost_error(message: str) -> str:
-    """jsonargparse's error as one line: the full key of the innermost culprit and its reason.
-
-    A bad value under ``model`` comes back as a tree (the subclass, then each nested config, each a Union with
-    None); the reason is at its bottom: ``model.init_args.optim.lr: Expected a float. Got value: abc``.
-    """
-    keys: list[str] = []
-    untried = None
-    for line in (raw.strip() for raw in message.strip().splitlines()):
-        if not line or _UNION_NOISE.match(line):
-            continue
-        key = re.fullmatch(r'Parser key "(.+)":', line)
-        if key:
-            keys.append(key[1])
-        elif line.startswith("- Problem with given class_path"):
-            if len(keys) == 1:  # a top-level subclass (model: class_path + init_args) takes init_args
-                keys.append("init_args")
-        elif _UNTRIED_BRANCH.fullmatch(line):
-            untried = untried or (list(keys), line)
-        else:
-            return _culprit(keys, line)
-    return _culprit(*untried) if untried else " ".join(message.split())
-
-
-def _culprit(keys: list[str], line: str) -> str:
-    reason = re.sub(r"<class '([\w.]+)'>", r"\1", line.removeprefix("- "))
-    import_failed = re.search(r"No module named|has no attribute|import|subclass", reason, re.IGNORECASE)
-    if keys[-1:] == ["init_args"] and import_failed:
-        keys = [*keys[:-1], "class_path"]  # the class itself is the culprit, not its arguments
-    return f"{'.'.join(keys)}: {reason}" if keys else reason
+        _fail(f"{one_line_parse_error(str(message))}\n(see '{prog} --help')")
 
 
 class VLMPostCLI(LightningCLI):
@@ -98,6 +59,17 @@ class VLMPostCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(HFExport, "export")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads a --ckpt_path's hyperparameters first thing; a missing or broken file is one line.
+        if self.config.get("subcommand"):
+            _check_ckpt_path(self.config[self.config.subcommand])
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            reason = " ".join(str(error).split())[:200]
+            raise ConfigError(f"--ckpt_path {ckpt_path}: cannot be read ({reason}); resume from another checkpoint") from None
 
     def before_instantiate_classes(self) -> None:
         # Unset trainer.precision: bf16 mixed precision where the device supports it, fp32 elsewhere.
@@ -124,6 +96,37 @@ class VLMPostCLI(LightningCLI):
             init_args = getattr(callback, "init_args", None)
             if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and init_args.dirpath is None:
                 init_args.dirpath = str(Path(root) / "checkpoints")
+
+
+def _check_ckpt_path(config) -> None:
+    """A ``--ckpt_path`` that exists and is a whole checkpoint, or one line now (not a traceback once weights load)."""
+    import zipfile
+
+    from vlm_post.models.init_from import is_sharded_checkpoint
+
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's own names for a checkpoint
+        return
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint")
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip; a truncated one has no directory
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: not a whole checkpoint ({path.stat().st_size} bytes, no zip directory: "
+            "truncated or not a torch checkpoint); resume from another one in its folder"
+        )
+    if path.is_file():
+        # Every record of torch's zip carries a CRC-32: one read of the file finds bytes changed on disk, which
+        # torch.load would take as weights.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged:
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path}: damaged: its record {damaged} fails its CRC check (bytes changed on "
+                "disk); resume from another checkpoint in its folder"
+            )
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        raise ConfigError(f"--ckpt_path {ckpt_path}: a folder, but not a sharded checkpoint (no .metadata)")
 
 
 def _check_sharded_ckpt_path(config) -> None:
@@ -188,16 +191,16 @@ def main(args: list[str] | None = None) -> None:
         VLMPostCLI(args=args)
     except Exception as error:
         # jsonargparse wraps errors raised while instantiating classes; find ours in the chain.
-        cause = _config_error_in_chain(error)
+        cause = _user_error_in_chain(error)
         if cause is None:
             raise
-        _fail(str(cause))
+        _fail(str(cause), EXIT_RUN_STOPPED if isinstance(cause, RunStopped) else EXIT_CONFIG_ERROR)
 
 
-def _config_error_in_chain(error: BaseException | None) -> ConfigError | None:
+def _user_error_in_chain(error: BaseException | None) -> ConfigError | RunStopped | None:
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, ConfigError):
+        if isinstance(error, (ConfigError, RunStopped)):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -33,6 +33,31 @@ def end_of_turn_text(processor) -> str:
     return rendered.split(marker, 1)[1].rstrip()
 
 
+def prompt_text(processor, example: Example, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The prompt as the chat template renders it: the user turn, then the assistant's generation prompt."""
+    return processor.apply_chat_template(
+        build_messages(example, instruction), add_generation_prompt=True, tokenize=False
+    )
+
+
+def prompt_token_count(processor, text: str, images: list) -> int:
+    """How many tokens the processor makes of a rendered prompt and its images, without processing any pixels.
+
+    The text is tokenized as the processor tokenizes it; each image placeholder then counts as that image's tokens,
+    from its size, where the processor can tell (``_get_num_multimodal_tokens``: Qwen2-VL, Qwen2.5-VL and most
+    image-text processors in transformers), else as the one placeholder token.
+    """
+    ids = processor.tokenizer(text)["input_ids"]
+    image_token_id = getattr(processor, "image_token_id", None)
+    if not images or image_token_id is None:
+        return len(ids)
+    try:
+        image_tokens = processor._get_num_multimodal_tokens(image_sizes=[(im.height, im.width) for im in images])
+    except (AttributeError, NotImplementedError):  # a processor that cannot say without the pixels
+        return len(ids)
+    return len(ids) - ids.count(image_token_id) + sum(image_tokens.num_image_tokens)
+
+
 def per_token_keys(encoding: dict, input_ids: torch.Tensor) -> list[str]:
     return [
         key
@@ -67,10 +92,7 @@ class Collator:
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
 
     def prompt_texts(self, examples: list[Example]) -> list[str]:
-        return [
-            self.processor.apply_chat_template(build_messages(e, self.instruction), add_generation_prompt=True, tokenize=False)
-            for e in examples
-        ]
+        return [prompt_text(self.processor, example, self.instruction) for example in examples]
 
     def __call__(self, examples: list[Example]) -> dict:
         images = [image for example in examples for image in example.images]
@@ -114,7 +136,10 @@ class Collator:
         pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         out = {
             key: torch.stack(
-                [torch.nn.functional.pad(row[key], (0, width - len(row[key])), value=pad_values.get(key, 0)) for row in rows]
+                [
+                    torch.nn.functional.pad(row[key], (0, width - len(row[key])), value=pad_values.get(key, 0))
+                    for row in rows
+                ]
             )
             for key in rows[0]
         }

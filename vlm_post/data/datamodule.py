@@ -2,8 +2,10 @@
 
 Training reads one source; validation and test read several, each reported
 under its own name (in-domain Geometry3K validation and out-of-domain MathVista
-side by side). Rows are checked once at setup: a bad row is reported with its
-id, skipped and counted, so a run never dies on row 1,734 at hour three. With
+side by side). Rows are checked once at setup: a bad row (an unreadable JSON
+line, a missing or corrupt image, an empty question or answer, a prompt over
+``max_prompt_length``) is reported with its id (or its file and line), skipped
+and counted, so a run never dies on row 1,734 at hour three. With
 ``fail_fast`` the first bad row stops setup instead.
 
 The processor comes from the LightningModule (it owns the policy), so model and
@@ -15,56 +17,89 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_post.data.collate import Collator
+from vlm_post.data.limits import PromptLimit
 from vlm_post.data.prompting import DEFAULT_ANSWER_TEMPLATE, DEFAULT_INSTRUCTION
 from vlm_post.data.sampler import EvalShardSampler, ResumableRandomSampler
 from vlm_post.data.schema import Example
-from vlm_post.data.sources import ADAPTERS, BadRow, DataSource, _is_local, fit_pixels, load_rows
+from vlm_post.data.sources import ADAPTERS, BadRow, DataSource, _first_line, _is_local, fit_pixels, load_rows
 from vlm_post.errors import ConfigError
 
 _REPORTED_PER_SOURCE = 20
 
 
 class ExampleDataset(Dataset):
-    """Rows of one source, normalised lazily to Examples; ``indices`` lists the rows that passed the check."""
+    """Rows of one source, normalised lazily to Examples; ``indices`` lists the rows that passed the check.
 
-    def __init__(self, source: DataSource, min_pixels: int, max_pixels: int, fail_fast: bool = False) -> None:
+    ``skipped`` lists ``(culprit, reason)`` per bad row, the culprit being ``id=<id>`` or, for a record that could
+    not be read as a row, ``<file> line <n>``.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        min_pixels: int,
+        max_pixels: int,
+        fail_fast: bool = False,
+        prompt_limit: PromptLimit | None = None,
+    ) -> None:
         self.source = source
-        self.rows = load_rows(source)
+        loaded = load_rows(source)
+        self.rows = loaded.rows
         self.adapter = ADAPTERS[source.kind]
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         path = Path(source.path).expanduser() if source.path and _is_local(source.path) else None
         self.base_dir = (path if path.is_dir() else path.parent) if path else None
+        self.fail_fast = fail_fast
         self.skipped: list[tuple[str, str]] = []
-        self.indices: list[int] = []
-        for index in range(len(self.rows)):
-            try:
-                self._example(index)
-            except BadRow as reason:
-                row_id = self._row_id(index)
-                if fail_fast:
-                    raise ConfigError(f"data source {source.name!r}: bad row id={row_id}: {reason}") from None
-                self.skipped.append((row_id, str(reason)))
-                if len(self.skipped) <= _REPORTED_PER_SOURCE:
-                    rank_zero_warn(f"data source {source.name!r}: skipped row id={row_id}: {reason}")
-                continue
-            self.indices.append(index)
+        for where, reason in loaded.unreadable:
+            self._skip(where, reason)
+        self.indices = [index for index in range(len(self.rows)) if self._usable(index, prompt_limit)]
+        total = len(self.rows) + len(loaded.unreadable)
         if self.skipped:
-            rank_zero_warn(f"data source {source.name!r}: skipped {len(self.skipped)} of {len(self.rows)} rows")
+            rank_zero_warn(f"data source {source.name!r}: skipped {len(self.skipped)} of {total} rows")
         if not self.indices:
-            first = f" (first: id={self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
+            first = f" (first: {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
             raise ConfigError(f"data source {source.name!r}: no usable rows in {source.path or source.kind!r}{first}")
 
-    def _row_id(self, index: int) -> str:
-        row = self.rows[index]
-        return str(row.get("id", row.get("pid", index)))
+    def _usable(self, index: int, prompt_limit: PromptLimit | None) -> bool:
+        """Whether row ``index`` becomes an Example within the prompt limit; a bad one is reported and counted."""
+        try:
+            example = self._example(index)
+            if prompt_limit is not None:
+                prompt_limit.check(example)
+        except BadRow as reason:
+            self._skip(self._culprit(index), str(reason))
+            return False
+        return True
+
+    def _skip(self, culprit: str, reason: str) -> None:
+        if self.fail_fast:
+            raise ConfigError(f"data source {self.source.name!r}: bad row {culprit}: {reason}")
+        self.skipped.append((culprit, reason))
+        if len(self.skipped) <= _REPORTED_PER_SOURCE:
+            rank_zero_warn(f"data source {self.source.name!r}: skipped row {culprit}: {reason}")
+
+    def _row(self, index: int) -> dict:
+        try:
+            return self.rows[index]
+        except Exception as error:  # arrow decodes a row only when it is read: invalid UTF-8 in a string column, ...
+            raise BadRow(f"unreadable row ({_first_line(error)})") from None
+
+    def _culprit(self, index: int) -> str:
+        try:
+            row = self.rows[index]
+        except Exception:  # the row cannot be read, so neither can its id
+            return f"at index {index} of {self.source.path}"
+        return f"id={row.get('id', row.get('pid', index))}"
 
     def _example(self, index: int) -> Example:
-        example = self.adapter(self.rows[index], index, self.source.name, self.base_dir)
+        example = self.adapter(self._row(index), index, self.source.name, self.base_dir)
         example.images = [fit_pixels(image, self.min_pixels, self.max_pixels) for image in example.images]
         return example
 
@@ -88,17 +123,18 @@ class VLMDataModule(LightningDataModule):
         train: DataSource | None = None,
         val: list[DataSource] | None = None,
         test: list[DataSource] | None = None,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         instruction: str = DEFAULT_INSTRUCTION,
         target_column: str | None = None,
         answer_template: str = DEFAULT_ANSWER_TEMPLATE,
-        max_target_tokens: int | None = None,
-        min_pixels: int = 3136,
-        max_pixels: int = 1_003_520,
+        max_target_tokens: PositiveInt | None = None,
+        max_prompt_length: PositiveInt | None = 8192,
+        min_pixels: PositiveInt = 3136,
+        max_pixels: PositiveInt = 1_003_520,
         fail_fast: bool = False,
-        seed: int = 0,
+        seed: NonNegativeInt = 0,
     ) -> None:
         """
         Args:
@@ -112,6 +148,13 @@ class VLMDataModule(LightningDataModule):
             target_column: SFT target column (e.g. teacher solutions); ``None`` uses ``answer_template``.
             answer_template: SFT target when no column is given; ``{answer}`` is replaced by the answer.
             max_target_tokens: truncate SFT targets to this many tokens.
+            max_prompt_length: the longest prompt, in tokens: the chat-templated text with the instruction plus
+                the image tokens (``vlm_post.data.limits`` says what is counted). A longer row is reported (id,
+                length, limit), skipped and counted at setup, as EasyR1's ``filter_overlong_prompts`` does; so is
+                a question longer than 16 characters per token of this, before it is ever tokenized. The default,
+                8192, passes any one-image prompt that ``max_pixels`` up to 4,194,304 allows (about 5,350 image
+                tokens for Qwen2.5-VL, plus the text), so on the shipped configs it catches broken rows without
+                thinning a benchmark; EasyR1's Geometry3K recipe uses 2048. ``null`` turns both checks off.
             min_pixels: images smaller than this (width*height) are scaled up, keeping the aspect ratio.
             max_pixels: images larger than this are scaled down, keeping the aspect ratio.
             fail_fast: stop at the first bad row instead of reporting, counting and skipping it.
@@ -136,6 +179,7 @@ class VLMDataModule(LightningDataModule):
         self.target_column = target_column
         self.answer_template = answer_template
         self.max_target_tokens = max_target_tokens
+        self.max_prompt_length = max_prompt_length
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.fail_fast = fail_fast
         self.seed = seed
@@ -158,9 +202,16 @@ class VLMDataModule(LightningDataModule):
 
     def _dataset(self, source: DataSource) -> ExampleDataset:
         if source.name not in self.datasets:
-            self.datasets[source.name] = ExampleDataset(source, self.min_pixels, self.max_pixels, self.fail_fast)
+            self.datasets[source.name] = ExampleDataset(
+                source, self.min_pixels, self.max_pixels, self.fail_fast, self._prompt_limit()
+            )
             rank_zero_info(f"data source {source.name!r}: {len(self.datasets[source.name])} examples")
         return self.datasets[source.name]
+
+    def _prompt_limit(self) -> PromptLimit | None:
+        if self.max_prompt_length is None:
+            return None
+        return PromptLimit(self.max_prompt_length, self.instruction, self.processor)
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
@@ -195,7 +246,9 @@ class VLMDataModule(LightningDataModule):
         parts = module.batch_parts(split) if module is not None else ({"sft"} if split == "train" else {"prompt"})
         return "prompt" in parts, "sft" in parts
 
-    def _loader(self, dataset: Dataset, split: str, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, split: str, batch_size: int, sampler=None, drop_last: bool = False
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,

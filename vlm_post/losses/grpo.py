@@ -34,7 +34,9 @@ from typing import Literal, get_args
 
 import torch
 
+from vlm_post.errors import ConfigError
 from vlm_post.losses.kl import KL_KINDS, KLKind, kl_penalty
+from vlm_post.ranges import AboveOne, NonNegativeFloat, PositiveInt, ProperFraction, check_ranges
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
@@ -241,43 +243,42 @@ def kl_reward_penalty(
 class GRPOLossConfig:
     """Loss settings of GRPO-family RL. Defaults: EasyR1's Geometry3K recipe."""
 
-    clip_low: float = 0.2
+    clip_low: ProperFraction = 0.2
     """PPO clip below: the ratio is clipped at 1 - clip_low."""
-    clip_high: float = 0.3
+    clip_high: NonNegativeFloat = 0.3
     """PPO clip above: the ratio is clipped at 1 + clip_high (> clip_low is DAPO's clip-higher)."""
-    dual_clip: float | None = 3.0
+    dual_clip: AboveOne | None = 3.0
     """For A < 0, cap a token's loss at dual_clip * |A| (Ye et al. 2020); None: no cap. EasyR1 and verl use 3."""
     aggregation: Aggregation = "token-mean"
     """How token losses become a scalar, for the policy loss, the KL term and the entropy bonus; see ``aggregate``."""
-    max_response_length: int | None = None
+    max_response_length: PositiveInt | None = None
     """The constant divisor of ``seq-mean-token-sum-norm``: the rollout's max new tokens."""
-    kl_coef: float = 1e-2
+    kl_coef: NonNegativeFloat = 1e-2
     """Weight of the KL to the reference policy, in the loss or in the reward (``kl_mode``)."""
     kl_kind: KLKind = "low_var_kl"
     """Per-token KL estimator, see ``kl_penalty``."""
     kl_mode: KLMode = "loss"
     """``loss``: add kl_coef * aggregate(KL) to the loss; ``reward``: subtract kl_coef * sum(KL) from
     each reward (``kl_reward_penalty``) before the advantages; ``off``: no reference model."""
-    entropy_coef: float = 0.0
+    entropy_coef: NonNegativeFloat = 0.0
     """Entropy bonus: the loss gets -entropy_coef * aggregate(entropy). 0 disables it."""
     normalize_std: bool = True
     """GRPO advantages divide by the group's std; False is Dr. GRPO (pair with seq-mean-token-sum-norm)."""
 
     def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
+        check_ranges(self)
+        for name, value, allowed in (
+            ("aggregation", self.aggregation, AGGREGATIONS),
+            ("kl_kind", self.kl_kind, KL_KINDS),
+            ("kl_mode", self.kl_mode, KL_MODES),
+        ):
+            if value not in allowed:  # a config built in Python; a parsed one was checked against the Literal
+                raise ConfigError(f"loss.{name}: unknown {value!r}; expected one of {allowed}")
         if self.aggregation == "seq-mean-token-sum-norm" and not self.max_response_length:
-            raise ValueError("seq-mean-token-sum-norm needs max_response_length")
-        if self.kl_kind not in KL_KINDS:
-            raise ValueError(f"unknown KL estimator {self.kl_kind!r}; expected one of {KL_KINDS}")
-        if self.kl_mode not in KL_MODES:
-            raise ValueError(f"unknown kl_mode {self.kl_mode!r}; expected one of {KL_MODES}")
-        if not (0.0 <= self.clip_low < 1.0 and self.clip_high >= 0.0):
-            raise ValueError(f"expected 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}")
+            raise ConfigError(
+                "loss.max_response_length: aggregation seq-mean-token-sum-norm divides by it; set it to the "
+                "rollout's max_new_tokens"
+            )
 
     @property
     def uses_reference(self) -> bool:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_post.ranges import NonNegativeFloat, NonNegativeInt, check_ranges
+
 
 @dataclass
 class OverlongConfig:
@@ -32,13 +34,12 @@ class OverlongConfig:
         filter_truncated: leave truncated responses out of the loss (their tokens get no gradient).
     """
 
-    penalty: float = 0.0
-    buffer: int = 0
+    penalty: NonNegativeFloat = 0.0
+    buffer: NonNegativeInt = 0
     filter_truncated: bool = False
 
     def __post_init__(self) -> None:
-        if self.penalty < 0 or self.buffer < 0:
-            raise ValueError(f"overlong: penalty and buffer must be >= 0, got {self.penalty} and {self.buffer}")
+        check_ranges(self)
 
 
 def overlong_penalty(

@@ -10,19 +10,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.errors import ConfigError
+from vlm_post.models.export import MANIFEST, verify_hf_folder
 
 POLICY_PREFIX = "policy."
 
 
 def check_init_from(path: str) -> str:
+    """The path, once it is known to be a checkpoint or an HF folder whose files are whole (``verify_hf_folder``:
+    a vlm_post export against its manifest's sha256, any other folder by its safetensors headers and sizes)."""
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".ckpt":
         return str(p)
     if is_sharded_checkpoint(p):
         return str(p)
-    if p.is_dir() and (p / "config.json").is_file():
+    if p.is_dir() and ((p / "config.json").is_file() or (p / MANIFEST).is_file()):  # an export missing its config
+        if verify_hf_folder(p, "model.init_from") == "structure":
+            rank_zero_info(
+                f"model.init_from {path} has no vlm_post manifest (not an export, or one from before manifests): "
+                f"its safetensors headers and sizes were checked, not their contents"
+            )
         return str(p)
     if p.exists():
         raise ConfigError(

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import torch
 
 from vlm_post.errors import ConfigError, build_hint
+from vlm_post.models.export import check_safetensors_structure, verify_hf_folder
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -77,13 +78,34 @@ def load_processor(path: str):
 
 
 def load_policy(path: str, dtype: Dtype = "auto", attn_implementation: str | None = "sdpa") -> torch.nn.Module:
-    """The model in train mode (``from_pretrained`` returns eval mode, which would silently disable dropout)."""
+    """The model in train mode (``from_pretrained`` returns eval mode, which would silently disable dropout).
+
+    Its files are checked first (``check_weights``), so a broken file is one line naming it, not a traceback.
+    """
     from transformers import AutoModelForImageTextToText
 
+    check_weights(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), attn_implementation=attn_implementation
     )
     return model.train()
+
+
+def check_weights(path: str, what: str = "model") -> None:
+    """A local folder: ``verify_hf_folder`` (a vlm_post export by its manifest's sha256, once per process; any
+    other folder by its safetensors headers and sizes). A hub id: its cached snapshot's safetensors headers and
+    sizes; files not cached yet are from_pretrained's to download, unless the hub is offline."""
+    from huggingface_hub import constants, hf_hub_download
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        verify_hf_folder(local, what)
+        return
+    try:
+        snapshot = Path(hf_hub_download(path, "config.json", local_files_only=True)).parent
+    except (OSError, ValueError):  # not cached: from_pretrained downloads it (and says why if it cannot)
+        return
+    check_safetensors_structure(snapshot, f"{what} {path} (Hugging Face cache)", require_all=constants.HF_HUB_OFFLINE)
 
 
 def vision_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:

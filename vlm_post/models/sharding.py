@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from vlm_post.errors import ConfigError
+from vlm_post.ranges import PositiveInt, check_ranges
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
 
@@ -46,11 +47,14 @@ class FSDPConfig:
     """
 
     reshard_after_forward: bool = True
-    replicas: int = 1
+    replicas: PositiveInt = 1
     param_dtype: DtypeName | None = None
     reduce_dtype: DtypeName | None = None
     cpu_offload: bool = False
     frozen: Literal["shard", "offload"] = "shard"
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def data_parallel_mesh(device_mesh, replicas: int):

@@ -24,6 +24,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.checkpoint_io import read_fsdp_full_checkpoints_with_mmap
+from vlm_post.errors import RunStopped
 from vlm_post.losses import token_logprobs_and_entropy
 from vlm_post.metrics import EvalMetrics
 from vlm_post.models.forward import decoder_hidden_states, response_hidden_states
@@ -44,7 +45,18 @@ from vlm_post.models.loading import (
 )
 from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, is_sharded, shard_model
 from vlm_post.modules.evaluation import EvalConfig, confidence_intervals, evaluate_batch, format_table
+from vlm_post.modules.nonfinite import ADVICE, SkippedSteps, count_nonfinite, refuse_nonfinite
 from vlm_post.modules.rng import restore_rng_states, rng_states
+from vlm_post.ranges import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ProperFraction,
+    check_ranges,
+    plain_values,
+)
 from vlm_post.rewards import grading_stats
 from vlm_post.rollout import HFGenerateEngine
 
@@ -53,13 +65,16 @@ from vlm_post.rollout import HFGenerateEngine
 class OptimConfig:
     """AdamW with linear warmup, then a cosine decay to ``min_lr_ratio * lr`` or a constant rate."""
 
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: NonNegativeFloat = 1e-5
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[ProperFraction, ProperFraction] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegativeInt = 0
     schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: ClosedUnitInterval = 0.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 # Checkpoints keep the hyperparameters, these dataclasses included; let `--ckpt_path` resume
@@ -92,8 +107,9 @@ class PolicyModule(LightningModule):
         optim: OptimConfig | None = None,
         eval: EvalConfig | None = None,
         val: EvalConfig | None = None,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: PositiveInt = 1024,
         fsdp: FSDPConfig | None = None,
+        max_consecutive_skips: PositiveInt = 3,
     ) -> None:
         """
         Args:
@@ -113,6 +129,8 @@ class PolicyModule(LightningModule):
             logprob_chunk_size: tokens per chunk when projecting hidden states onto the vocabulary.
             fsdp: per-layer FSDP2 sharding, applied when ``trainer.strategy`` is Lightning's
                 ModelParallelStrategy (ignored under any other strategy).
+            max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped (the weights
+                stay as they were, the step counts); this many in a row stop the run (1: at the first).
         """
         super().__init__()
         # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
@@ -137,6 +155,7 @@ class PolicyModule(LightningModule):
         self.policy: torch.nn.Module | None = None
         self.eval_metrics = torch.nn.ModuleDict()
         self.eval_records: dict[str, list[dict]] = {}
+        self.skips = SkippedSteps(max_consecutive_skips)
 
     # --- model -------------------------------------------------------------------------------------
 
@@ -189,16 +208,74 @@ class PolicyModule(LightningModule):
     # --- exact resume: the global RNG streams (sampling, dropout) continue where the checkpoint left them --
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._refuse_nonfinite_checkpoint(checkpoint)
+        for key, value in checkpoint.items():  # hyperparameters, and the optimizer's lr taken from them
+            checkpoint[key] = plain_values(value)
         checkpoint["vlm_post_rng"] = rng_states()
+        checkpoint["vlm_post_skipped_steps"] = self.skips.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("vlm_post_rng")
+        if "vlm_post_skipped_steps" in checkpoint:
+            self.skips.load_state_dict(checkpoint["vlm_post_skipped_steps"])
 
     def on_train_start(self) -> None:
         # Applied here, not at load time: setup between loading and training may draw random numbers.
         states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if states:
             restore_rng_states(states)
+
+    # --- NaN and inf (vlm_post.modules.nonfinite): skipped steps count, bad weights never reach disk ---------
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.skips.total
+
+    def record_step(self, finite: bool) -> None:
+        """Count the optimizer step about to be taken (skipped unless ``finite``); may stop the run."""
+        self.skips.record(finite, self.global_step + 1, self._kept())
+        if self._trainer is not None:
+            self.log("train/skipped_steps", float(self.skips.total), batch_size=1)
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient is finite, on every rank (a rank that skips alone would desynchronise FSDP)."""
+        grads = (("", p.grad) for p in self.policy.parameters() if p.grad is not None)
+        return self._all_ranks_agree(count_nonfinite(grads)[0] == 0)
+
+    def check_weights_finite(self) -> None:
+        """After an optimizer step: stop at once if a weight turned NaN/inf (a finite but too large update)."""
+        bad, total, first = count_nonfinite(self.policy.named_parameters())
+        if not self._all_ranks_agree(bad == 0):
+            raise RunStopped(
+                f"stopped at step {self.global_step}: the update made {bad} of {total} weight tensors non-finite "
+                f"(first: {first or 'on another rank'}); nothing was saved from them; {self._kept()}; {ADVICE}"
+            )
+
+    def _refuse_nonfinite_checkpoint(self, checkpoint: dict) -> None:
+        try:
+            refuse_nonfinite(checkpoint, self.global_step, self._kept())
+            finite = True
+        except RunStopped as error:
+            finite, refusal = False, error
+        if not self._all_ranks_agree(finite):  # every rank refuses together: no rank waits in the save alone
+            raise refusal if not finite else RunStopped(
+                f"refusing to save the checkpoint of step {self.global_step}: another rank holds a non-finite "
+                f"tensor; {self._kept()}; {ADVICE}"
+            )
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True)) if self._trainer else ok
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to resume from, for its message."""
+        # Not the callback's last/best_model_path: it names a file before the file is written.
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+        saved = sorted(p.name for p in folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
+        if not saved:
+            return "no checkpoint had been written yet"
+        names = ", ".join(saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
+        return f"the checkpoints already in {folder} ({names}) are as they were"
 
     def batch_parts(self, split: str) -> set[str]:
         """Which collated parts this module needs per split: ``prompt`` (for sampling) and/or ``sft``."""

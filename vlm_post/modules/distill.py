@@ -6,7 +6,9 @@ Algorithm, per training step (one round: a batch of ``data.batch_size`` prompts)
      and log-probs, and the log-prob of the token the student sampled. Scores come from the
      teacher-logit cache (``teacher.cache_dir``) when it holds them; the in-process teacher
      (``teacher.model_name_or_path``) scores the rest and appends them to the cache, so a resumed
-     run re-uses them instead of scoring again;
+     run re-uses them instead of scoring again. The cache records the fingerprint of the teacher
+     and settings that scored it, and a cache of another teacher is refused, or with
+     ``teacher.on_mismatch: rescore`` scored anew into a namespace of this teacher's own;
   3. the student minimises the per-token reverse KL, KL(student || teacher), over its samples:
      ``loss.kind: topk`` (the exact KL of the top-k + tail coarsening) or ``sampled`` (the
      one-sample estimate log pi_s(y) - log pi_t(y) as a per-token advantage in a policy-gradient
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.errors import ConfigError
 from vlm_post.losses.distill import sampled_reverse_kl_loss, topk_entropy, topk_reverse_kl_and_entropy_from_hidden
@@ -35,10 +38,21 @@ from vlm_post.losses.grpo import Aggregation, aggregate
 from vlm_post.models.forward import response_hidden_states
 from vlm_post.models.loading import Dtype
 from vlm_post.modules.on_policy import OnPolicyModule
+from vlm_post.ranges import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_ranges
 from vlm_post.rewards import AccuracyReward
 from vlm_post.rollout import SamplingParams
 from vlm_post.rollout.sequences import policy_inputs, select_rows
-from vlm_post.teacher import TeacherBatch, TeacherCache, TeacherCacheWriter, TeacherScores, pad_scores
+from vlm_post.teacher import (
+    TeacherBatch,
+    TeacherCache,
+    TeacherCacheWriter,
+    TeacherFingerprint,
+    TeacherScores,
+    check_cache_teacher,
+    namespace_dir,
+    pad_scores,
+    rescore_dir,
+)
 from vlm_post.teacher.rollout_files import write_rollout_file
 from vlm_post.teacher.scoring import HFTeacher
 
@@ -58,14 +72,25 @@ class TeacherConfig:
         wait_s: without an in-process teacher, a step writes the responses the cache lacks to
             ``<cache_dir>/rollouts/`` and waits this long for ``tools/score_teacher.py`` to score
             them before it stops with a message.
+        on_mismatch: when ``cache_dir`` holds the scores of another teacher or of other scoring
+            settings (its ``teacher.json`` records their fingerprint) or of an unknown teacher (a
+            cache from before the fingerprint): ``error`` stops with a message naming both;
+            ``rescore`` scores anew into ``<cache_dir>/teacher-<fingerprint>/``, a cache of this
+            teacher's own, and leaves the scores already there as they are. Needs an in-process
+            teacher (a cache-only run reads ``cache_dir`` itself, whichever teacher filled it;
+            the external scorer refuses to add another teacher's scores to it).
     """
 
     model_name_or_path: str | None = None
     cache_dir: str | None = None
-    top_k: int = 32
+    top_k: PositiveInt = 32
     dtype: Dtype = "auto"
     cache_dtype: Literal["float16", "bfloat16"] = "float16"
-    wait_s: float = 0.0
+    wait_s: NonNegativeFloat = 0.0
+    on_mismatch: Literal["error", "rescore"] = "error"
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -81,8 +106,11 @@ class DistillLossConfig:
     """
 
     kind: Literal["topk", "sampled"] = "topk"
-    discount: float = 0.0
+    discount: ClosedUnitInterval = 0.0
     aggregation: Aggregation = "token-mean"
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 torch.serialization.add_safe_globals([TeacherConfig, DistillLossConfig, SamplingParams])
@@ -95,11 +123,10 @@ class DistillModule(OnPolicyModule):
         teacher: TeacherConfig,
         loss: DistillLossConfig | None = None,
         rollout: SamplingParams | None = None,
-        epochs: int = 1,
+        epochs: PositiveInt = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int = 8,
         grad_clip: float | None = 1.0,
-        on_nonfinite: Literal["skip", "stop"] = "skip",
         **kwargs,
     ) -> None:
         """
@@ -109,7 +136,7 @@ class DistillModule(OnPolicyModule):
             rollout: the student's sampling (``n`` responses per prompt; temperature 1 samples the
                 distribution the KL is taken of).
             epochs: passes over each round's samples (1: fully on-policy).
-            mini_batch_size, micro_batch_size, grad_clip, on_nonfinite: as in RLModule.
+            mini_batch_size, micro_batch_size, grad_clip: as in RLModule.
         """
         super().__init__(
             *args,
@@ -117,13 +144,16 @@ class DistillModule(OnPolicyModule):
             mini_batch_size=mini_batch_size,
             micro_batch_size=micro_batch_size,
             grad_clip=grad_clip,
-            on_nonfinite=on_nonfinite,
             **kwargs,
         )
         if teacher.model_name_or_path is None and teacher.cache_dir is None:
             raise ConfigError("model.teacher: set model_name_or_path (an in-process teacher), cache_dir, or both")
-        if epochs < 1:
-            raise ConfigError(f"model.epochs must be >= 1, got {epochs}")
+        if teacher.on_mismatch == "rescore" and teacher.model_name_or_path is None:
+            raise ConfigError(
+                "model.teacher.on_mismatch: rescore needs an in-process teacher (model.teacher.model_name_or_path): "
+                "a cache-only run reads the scores in cache_dir, whichever teacher wrote them; give another teacher "
+                "its own model.teacher.cache_dir instead"
+            )
         self.teacher_config = teacher
         self.loss_config = loss or DistillLossConfig()
         self.epochs = epochs
@@ -138,6 +168,8 @@ class DistillModule(OnPolicyModule):
         self.teacher_scored_rows = 0  # rows the in-process teacher scored (not found in the cache)
         self._cache: TeacherCache | None = None
         self._writer: TeacherCacheWriter | None = None
+        self._cache_dir = Path(teacher.cache_dir) if teacher.cache_dir else None  # the namespace, once rescoring
+        self.teacher_fingerprint: TeacherFingerprint | None = None  # the in-process teacher's, set at fit start
 
     # --- teacher ---------------------------------------------------------------------------------
 
@@ -148,17 +180,52 @@ class DistillModule(OnPolicyModule):
         elif self.teacher is not None:
             self.teacher.load(self.device)
         if self.teacher_config.cache_dir:
-            rank = self.global_rank
+            self._cache_dir = self._scores_dir()
             if self.teacher is not None:
                 self._writer = TeacherCacheWriter(
-                    self.teacher_config.cache_dir,
+                    self._cache_dir,
                     k=self.teacher_config.top_k,
                     dtype=self.teacher_config.cache_dtype,
-                    writer_id=f"rank{rank}",
+                    writer_id=f"rank{self.global_rank}",
+                    teacher=self.teacher_fingerprint,
                 )
-            self._cache = (
-                TeacherCache(self.teacher_config.cache_dir) if _has_manifest(self.teacher_config.cache_dir) else None
+            self._cache = self._open_cache()
+
+    def _scores_dir(self) -> Path:
+        """Where this run's scores are: ``cache_dir``, or, rescoring, this teacher's namespace in a cache of
+        another. A cache of another teacher is refused (``on_mismatch: error``) before anything in it changes."""
+        root = Path(self.teacher_config.cache_dir)
+        if self.teacher is None:
+            return root  # cache-only: which teacher scored is the external scorer's to check
+        fingerprint = self.teacher_fingerprint = self.teacher.fingerprint(self.teacher_config.cache_dtype)
+        if self.teacher_config.on_mismatch == "rescore":
+            scores_dir = rescore_dir(root, fingerprint)
+            if scores_dir != root:
+                rank_zero_info(f"teacher cache {root} holds other scores than teacher {fingerprint.describe()}'s: "
+                               f"scoring anew into {scores_dir}")  # fmt: skip
+            return scores_dir
+        how = (
+            f"set model.teacher.on_mismatch: rescore to score anew into {namespace_dir(root, fingerprint)} (the "
+            "scores already there stay as they are), point model.teacher.cache_dir at another folder, or use the "
+            "teacher that scored it"
+        )
+        check_cache_teacher(root, fingerprint, how)
+        return root
+
+    def _open_cache(self) -> TeacherCache | None:
+        """The cache's reader once it has a manifest; one of another top-k or dtype than the config's is refused."""
+        if not _has_manifest(self._cache_dir):
+            return None
+        cache = TeacherCache(self._cache_dir)
+        top_k, dtype = self.teacher_config.top_k, self.teacher_config.cache_dtype
+        if (cache.k, cache.dtype) != (top_k, getattr(torch, dtype)):
+            cached = str(cache.dtype).removeprefix("torch.")
+            raise ConfigError(
+                f"teacher cache {self._cache_dir} holds top_k={cache.k} {cached} scores, model.teacher asks for "
+                f"top_k={top_k} {dtype}: set model.teacher.top_k and cache_dtype to the cache's, or use another "
+                "cache_dir"
             )
+        return cache
 
     def on_fit_end(self) -> None:
         if self._writer is not None:
@@ -231,8 +298,8 @@ class DistillModule(OnPolicyModule):
                     f"on {self.teacher_config.cache_dir}/rollouts (and raise model.teacher.wait_s)"
                 )
             time.sleep(1.0)
-            if self._cache is None and _has_manifest(self.teacher_config.cache_dir):
-                self._cache = TeacherCache(self.teacher_config.cache_dir)
+            if self._cache is None:
+                self._cache = self._open_cache()
             if self._cache is not None:
                 self._cache.reload()
                 scores = [s if s is not None else self._cache.get(*key) for s, key in zip(scores, keys)]
@@ -307,5 +374,5 @@ class DistillModule(OnPolicyModule):
         self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)
 
 
-def _has_manifest(cache_dir: str) -> bool:
+def _has_manifest(cache_dir: str | Path) -> bool:
     return any(Path(cache_dir).glob("manifest*.json"))

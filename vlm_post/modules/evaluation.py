@@ -18,7 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_post.errors import ConfigError
 from vlm_post.metrics import bootstrap_ci, pass_at_k_per_problem
+from vlm_post.ranges import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFraction,
+    PositiveInt,
+    check_ranges,
+)
 from vlm_post.rewards import grade, normalize_answer
 from vlm_post.rollout import Rollouts, SamplingParams
 from vlm_post.rollout.sequences import policy_inputs, select_rows
@@ -44,28 +53,30 @@ class EvalConfig:
         output_dir: where ``test`` writes ``<set>.jsonl`` and ``summary.json`` (default ``<log_dir>/eval``).
     """
 
-    n: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 1024
+    n: NonNegativeInt = 16
+    temperature: NonNegativeFloat = 1.0
+    top_p: PositiveFraction = 1.0
+    top_k: NonNegativeInt = 0
+    max_new_tokens: PositiveInt = 1024
     greedy: bool = True
-    pass_k: list[int] | None = None
+    pass_k: list[PositiveInt] | None = None
     entropy: bool = True
-    forward_batch_size: int = 16
-    bootstrap_resamples: int = 1000
-    confidence: float = 0.95
-    seed: int = 0
+    forward_batch_size: PositiveInt = 16
+    bootstrap_resamples: PositiveInt = 1000
+    confidence: OpenUnitInterval = 0.95
+    seed: NonNegativeInt = 0
     output_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.n < 0 or (self.n == 0 and not self.greedy):
-            raise ValueError(f"eval: n={self.n} with greedy={self.greedy} evaluates nothing")
+        check_ranges(self)
+        # "eval" stands for either key: model.init_args.eval (vlm_post test) or .val (validation in fit).
+        if self.n == 0 and not self.greedy:
+            raise ConfigError("eval.n: 0 samples and greedy: false evaluate nothing; set n >= 1 or greedy: true")
         if self.pass_k is None:
             self.pass_k = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= self.n]
         bad = [k for k in self.pass_k if not 1 <= k <= self.n]
         if bad:
-            raise ValueError(f"eval.pass_k {bad} must lie in [1, n={self.n}]")
+            raise ConfigError(f"eval.pass_k: {bad} must lie in [1, n={self.n}] (pass@k needs k of the n samples)")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)

@@ -12,20 +12,19 @@ more optimizer updates over those rows:
   the same whatever the micro-batch size.
 
 A NaN or inf loss or gradient never reaches the weights: the optimizer step is
-dropped and counted (``on_nonfinite: skip``) or the run stops with a message.
+skipped but counted, as in every stage (vlm_post.modules.nonfinite).
 Subclasses give ``_update`` a ``micro_loss(rows, inputs) -> (loss, stats)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
 from vlm_post.errors import ConfigError
-from vlm_post.models.sharding import local_tensor
 from vlm_post.modules.base import PolicyModule
+from vlm_post.ranges import PositiveFloat, PositiveInt
 from vlm_post.rollout import SamplingParams
 from vlm_post.rollout.sequences import select_rows
 
@@ -37,10 +36,9 @@ class OnPolicyModule(PolicyModule):
         self,
         *args,
         rollout: SamplingParams | None = None,
-        mini_batch_size: int | None = None,
-        micro_batch_size: int = 8,
-        grad_clip: float | None = 1.0,
-        on_nonfinite: Literal["skip", "stop"] = "skip",
+        mini_batch_size: PositiveInt | None = None,
+        micro_batch_size: PositiveInt = 8,
+        grad_clip: PositiveFloat | None = 1.0,
         **kwargs,
     ) -> None:
         """
@@ -50,8 +48,6 @@ class OnPolicyModule(PolicyModule):
             micro_batch_size: rows (responses) per forward/backward pass.
             grad_clip: gradient norm clipping per optimizer step (these modules step the optimizer
                 themselves, so ``trainer.gradient_clip_val`` must stay unset).
-            on_nonfinite: a NaN/inf loss or gradient never reaches the weights: ``skip`` drops that
-                optimizer step and counts it (``train/skipped_steps``), ``stop`` ends the run with a message.
         """
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
@@ -59,8 +55,6 @@ class OnPolicyModule(PolicyModule):
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.grad_clip = grad_clip
-        self.on_nonfinite = on_nonfinite
-        self.skipped_steps = 0
 
     def batch_parts(self, split: str) -> set[str]:
         return {"prompt"}
@@ -126,21 +120,18 @@ class OnPolicyModule(PolicyModule):
                     self.manual_backward(loss * (mask[micro].sum() / step_tokens) * share)
                     for name, value in stats.items():
                         totals.setdefault(name, []).append(value.detach().float())
-                if not self._gradients_finite():
-                    optimizer.zero_grad()
-                    self.skipped_steps += 1
-                    if self.on_nonfinite == "stop":
-                        raise FloatingPointError(
-                            f"non-finite loss or gradient at global step {self.global_step}; the weights were not "
-                            "updated (set model.on_nonfinite: skip to drop such steps instead)"
-                        )
-                    continue
-                if self.grad_clip:
+                finite = self.gradients_finite()
+                self.record_step(finite)
+                if not finite:
+                    # No gradients, no update, but the step counts (global_step, schedule): see nonfinite.py.
+                    optimizer.zero_grad(set_to_none=True)
+                elif self.grad_clip:
                     self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
+                if finite:
+                    self.check_weights_finite()
         stats = {name: torch.stack(values).mean() for name, values in totals.items()}
-        stats["skipped_steps"] = torch.tensor(float(self.skipped_steps))
         return stats
 
     def _most_over_ranks(self, count: int) -> int:
@@ -160,9 +151,3 @@ class OnPolicyModule(PolicyModule):
         trainer = self._trainer
         connector = getattr(trainer, "_logger_connector", None) if trainer is not None else None
         return True if connector is None else bool(connector.should_update_logs)
-
-    def _gradients_finite(self) -> bool:
-        """Whether every gradient is finite, on every rank (a rank that skips alone would desynchronise FSDP)."""
-        local = [local_tensor(p.grad).detach() for p in self.policy.parameters() if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in local if g.numel())
-        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True)) if self._trainer else finite

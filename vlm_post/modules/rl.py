@@ -38,6 +38,7 @@ from vlm_post.losses import (
     overlong_penalty,
 )
 from vlm_post.modules.on_policy import OnPolicyModule
+from vlm_post.ranges import PositiveFloat, PositiveInt
 from vlm_post.rewards import RewardFn, load_reward_fn
 from vlm_post.rollout import SamplingParams
 from vlm_post.rollout.sequences import policy_inputs
@@ -54,13 +55,12 @@ class RLModule(OnPolicyModule):
         loss: GRPOLossConfig | None = None,
         reward: RewardFn | str = "vlm_post.rewards.MathReward",
         overlong: OverlongConfig | None = None,
-        mini_batch_size: int | None = None,
-        micro_batch_size: int = 8,
-        ppo_epochs: int = 1,
+        mini_batch_size: PositiveInt | None = None,
+        micro_batch_size: PositiveInt = 8,
+        ppo_epochs: PositiveInt = 1,
         dynamic_sampling: bool = False,
         old_logprobs: Literal["recompute", "sampler"] = "recompute",
-        grad_clip: float | None = 1.0,
-        on_nonfinite: Literal["skip", "stop"] = "skip",
+        grad_clip: PositiveFloat | None = 1.0,
         **kwargs,
     ) -> None:
         """
@@ -80,8 +80,6 @@ class RLModule(OnPolicyModule):
                 sampled from, i.e. after top-k/top-p and without the never-sampled vision tokens).
             grad_clip: gradient norm clipping per optimizer step (RL steps the optimizer itself, so
                 ``trainer.gradient_clip_val`` must stay unset).
-            on_nonfinite: a NaN/inf loss or gradient never reaches the weights: ``skip`` drops that
-                optimizer step and counts it (``train/skipped_steps``), ``stop`` ends the run with a message.
         """
         super().__init__(
             *args,
@@ -89,16 +87,20 @@ class RLModule(OnPolicyModule):
             mini_batch_size=mini_batch_size,
             micro_batch_size=micro_batch_size,
             grad_clip=grad_clip,
-            on_nonfinite=on_nonfinite,
             **kwargs,
         )
         self.loss_config = loss or GRPOLossConfig()
         self.reward_fn = load_reward_fn(reward)
         self.overlong = overlong or OverlongConfig()
+        if self.rollout.n < 2:
+            raise ConfigError(
+                f"model.init_args.rollout.n: {self.rollout.n} sample per prompt has no group to compare with "
+                "(GRPO's advantage is a reward minus its group's mean); use n >= 2"
+            )
         if self.overlong.buffer >= self.rollout.max_new_tokens:
             raise ConfigError(
-                f"model.overlong.buffer ({self.overlong.buffer}) must be below rollout.max_new_tokens "
-                f"({self.rollout.max_new_tokens})"
+                f"model.init_args.overlong.buffer ({self.overlong.buffer}) must be below "
+                f"model.init_args.rollout.max_new_tokens ({self.rollout.max_new_tokens})"
             )
         self.ppo_epochs = ppo_epochs
         self.dynamic_sampling = dynamic_sampling

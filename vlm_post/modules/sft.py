@@ -25,11 +25,10 @@ from vlm_post.modules.base import PolicyModule
 
 
 class SFTModule(PolicyModule):
-    skipped_steps = 0  # batches whose loss was NaN/inf, dropped before they touch the weights
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.val_losses = torch.nn.ModuleDict()
+        self._nonfinite_loss = False  # since the last optimizer step (a NaN in any accumulated batch spoils it)
 
     def batch_parts(self, split: str) -> set[str]:
         return {"sft"} if split == "train" else {"prompt", "sft"}
@@ -42,16 +41,27 @@ class SFTModule(PolicyModule):
         loss, tokens = self.sft_loss(batch["sft"])
         size = batch["sft"]["input_ids"].shape[0]
         share = self.token_share(tokens)  # 1 in one process; across ranks, the global token mean
-        finite = bool(self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True))
-        if not finite:
-            # Returning None skips backward and the optimizer step, on every rank: a NaN never reaches the weights.
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+        if not self._all_ranks_agree(bool(torch.isfinite(loss))):
+            # None skips this backward on every rank; on_before_optimizer_step then drops the step's gradients.
+            self._nonfinite_loss = True
             return None
         # The logged loss is the global batch's token mean (sync_dist averages the ranks' weighted shares).
         self.log("train/loss", loss.detach() * share, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("train/target_tokens", float(tokens), batch_size=size, reduce_fx="sum", sync_dist=True)
         return loss * share
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        finite = not self._nonfinite_loss and self.gradients_finite()
+        self._nonfinite_loss = False
+        self.record_step(finite)
+        if not finite:
+            # No gradients, no update (AdamW leaves parameters without one alone), but Lightning still counts the
+            # step and advances the schedule: a run of NaN steps ends at max_steps or max_consecutive_skips.
+            optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.check_weights_finite()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.evaluate(batch, "val")

@@ -12,16 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_post.ranges import NonNegativeFloat, NonNegativeInt, PositiveFraction, PositiveInt, check_ranges
+
 
 @dataclass
 class SamplingParams:
     """How to sample: ``n`` responses per prompt (the GRPO group in RL). ``temperature == 0`` is greedy."""
 
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
+    n: PositiveInt = 1
+    temperature: NonNegativeFloat = 1.0
+    top_p: PositiveFraction = 1.0
+    top_k: NonNegativeInt = 0
+    max_new_tokens: PositiveInt = 256
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     @property
     def greedy(self) -> bool:

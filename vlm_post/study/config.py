@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vlm_post.errors import ConfigError
+from vlm_post.errors import ConfigError, one_line_parse_error
+from vlm_post.ranges import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 
 # A placeholder in an override: ${run_dir}, ${seed}, ${study_dir}, or ${<stage>}, the export of a shared stage or of
 # an earlier stage of the same arm. Not {name}: Lightning's own templates (ModelCheckpoint filenames) use that.
@@ -34,10 +35,10 @@ class SlurmResources:
         extra: further ``#SBATCH`` lines, as written (``--account=abc``, ``--qos=high``).
     """
 
-    nodes: int | None = None
-    gpus_per_node: int | None = None
-    tasks_per_node: int | None = None
-    cpus_per_task: int | None = None
+    nodes: PositiveInt | None = None
+    gpus_per_node: NonNegativeInt | None = None
+    tasks_per_node: PositiveInt | None = None
+    cpus_per_task: PositiveInt | None = None
     time: str | None = None
     partition: str | None = None
     extra: list[str] = field(default_factory=list)
@@ -122,7 +123,7 @@ class EvalSet:
     kind: Literal["geometry3k", "mathvista"] = "geometry3k"
     split: str | None = None
     domain: Literal["in", "out"] = "in"
-    limit: int | None = None
+    limit: PositiveInt | None = None
 
     def source(self) -> dict:
         out = {"name": self.name, "path": self.path, "kind": self.kind}
@@ -152,14 +153,14 @@ class EvalProtocol:
 
     config: str
     datasets: list[EvalSet]
-    n: int = 16
-    temperature: float = 1.0
-    max_new_tokens: int | None = None
-    pass_k: list[int] | None = None
-    bootstrap_resamples: int = 1000
-    confidence: float = 0.95
-    bootstrap_seed: int = 0
-    every_k_steps: int | None = None
+    n: PositiveInt = 16
+    temperature: NonNegativeFloat = 1.0
+    max_new_tokens: PositiveInt | None = None
+    pass_k: list[PositiveInt] | None = None
+    bootstrap_resamples: PositiveInt = 1000
+    confidence: OpenUnitInterval = 0.95
+    bootstrap_seed: NonNegativeInt = 0
+    every_k_steps: PositiveInt | None = None
     overrides: list[str] = field(default_factory=list)
     slurm: SlurmResources = field(default_factory=SlurmResources)
 
@@ -183,12 +184,12 @@ class LauncherConfig:
     """
 
     kind: Literal["local", "slurm"] = "local"
-    max_parallel: int = 1
+    max_parallel: PositiveInt = 1
     python: str | None = None
     setup: list[str] = field(default_factory=list)
     slurm: SlurmResources = field(default_factory=SlurmResources)
     wait: bool = False
-    poll_s: float = 10.0
+    poll_s: PositiveFloat = 10.0
 
 
 @dataclass
@@ -208,7 +209,7 @@ class StudyConfig:
     arms: list[Arm]
     evaluation: EvalProtocol
     shared: list[SharedStageSpec] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[NonNegativeInt] = field(default_factory=lambda: [0])
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def check(self, base_dir: Path) -> None:
@@ -303,15 +304,7 @@ def load_study(path: str | Path, overrides: list[str] = (), base_dir: Path | Non
     try:
         study = parser.instantiate_classes(parser.parse_args(["--config", str(path), *overrides]))
     except Exception as error:  # jsonargparse's nested report, as one line
-        raise ConfigError(f"{path}: {_one_line(str(error))}") from None
+        raise ConfigError(f"{path}: {one_line_parse_error(str(error))}") from None
     study = StudyConfig(**{key: study[key] for key in StudyConfig.__dataclass_fields__})
     study.check(base_dir or Path.cwd())
     return study
-
-
-def _one_line(message: str) -> str:
-    """``Parser key "arms": ... Parser key "stages": ... reason`` -> ``arms.stages: reason``."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    reason = message.strip().splitlines()[-1].strip()
-    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
-    return f"{'.'.join(keys)}: {reason}" if keys else reason

@@ -8,10 +8,16 @@ from vlm_post.teacher.cache_format import (
     VERSION,
     TeacherCacheError,
     TeacherCacheMismatchError,
+    TeacherFingerprintError,
     TeacherScores,
+    check_cache_teacher,
     entry_key,
+    namespace_dir,
+    read_cache_teacher,
+    rescore_dir,
 )
 from vlm_post.teacher.cache_writer import TeacherCacheWriter
+from vlm_post.teacher.fingerprint import TeacherFingerprint, fingerprint_teacher
 from vlm_post.teacher.scoring import HFTeacher, check_teacher_compatible, topk_logprobs
 
 __all__ = [
@@ -24,9 +30,16 @@ __all__ = [
     "TeacherCacheError",
     "TeacherCacheMismatchError",
     "TeacherCacheWriter",
+    "TeacherFingerprint",
+    "TeacherFingerprintError",
     "TeacherScores",
+    "check_cache_teacher",
     "check_teacher_compatible",
     "entry_key",
+    "fingerprint_teacher",
+    "namespace_dir",
     "pad_scores",
+    "read_cache_teacher",
+    "rescore_dir",
     "topk_logprobs",
 ]

@@ -124,6 +124,8 @@ class TeacherCache:
 
     ``verify`` (default on) checks each shard's header hash when the cache is opened and the whole shard's
     sha256 before its first scores are returned, once per shard per process. Sizes are always checked.
+    ``teacher`` is the fingerprint of the teacher that scored it (``teacher.json``); every manifest that lists
+    shards must name it.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, *, verify: bool = True) -> None:
@@ -135,7 +137,7 @@ class TeacherCache:
         """Re-read the manifests, picking up shards that writers have added since."""
         if not self.cache_dir.is_dir():
             raise TeacherCacheError(f"teacher cache {self.cache_dir} does not exist")
-        k, dtype, shards = _read_manifests(self.cache_dir)
+        k, dtype, shards, teacher = _read_manifests(self.cache_dir)
         if k is None:
             raise TeacherCacheError(f"{self.cache_dir} is not a teacher cache: it has no manifest-*.json "
                                     "(a TeacherCacheWriter writes one when it flushes or closes)")  # fmt: skip
@@ -143,6 +145,7 @@ class TeacherCache:
         _read_index(self.cache_dir, shards, index, self.verify)
         old = {s: self._data[i] for i, s in enumerate(getattr(self, "_shards", [])) if i in self._data}
         self.k, self.dtype, self._shards, self._index = k, _dtype(dtype), shards, index
+        self.teacher = teacher  # the fingerprint teacher.json records (None: a cache from before it)
         self._data = {i: old[s] for i, s in enumerate(shards) if s in old}
 
     def __len__(self) -> int:

@@ -20,6 +20,14 @@ Layout of a cache directory (format version 1):
   union of every ``manifest-*.json``; shards that no manifest lists (a writer killed between the shard and its
   manifest) are ignored.
 - ``.lock-<writer>``: held (``flock``) by the live writer of that id, so two processes cannot share an id.
+- ``teacher.json``: the fingerprint of the teacher and the scoring settings (``fingerprint``: the teacher's
+  weights, config and tokenizer, top-k, dtypes) of every score in the cache. The first writer creates it
+  (exclusively: of two writers racing on a new cache, one claims it and the other sees the claim), every
+  manifest names its digest under ``teacher``, and a writer or run with another fingerprint is refused, so no
+  cache holds the scores of two teachers. ``on_mismatch: rescore`` scores such a run into the namespace
+  ``teacher-<first 12 hex digits>/``, a cache of its own inside the folder. A cache written before the
+  fingerprint (scores, no ``teacher.json``) is refused by every writer that knows its teacher, since which
+  teacher scored it is unknown; one that holds no scores yet is claimed.
 
 An entry's key is its example id plus the first 128 bits of a sha256 over the id, the prompt token ids and
 the response token ids (int32, length-prefixed). An example id holds any number of entries (the n samples of
@@ -41,6 +49,7 @@ import numpy as np
 import torch
 
 from vlm_post.errors import ConfigError
+from vlm_post.teacher.fingerprint import TeacherFingerprint
 
 FORMAT = "vlm_post.teacher_cache"
 VERSION = 1
@@ -48,6 +57,8 @@ DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfl
 DEFAULT_SHARD_TOKENS = 1 << 19  # ~100 MB per shard at k = 32
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _MAX_HEADER = 1 << 30
+TEACHER_FILE = "teacher.json"
+NAMESPACE_PREFIX = "teacher-"
 _INT_DTYPES = {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}
 TokenIds = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -58,6 +69,10 @@ class TeacherCacheError(ConfigError):
 
 class TeacherCacheMismatchError(TeacherCacheError):
     """The cache holds scores for this example id, but for other prompt or response tokens."""
+
+
+class TeacherFingerprintError(TeacherCacheError):
+    """The cache holds scores of another teacher (or of other scoring settings), or of an unknown one."""
 
 
 @dataclass
@@ -187,10 +202,25 @@ def _check_size(path: Path, size: int, shard: _Shard) -> None:
                                 f"{shard.manifest.name} records {shard.bytes}")  # fmt: skip
 
 
-def _read_manifests(cache_dir: Path) -> tuple[int | None, str | None, list[_Shard]]:
-    """(k, dtype name, shards) of every manifest in the directory; (None, None, []) when there is none."""
+def _check_manifest_teacher(path: Path, manifest: dict, recorded: TeacherFingerprint | None) -> None:
+    """A manifest that lists shards names the cache's teacher: the scores of two teachers never mix."""
+    named = manifest.get("teacher")
+    if named is None and not manifest["shards"]:
+        return  # an empty manifest from before the fingerprint: it holds no scores
+    expected = recorded.digest if recorded is not None else None
+    if named != expected:
+        raise TeacherFingerprintError(
+            f"teacher cache manifest {path} names teacher {str(named)[:12]}, but {path.parent / TEACHER_FILE} "
+            f"records {str(expected)[:12]}: the cache mixes the scores of two teachers (copied in from another "
+            "cache?); move this manifest and its shards to a cache folder of their own"
+        )
+
+
+def _read_manifests(cache_dir: Path) -> tuple[int | None, str | None, list[_Shard], TeacherFingerprint | None]:
+    """(k, dtype name, shards, teacher) of every manifest in the directory; (None, None, [], teacher) if none."""
     k = dtype = None
     shards: list[_Shard] = []
+    recorded = read_cache_teacher(cache_dir)
     for path in sorted(cache_dir.glob("manifest-*.json")):
         try:
             manifest = json.loads(path.read_text())
@@ -204,12 +234,72 @@ def _read_manifests(cache_dir: Path) -> tuple[int | None, str | None, list[_Shar
                                         f"scores, other manifests in {cache_dir} k={k} {dtype}")  # fmt: skip
             k, dtype = int(manifest["k"]), str(manifest["dtype"])
             _dtype(dtype)
+            _check_manifest_teacher(path, manifest, recorded)
             shards += [_Shard(**s, manifest=path) for s in manifest["shards"]]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             if isinstance(e, TeacherCacheError):
                 raise
             raise TeacherCacheError(f"teacher cache manifest {path} is unreadable: {e!r}") from e
-    return k, dtype, shards
+    return k, dtype, shards, recorded
+
+
+def read_cache_teacher(cache_dir: str | os.PathLike) -> TeacherFingerprint | None:
+    """The teacher that the cache's ``teacher.json`` records; None if it has none (new, or from before it)."""
+    path = Path(cache_dir) / TEACHER_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return TeacherFingerprint.from_record(json.loads(text))
+    except ValueError as err:
+        raise TeacherCacheError(f"teacher cache {path} is corrupt: {err}") from None
+
+
+def _scored_entries(cache_dir: Path) -> int:
+    """Entries the cache's manifests list (0 for a folder that is not a cache yet)."""
+    if not cache_dir.is_dir():
+        return 0
+    return sum(shard.entries for shard in _read_manifests(cache_dir)[2])
+
+
+def namespace_dir(cache_dir: str | os.PathLike, teacher: TeacherFingerprint) -> Path:
+    """``<cache_dir>/teacher-<short fingerprint>``: where ``on_mismatch: rescore`` keeps this teacher's scores."""
+    return Path(cache_dir) / f"{NAMESPACE_PREFIX}{teacher.short}"
+
+
+def rescore_dir(cache_dir: str | os.PathLike, teacher: TeacherFingerprint) -> Path:
+    """The folder for this teacher's scores: ``cache_dir`` if it is this teacher's or holds no scores yet, else
+    this teacher's namespace inside it (the scores already there are left as they are)."""
+    root = Path(cache_dir)
+    recorded = read_cache_teacher(root) if root.is_dir() else None
+    if recorded == teacher or (recorded is None and not _scored_entries(root)):
+        return root
+    return namespace_dir(root, teacher)
+
+
+def check_cache_teacher(cache_dir: str | os.PathLike, teacher: TeacherFingerprint, how: str) -> None:
+    """Refuse a cache that holds the scores of another teacher, or scores of an unknown teacher (no
+    ``teacher.json``); ``how`` ends the message: how to proceed. Reads only: a refused cache is left untouched."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return
+    recorded = read_cache_teacher(root)
+    if recorded is None:
+        entries = _scored_entries(root)
+        if entries:
+            raise TeacherFingerprintError(
+                f"teacher cache {root} holds {entries} scored responses but no teacher fingerprint (no {TEACHER_FILE}: "
+                f"written before vlm_post recorded one), so which teacher scored them is unknown; this teacher is "
+                f"{teacher.describe()}: {how}"
+            )
+        return
+    if recorded != teacher:
+        differing = ", ".join(teacher.differences(recorded))
+        raise TeacherFingerprintError(
+            f"teacher cache {root} holds the scores of teacher {recorded.describe()}, not of this teacher "
+            f"{teacher.describe()} (this vs cached: {differing}): {how}"
+        )
 
 
 def _read_index(cache_dir: Path, shards: list[_Shard], index: _Index, verify: bool) -> None:

@@ -5,6 +5,11 @@ and renamed into place, and a writer rewrites its manifest after each shard, so 
 its unflushed entries. Concurrent writers (one teacher process per rank) need distinct writer ids and then
 never touch each other's files. A writer opened on an existing cache appends new shards under its id, skips
 entries already cached, and extends its manifest.
+
+A writer knows the teacher whose scores it adds (``teacher=``, or :meth:`TeacherCacheWriter.bind_teacher`
+before the first add): it claims a cache that holds no scores yet for that teacher (``teacher.json``), and is
+refused one that holds the scores of another teacher or of an unknown one, before it changes a byte of it. A
+writer without a teacher (tests, benchmarks) writes only into a cache that records none.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from vlm_post.teacher.cache_format import (
     _DTYPE_NAMES,
     DEFAULT_SHARD_TOKENS,
     FORMAT,
+    TEACHER_FILE,
     VERSION,
     TeacherCacheError,
+    TeacherFingerprintError,
     TeacherScores,
     TokenIds,
     _as_ids,
@@ -35,10 +42,14 @@ from vlm_post.teacher.cache_format import (
     _read_index,
     _read_manifests,
     _Shard,
+    check_cache_teacher,
+    read_cache_teacher,
 )
+from vlm_post.teacher.fingerprint import TeacherFingerprint
 
 # A writer id names its shard, manifest and lock files: keep it to characters that are safe in a file name.
 _WRITER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOW = "write this teacher's scores to another cache folder, or open the writer with the teacher that scored it"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,22 +76,48 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _claim_cache(cache_dir: Path, teacher: TeacherFingerprint) -> None:
+    """Create ``teacher.json`` for this teacher unless the cache has one. A hard link never replaces a file, so
+    of two writers racing on a new cache one claims it and the other finds that claim (and checks it)."""
+    path = cache_dir / TEACHER_FILE
+    if path.exists():
+        return
+    tmp = cache_dir / f".{TEACHER_FILE}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(teacher.record(), indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another writer claimed it first
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(cache_dir)
+
+
 class TeacherCacheWriter:
     """Appends scored responses to a cache directory as ``<writer_id>-<seq>.safetensors`` shards.
 
     Use as a context manager (or call :meth:`close`). Each concurrent writer needs its own ``writer_id``
     (e.g. ``f"rank{rank}"``); reopening a writer id resumes it. A shard is written whenever ``shard_tokens``
-    tokens are buffered, and on :meth:`flush` and :meth:`close`.
+    tokens are buffered, and on :meth:`flush` and :meth:`close`. ``teacher``: the fingerprint of the teacher
+    whose scores this writer adds (see :meth:`bind_teacher`); a cache of another teacher is refused before the
+    writer creates any file in it.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, *, k: int, dtype: str | torch.dtype = "float16",
-                 writer_id: str = "main", shard_tokens: int = DEFAULT_SHARD_TOKENS) -> None:  # fmt: skip
+                 writer_id: str = "main", shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 teacher: TeacherFingerprint | None = None) -> None:  # fmt: skip
         self.cache_dir, self.k, self.dtype, self.writer_id = Path(cache_dir), int(k), _dtype(dtype), writer_id
         if self.k < 1 or shard_tokens < 1:
             raise TeacherCacheError(f"teacher cache needs k >= 1 and shard_tokens >= 1, got {k}, {shard_tokens}")
         if not isinstance(writer_id, str) or not _WRITER_ID.fullmatch(writer_id):
             raise TeacherCacheError(f"writer_id must match {_WRITER_ID.pattern}, got {writer_id!r}")
-        self.shard_tokens = shard_tokens
+        self.shard_tokens, self.teacher = shard_tokens, None
+        if teacher is not None:
+            check_cache_teacher(self.cache_dir, teacher, _HOW)  # before the lock file: a refused cache is untouched
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # Held open for the writer's lifetime: the flock lasts as long as the file is open.
         self._lock = open(self.cache_dir / f".lock-{writer_id}", "a")  # noqa: SIM115
@@ -91,12 +128,14 @@ class TeacherCacheWriter:
             raise TeacherCacheError(f"writer id {writer_id!r} is in use by another process on {self.cache_dir}; "
                                     "give each concurrent writer its own writer_id") from None  # fmt: skip
         try:
-            k_old, dtype_old, shards = _read_manifests(self.cache_dir)
+            k_old, dtype_old, shards, _ = _read_manifests(self.cache_dir)
             if k_old is not None and (k_old, dtype_old) != (self.k, _DTYPE_NAMES[self.dtype]):
                 raise TeacherCacheError(f"teacher cache {self.cache_dir} holds k={k_old} {dtype_old} scores; this "
                                         f"writer was opened with k={self.k} {_DTYPE_NAMES[self.dtype]}")  # fmt: skip
             self._known = _Index()
             _read_index(self.cache_dir, shards, self._known, verify=True)
+            if teacher is not None:
+                self.bind_teacher(teacher)
         except BaseException:
             self._lock.close()
             raise
@@ -107,7 +146,26 @@ class TeacherCacheWriter:
         self._seq = max(taken, default=-1) + 1  # never reuse a name, not even an orphan shard's
         self._pending: list[tuple[str, str, torch.Tensor, TeacherScores]] = []
         self._pending_tokens = 0
+        self._wrote = False  # whether this writer wrote a shard (a writer without a teacher rewrites no manifest else)
         self._closed = False
+
+    def bind_teacher(self, teacher: TeacherFingerprint) -> None:
+        """Tie the writer to the teacher whose scores it adds: claims the cache for it if it holds no scores
+        yet, and raises :class:`TeacherFingerprintError` if it holds those of another teacher or of an unknown
+        one (a cache from before the fingerprint). A writer opened before its teacher was known (the external
+        scorer's) is bound before its first add."""
+        if self.teacher is not None and self.teacher != teacher:
+            raise TeacherCacheError(f"teacher cache writer {self.writer_id!r} is bound to teacher "
+                                    f"{self.teacher.short}, not {teacher.short}")  # fmt: skip
+        ours = (self.k, _DTYPE_NAMES[self.dtype])
+        if (teacher.settings.get("top_k"), teacher.settings.get("cache_dtype")) != ours:
+            raise TeacherCacheError(f"teacher fingerprint {teacher.short} is of top_k={teacher.settings.get('top_k')} "
+                                    f"{teacher.settings.get('cache_dtype')} scores; writer {self.writer_id!r} writes "
+                                    f"k={ours[0]} {ours[1]}")  # fmt: skip
+        check_cache_teacher(self.cache_dir, teacher, _HOW)
+        _claim_cache(self.cache_dir, teacher)
+        check_cache_teacher(self.cache_dir, teacher, _HOW)  # a writer of another teacher may have claimed it first
+        self.teacher = teacher
 
     def __enter__(self) -> TeacherCacheWriter:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
@@ -154,6 +212,7 @@ class TeacherCacheWriter:
         """Write the buffered entries as one shard, then the writer's manifest."""
         if not self._pending:
             return
+        self._check_may_write()
         name = f"{self.writer_id}-{self._seq:06d}.safetensors"
         path, tmp = self.cache_dir / name, self.cache_dir / f".{name}.{os.getpid()}.tmp"
         lengths = torch.tensor([len(p[3]) for p in self._pending], dtype=torch.int64)
@@ -179,24 +238,42 @@ class TeacherCacheWriter:
             if tmp.exists():
                 tmp.unlink()
         self._seq += 1
+        self._wrote = True
         self._shards.append(shard)
         self._pending, self._pending_tokens = [], 0
         self._write_manifest()
+
+    def _check_may_write(self) -> None:
+        """A writer without a teacher writes only into a cache that records none: scores never mix."""
+        if self.teacher is not None:
+            return
+        recorded = read_cache_teacher(self.cache_dir)
+        if recorded is not None:
+            raise TeacherFingerprintError(
+                f"teacher cache writer {self.writer_id!r} does not know its teacher, and {self.cache_dir} holds the "
+                f"scores of teacher {recorded.describe()}: pass teacher= (or call bind_teacher) so that the scores "
+                "of two teachers cannot mix"
+            )
 
     def _write_manifest(self) -> None:
         manifest = {"format": FORMAT, "version": VERSION, "writer": self.writer_id, "k": self.k,
                     "dtype": _DTYPE_NAMES[self.dtype], "entries": sum(s.entries for s in self._shards),
                     "tokens": sum(s.tokens for s in self._shards),
                     "shards": [s.record() for s in self._shards]}  # fmt: skip
+        if self.teacher is not None:
+            manifest["teacher"] = self.teacher.digest
         _atomic_write(self._manifest_path, json.dumps(manifest, indent=1).encode())
 
     def close(self) -> None:
-        """Flush, write the manifest (also when nothing was added: an empty cache is valid) and unlock."""
+        """Flush, write the manifest and unlock. A writer bound to a teacher writes its manifest also when it
+        added nothing (an empty cache is valid); one without a teacher that wrote no shard leaves the cache as
+        it was (an external scorer refused at :meth:`bind_teacher`, even one reopening its own writer id)."""
         if self._closed:
             return
         try:
             self.flush()
-            self._write_manifest()
+            if self.teacher is not None or self._wrote:
+                self._write_manifest()
         finally:
             self._closed = True
             self._lock.close()

@@ -2,7 +2,9 @@
 
 ``tools/score_teacher.py`` drives this. It reads the student's fit config for the data (sources, pixel
 bounds, prompting) and the cache settings (``model.init_args.teacher``), so that it rebuilds exactly the
-student's prompts; a prompt whose token ids differ from the recorded ones stops it with a message.
+student's prompts; a prompt whose token ids differ from the recorded ones stops it with a message. The
+scorer records its teacher's fingerprint in the cache as an in-process teacher does (``HFTeacher.fingerprint``),
+and is refused a cache that holds the scores of another teacher, before it writes anything there.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from vlm_post.data.datamodule import ExampleDataset
 from vlm_post.errors import ConfigError
 from vlm_post.rollout.base import Rollouts
 from vlm_post.rollout.sequences import policy_inputs
-from vlm_post.teacher.cache_format import TeacherScores
+from vlm_post.teacher.cache_format import _DTYPE_NAMES, TeacherScores, check_cache_teacher
 from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.rollout_files import mark_done, pending_rollout_files, read_rollout_file
 from vlm_post.teacher.scoring import HFTeacher
@@ -45,12 +47,22 @@ def load_fit_config(path: str | Path) -> tuple[VLMDataModule, dict, str]:
     return data, teacher, student
 
 
+# How to go on when the cache holds another teacher's scores: a cache-only student reads one folder, the config's.
+_HOW = (
+    "score with the teacher that scored it, or give this teacher a cache of its own: set "
+    "model.init_args.teacher.cache_dir to a new folder in the student's config, for the student and this scorer"
+)
+
+
 class RolloutScorer:
     """Scores rollout files of one training source with an HF teacher and appends them to the cache."""
 
     def __init__(self, data: VLMDataModule, teacher: HFTeacher, writer: TeacherCacheWriter, batch_rows: int = 8):
         if data.train_source is None:
             raise ConfigError("the config has no data.train: rollouts come from the training source")
+        fingerprint = teacher.fingerprint(_DTYPE_NAMES[writer.dtype])
+        check_cache_teacher(writer.cache_dir, fingerprint, _HOW)
+        writer.bind_teacher(fingerprint)
         data.processor = teacher.processor
         self.dataset: ExampleDataset = data._dataset(data.train_source)
         self.by_id = {self.dataset[i].id: i for i in range(len(self.dataset))}

@@ -13,6 +13,10 @@ teacher that does not, naming the first difference.
 
 With ``n`` responses per prompt the teacher runs each distinct prompt once
 (``vlm_post.models.forward.response_hidden_states``), as the student does.
+
+``HFTeacher.fingerprint`` names the teacher and its scoring settings for the
+cache (``vlm_post.teacher.fingerprint``), the same in-process and in the
+external scorer.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE
 from vlm_post.models.forward import response_hidden_states
 from vlm_post.models.loading import Dtype, check_image_text_to_text, load_policy, load_processor, resolve_model_path
 from vlm_post.models.sharding import is_sharded
+from vlm_post.teacher.fingerprint import TeacherFingerprint, fingerprint_teacher, local_model_dir
 
 # Image preprocessing settings that change the pixel rows or the number of image tokens.
 _IMAGE_SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
@@ -95,6 +100,11 @@ class HFTeacher:
         self.top_k, self.chunk_size = top_k, chunk_size
         self.dtype, self.attn_implementation = dtype, attn_implementation
         self.model: torch.nn.Module | None = None
+
+    def fingerprint(self, cache_dtype: str) -> TeacherFingerprint:
+        """This teacher's fingerprint, scoring at its ``top_k`` and ``dtype`` into a ``cache_dtype`` cache."""
+        return fingerprint_teacher(local_model_dir(self.path), top_k=self.top_k, cache_dtype=cache_dtype,
+                                   dtype=self.dtype, source=self.path)  # fmt: skip
 
     def load(self, device: torch.device | str) -> HFTeacher:
         if self.model is None:

@@ -1,0 +1,112 @@
+"""One policy for NaN and inf, in every stage.
+
+- An optimizer step whose loss or gradient is non-finite (on any rank) is skipped: its gradients
+  are dropped, so the weights and the optimizer's moments stay as they were. The step still
+  counts: ``global_step`` and the learning-rate schedule advance, so ``max_steps`` ends the run.
+- Skips are counted (``train/skipped_steps``) and said on the log. ``max_consecutive_skips`` in
+  a row stop the run with one line and exit status 1 (1: stop at the first).
+- Weights that turn non-finite after a step (a finite but huge update) stop the run at once:
+  there is nothing left to skip.
+- No checkpoint is written with a non-finite tensor (``refuse_nonfinite``, called on every
+  save); the previous checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from vlm_post.errors import RunStopped
+from vlm_post.models.sharding import local_tensor
+
+# Not `--ckpt_path`: a resume restores the optimizer's learning rate along with its state.
+ADVICE = (
+    "lower model.init_args.optim.lr (or clip gradients harder) and start again, or go on from a checkpoint's "
+    "weights with --model.init_args.init_from <checkpoint>"
+)
+
+
+@dataclass
+class SkippedSteps:
+    """How many optimizer steps were skipped for a non-finite loss or gradient, in all and in a row."""
+
+    max_consecutive: int
+    total: int = 0
+    consecutive: int = 0
+
+    def record(self, finite: bool, step: int, kept: str) -> None:
+        """Count one optimizer step; raise ``RunStopped`` at ``max_consecutive`` skips in a row."""
+        if finite:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise RunStopped(
+                f"stopped at step {step}: {self.consecutive} optimizer step(s) in a row had a non-finite loss or "
+                f"gradient (model.init_args.max_consecutive_skips: {self.max_consecutive}); the weights were not "
+                f"updated by them; {kept}; {ADVICE}"
+            )
+        rank_zero_info(  # one line on the log, next to the step's other lines
+            f"vlm_post: step {step} skipped: non-finite loss or gradient ({self.consecutive} in a row, "
+            f"{self.total} in all; the run stops at {self.max_consecutive} in a row)"
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
+
+
+def count_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int, str | None]:
+    """(non-finite tensors, tensors, the first non-finite one's name) over this rank's (local) tensors."""
+    bad, total, first = 0, 0, None
+    for name, tensor in tensors:
+        pieces = _local_pieces(tensor)
+        if not pieces:
+            continue
+        total += 1
+        if not all(bool(torch.isfinite(piece).all()) for piece in pieces):
+            bad += 1
+            first = first or name
+    return bad, total, first
+
+
+def _local_pieces(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """This rank's floating-point data of ``tensor``: a DTensor's (FSDP2) or ShardedTensor's (FSDP1) local shards."""
+    if hasattr(tensor, "local_shards"):  # FSDP1's sharded state dict
+        pieces = [shard.tensor for shard in tensor.local_shards()]
+    else:
+        pieces = [local_tensor(tensor)]
+    return [piece for piece in pieces if piece.is_floating_point() and piece.numel()]
+
+
+def checkpoint_tensors(checkpoint: Mapping) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every tensor a checkpoint holds (weights, optimizer moments, ...), named by its path in the dict."""
+    stack = [("", checkpoint)]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            yield prefix, value
+        elif isinstance(value, Mapping):
+            stack.extend((f"{prefix}.{key}" if prefix else str(key), item) for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{prefix}[{i}]", item) for i, item in enumerate(value))
+
+
+def refuse_nonfinite(checkpoint: Mapping, step: int, kept: str) -> None:
+    """Raise ``RunStopped`` rather than save weights or optimizer state with a NaN or inf (this rank's tensors).
+
+    Only those: callbacks keep infinities on purpose (ModelCheckpoint's worst score starts at inf).
+    """
+    model_and_optimizer = {key: checkpoint.get(key) for key in ("state_dict", "optimizer_states")}
+    bad, total, first = count_nonfinite(checkpoint_tensors(model_and_optimizer))
+    if bad:
+        raise RunStopped(
+            f"refusing to save the checkpoint of step {step}: {bad} of {total} tensors are non-finite "
+            f"(first: {first}); {kept}; {ADVICE}"
+        )
