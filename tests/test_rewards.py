@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import random
@@ -15,7 +16,15 @@ from PIL import Image
 
 from tests.conftest import GEO3K_SAMPLE, ROOT, needs_shared
 from vlm_post.data.schema import Example
-from vlm_post.rewards import extract_boxed, grade, grading_stats, math_equal, normalize_answer, sympy_pool
+from vlm_post.rewards import (
+    extract_boxed,
+    grade,
+    grading_stats,
+    math_equal,
+    mathvista_correct,
+    normalize_answer,
+    sympy_pool,
+)
 from vlm_post.rewards.expression import parse
 
 
@@ -180,6 +189,112 @@ def _symbolic_in_child(queue) -> None:
     queue.put(math_equal("(x+1)^2", "x^2 + 2x + 1"))
 
 
+CALL_BOUND_S = 2.0  # a 1 s timeout plus generous slack for a loaded 2-core machine; before the fix calls took 6 s+
+
+
+def _staggered_calls(call, threads: int = 8, every_s: float = 0.1) -> list[tuple[object, float]]:
+    """``call(thread)`` from ``threads`` threads started ``every_s`` apart: (result, seconds) per call.
+
+    Staggered, so that some callers are still waiting while the first timed-out workers are replaced.
+    """
+    results: dict[int, tuple[object, float]] = {}
+
+    def timed(thread: int) -> None:
+        start = time.monotonic()
+        results[thread] = (call(thread), time.monotonic() - start)
+
+    workers = [threading.Thread(target=timed, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+        time.sleep(every_s)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(results) == threads
+    return [results[t] for t in range(threads)]
+
+
+def _slow_starting_worker(folder, delay_s: float):
+    """A worker script that sleeps ``delay_s`` before it starts the real one: a slow machine's sympy import."""
+    real = importlib.import_module("vlm_post.rewards.sympy_pool").WORKER_SCRIPT  # the attribute is the function
+    script = folder / "slow_worker.py"
+    script.write_text(f"import runpy, time\ntime.sleep({delay_s})\nrunpy.run_path({str(real)!r}, run_name='__main__')")
+    return script
+
+
+def test_each_call_is_bounded_while_replacement_workers_start_slowly(tmp_path, monkeypatch):
+    """The deadline counts from the call: a caller never waits for a replacement worker to import sympy.
+
+    Replacements here take 5 s to start (a slow machine); 8 callers hang their worker (the test hook).
+    Before the fix, a caller that got a starting worker waited for it on top of its timeout (6 s+).
+    """
+    pool_module = importlib.import_module("vlm_post.rewards.sympy_pool")
+    pool = pool_module.SympyPool(max_workers=2)
+    try:
+        pool.warm_up()
+        monkeypatch.setattr(pool_module, "WORKER_SCRIPT", _slow_starting_worker(tmp_path, 5.0))
+        tree = parse("x")
+        results = _staggered_calls(lambda thread: pool.compare(tree, tree, 1e-4, 1.0, sleep=30))
+        assert [equal for equal, _ in results] == [None] * 8  # None: timed out
+        assert max(elapsed for _, elapsed in results) < CALL_BOUND_S, results
+    finally:
+        pool.close()
+
+
+def test_adversarial_answers_from_8_threads_each_time_out_within_the_bound():
+    """Answers that pass the pre-screen but make sympy run away (x to the power 999^3): every call is a timeout,
+    graded wrong and counted, and returns within the bound, also while the workers it killed restart."""
+    sympy_pool().warm_up()
+    before = grading_stats().snapshot()
+    results = _staggered_calls(lambda thread: math_equal(f"((x^{{999}})^{{999}})^{{{990 + thread}}}", "x"))
+    after = grading_stats().snapshot()
+    assert [equal for equal, _ in results] == [False] * 8
+    assert max(elapsed for _, elapsed in results) < CALL_BOUND_S, results
+    assert after["timeouts"] - before["timeouts"] == 8
+    sympy_pool().warm_up()  # leave ready workers to the tests that follow
+
+
+def test_a_multiple_choice_answer_is_matched_against_all_choices_within_one_bound():
+    """MathVista matches an answer to each choice by value: five runaway comparisons share one timeout (not 5 s)."""
+    choices = ["x", "x+1", "y", "2x", "3x"]
+    row = {"question_type": "multi_choice", "answer_type": "text", "answer": "x", "choices": choices}
+    sympy_pool().warm_up()
+    start = time.monotonic()
+    assert not mathvista_correct("\\boxed{((x^{999})^{999})^{997}}", row)
+    assert time.monotonic() - start < CALL_BOUND_S
+    assert mathvista_correct("\\boxed{2x - x}", row)  # an answer that matches by value still picks its choice
+    sympy_pool().warm_up()
+
+
+def test_the_first_start_of_a_pool_is_not_counted_in_the_bound(tmp_path, monkeypatch):
+    """A fresh pool's first worker may take longer to start than the timeout: that one-off wait is not counted."""
+    pool_module = importlib.import_module("vlm_post.rewards.sympy_pool")
+    monkeypatch.setattr(pool_module, "WORKER_SCRIPT", _slow_starting_worker(tmp_path, 1.5))
+    pool = pool_module.SympyPool(max_workers=1)
+    try:
+        assert pool.compare(parse("2x"), parse("x + x"), 1e-4, 1.0) is True
+    finally:
+        pool.close()
+
+
+def test_a_pool_whose_workers_cannot_start_answers_at_once(tmp_path, monkeypatch):
+    """A worker that exits before it is ready (no sympy, say): errors, graded wrong, without waiting or respawning."""
+    pool_module = importlib.import_module("vlm_post.rewards.sympy_pool")
+    broken = tmp_path / "broken_worker.py"
+    broken.write_text("raise SystemExit(1)")
+    monkeypatch.setattr(pool_module, "WORKER_SCRIPT", broken)
+    pool = pool_module.SympyPool(max_workers=2)
+    try:
+        errors = grading_stats().errors
+        start = time.monotonic()
+        assert pool.compare(parse("2x"), parse("x + x"), 1e-4, 1.0) is False
+        assert pool.compare(parse("2x"), parse("x + x"), 1e-4, 1.0) is False  # not started again at once
+        assert time.monotonic() - start < CALL_BOUND_S
+        assert grading_stats().errors - errors >= 2
+        assert not pool._all  # nothing left running or starting
+    finally:
+        pool.close()
+
+
 def test_a_forked_child_gets_its_own_workers():
     sympy_pool().warm_up()  # the parent holds a worker when it forks, as a trainer would
     context = multiprocessing.get_context("fork")
@@ -225,3 +340,22 @@ def test_numbers_beyond_float_range_are_never_equal_by_overflow():
     assert not math_equal("\\infty", "1e999") and not math_equal("1e999", "\\infty")
     assert math_equal("1e400", "1e400") and math_equal("1e400", "1.00001e400")  # exactly, within rel_tol
     assert math_equal("\\infty", "\\infty")
+
+
+def test_huge_written_numbers_compare_without_big_integer_arithmetic():
+    """"1e4000000" must not build 10^4000000: that took seconds under the GIL and stalled every grading thread."""
+    start = time.monotonic()
+    assert not math_equal("1e4000000", "2e4000000")
+    assert math_equal("1e4000000", "1.00001e4000000") and math_equal("10e4000000", "1e4000001")
+    assert not math_equal("1e400", "1e4000000") and not math_equal("1e" + "9" * 250, "2e" + "9" * 250)
+    assert math_equal("1e" + "9" * 250, "1.000001e" + "9" * 250)
+    assert time.monotonic() - start < 0.1
+
+
+def test_long_runs_of_spaces_are_cleaned_in_linear_time():
+    """Cleaning runs in the caller's process, under the GIL: 100,000 spaces took 10 s+ (a quadratic regex)."""
+    start = time.monotonic()
+    assert math_equal(" " * 100000 + "30 \\degree", "30")
+    assert not math_equal("\t" * 100000 + "2", "1")
+    assert time.monotonic() - start < 0.5
+    assert math_equal("30*\\degree", "30") and math_equal("\\angle A = 60 \\degree", "60")  # still stripped

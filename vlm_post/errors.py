@@ -52,8 +52,9 @@ def one_line_parse_error(message: str) -> str:
         elif line.startswith("Problem with given class_path"):  # a list of dataclasses: the item's keys follow
             continue
         elif line.startswith("- Problem with given class_path"):
-            # A top-level subclass (model: class_path + init_args) takes init_args; an optional dataclass does not.
-            if len(keys) == 1 and not _names_a_dataclass(line):
+            # A subclass (model, or the reward inside it: class_path + init_args) takes init_args; an optional
+            # dataclass does not.
+            if keys and keys[-1] != "init_args" and not _names_a_dataclass(line):
                 keys.append("init_args")
         elif _UNTRIED_BRANCH.fullmatch(line):
             untried = untried or (list(keys), line)

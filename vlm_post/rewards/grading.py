@@ -45,7 +45,8 @@ def grade(
     """(correct, extracted answer) for a full model response. Never raises.
 
     ``rel_tol`` is ``math_equal``'s numeric tolerance (MathVista rows use their own ``precision``
-    instead); ``timeout_s`` bounds each symbolic comparison.
+    instead). ``timeout_s`` bounds the call's symbolic comparison: one ``math_equal``, or for a MathVista
+    multiple-choice row one match of the answer against all the choices.
     """
     extracted = extract_boxed(response)
     if extracted is None:

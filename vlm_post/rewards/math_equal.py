@@ -13,6 +13,11 @@ Order of work, cheapest first:
 Inputs that are too long, too deeply nested or too large (``9^{9^{9^9}}``,
 ``10000!``) are rejected before step 3/4: compared as strings only, counted as
 ``rejected``. A comparison that times out is wrong and counted as ``timeouts``.
+
+The time bound is per call: ``timeout_s`` counts from the call, and includes
+waiting for a free sympy worker. Everything this process computes itself is
+bounded by the input's length (``MAX_CHARS``): no big-integer arithmetic here,
+where it would hold the GIL and stall every grading thread.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ NUMERIC_REL_TOL = 1e-4  # |a - b| <= 1e-4 * max(|a|, |b|): "8.66" matches 5\sqrt
 NUMERIC_ABS_TOL = 1e-9  # so that 0 matches 0.0 and 1e-12
 MAX_LIST_ITEMS = 16
 MAX_SET_ITEMS = 8  # unordered matching compares every pair
+MAX_EXACT_SHIFT = 1000  # exponents further apart than this: values 10^700 apart at least (digits <= MAX_CHARS)
 CACHE_SIZE = 1 << 16  # recent (prediction, reference) pairs: GRPO groups repeat the same answers
 
 _TRUE, _FALSE, _TIMEOUT, _REJECTED = "true", "false", "timeout", "rejected"
 _RELATION = re.compile(r"=|\\approx|\\simeq|\\equiv")
 _OR = re.compile(r"\s+(?:or|and)\s+|\\(?:lor|quad)\s*")  # "x = 2 or x = 3" lists two solutions
+_LITERAL = re.compile(r"(\d*)(?:\.(\d*))?(?:[eE]([-+]?\d+))?")  # a number token of expression.py
 _LETTER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
 _cache: OrderedDict[tuple, str] = OrderedDict()
 _cache_lock = threading.Lock()
@@ -50,9 +57,11 @@ def math_equal(
     """True when ``prediction`` and ``reference`` denote the same answer.
 
     ``prediction`` may still carry ``\\boxed{}`` or ``x = ...``. Numbers compare
-    within ``rel_tol`` (default ``NUMERIC_REL_TOL``); the whole call takes at most
-    about ``timeout_s`` (default ``sympy_pool.DEFAULT_TIMEOUT_S``) plus, once per
-    worker, the start of a sympy process. Never raises: anything unreadable is wrong.
+    within ``rel_tol`` (default ``NUMERIC_REL_TOL``). The whole call, waiting for a
+    sympy worker included, returns within about ``timeout_s`` (default
+    ``sympy_pool.DEFAULT_TIMEOUT_S``), as a timeout (wrong) if need be; only the
+    first symbolic comparison of a process also waits for the pool's first worker
+    to start (``sympy_pool().warm_up()`` avoids it). Never raises: anything unreadable is wrong.
     """
     stats = grading_stats()
     stats.add("comparisons")
@@ -211,6 +220,7 @@ class _Comparison:
             screen(tree_r)
         except TooComplex:
             return _REJECTED
+        self.deadline += sympy_pool().wait_until_warm()  # the pool's one-off first start is not counted
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             return _TIMEOUT
@@ -220,14 +230,31 @@ class _Comparison:
         return _TIMEOUT if equal is None else _TRUE if equal else _FALSE
 
     def _close_exact(self, a: str, b: str) -> bool:
-        """Two decimal literals compared exactly, as fractions, within ``rel_tol`` (floats would overflow to inf)."""
-        x, y = Fraction(a), Fraction(b)
-        return abs(x - y) <= Fraction(self.rel_tol) * max(abs(x), abs(y))
+        """Two decimal literals past float range (which would overflow to inf) compared exactly within ``rel_tol``.
+
+        As (digits, exponent) pairs: ``Fraction("1e4000000")`` builds 10^4000000, seconds of big-integer
+        arithmetic under the GIL, and ``1e999...9`` never finishes.
+        """
+        (digits_a, exponent_a), (digits_b, exponent_b) = _digits_exponent(a), _digits_exponent(b)
+        if abs(exponent_a - exponent_b) > MAX_EXACT_SHIFT:
+            # The digits (at most MAX_CHARS of them) cannot make up the gap: the smaller value is below
+            # 10^-700 of the larger, so the relative difference is 1 up to that, within rel_tol iff rel_tol >= 1.
+            return self.rel_tol >= 1
+        common = min(exponent_a, exponent_b)  # both sides scaled by 10^-common: the comparison is unchanged
+        x, y = digits_a * 10 ** (exponent_a - common), digits_b * 10 ** (exponent_b - common)
+        return abs(x - y) <= Fraction(self.rel_tol) * max(x, y)
 
     def _close(self, a: float, b: float) -> bool:
         if math.isinf(a) or math.isinf(b):
             return a == b
         return math.isclose(a, b, rel_tol=self.rel_tol, abs_tol=NUMERIC_ABS_TOL)
+
+
+def _digits_exponent(literal: str) -> tuple[int, int]:
+    """``"1.5e400"`` as (15, 399): the value is digits * 10^exponent, for any exponent (``Decimal`` caps them)."""
+    whole, fraction, exponent = _LITERAL.fullmatch(literal).groups()
+    fraction = fraction or ""
+    return int(whole + fraction or "0"), int(exponent or 0) - len(fraction)
 
 
 def _constant(tree: list) -> float | type | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 
 from vlm_post.rewards.expression import MAX_CHARS, NeedsSympy, NotMath, TooBig, TooComplex, evaluate, parse
@@ -19,6 +20,7 @@ from vlm_post.rewards.extract import extract_boxed
 from vlm_post.rewards.math_equal import math_equal
 from vlm_post.rewards.normalize import clean_answer, normalize_answer, strip_units
 from vlm_post.rewards.stats import grading_stats
+from vlm_post.rewards.sympy_pool import DEFAULT_TIMEOUT_S
 
 MAX_BARE_ANSWER = 64  # a response without a box counts as the answer itself only when it is this short
 # "B", "(B)", "B.", "B)", "(B) 24", "B. 24", "B: 24", "Option B", "choice (B): 24"
@@ -72,10 +74,17 @@ def choice_index(
     if letter is not None:
         return _by_letter(form, choices, by_value, timeout_s)
     if by_value and len(answer) <= MAX_CHARS:
-        hits = [i for i, c in enumerate(choices) if math_equal(answer, c, timeout_s=timeout_s)]
+        hits = _equal_choices(answer, choices, DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
         if hits and len({normalize_answer(choices[i]) for i in hits}) == 1:
             return hits[0]
     return None
+
+
+def _equal_choices(answer: str, choices: list[str], timeout_s: float) -> list[int]:
+    """The choices ``math_equal`` to ``answer``, all within one ``timeout_s``: five choices against an answer
+    that makes sympy run away take one timeout, not five."""
+    deadline = time.monotonic() + timeout_s
+    return [i for i, c in enumerate(choices) if math_equal(answer, c, timeout_s=max(0.0, deadline - time.monotonic()))]
 
 
 def _by_letter(form: re.Match, choices: list[str], by_value: bool, timeout_s: float | None) -> int | None:

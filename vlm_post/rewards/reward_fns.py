@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vlm_post.errors import ConfigError
+from vlm_post.ranges import NonNegativeFloat, PositiveFloat
 from vlm_post.rewards.extract import extract_boxed
 from vlm_post.rewards.grading import grade
 from vlm_post.rewards.math_equal import NUMERIC_REL_TOL
@@ -66,9 +67,9 @@ class AccuracyReward(RewardFn):
 
     def __init__(
         self,
-        rel_tol: float = NUMERIC_REL_TOL,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        batch_budget_s: float | None = 10.0,
+        rel_tol: NonNegativeFloat = NUMERIC_REL_TOL,
+        timeout_s: PositiveFloat = DEFAULT_TIMEOUT_S,
+        batch_budget_s: PositiveFloat | None = 10.0,
     ):
         if rel_tol < 0 or timeout_s <= 0 or (batch_budget_s is not None and batch_budget_s < 0):
             raise ConfigError("AccuracyReward: rel_tol must be >= 0, timeout_s > 0 and batch_budget_s >= 0")
@@ -140,11 +141,11 @@ class MathReward(RewardFn):
 
     def __init__(
         self,
-        accuracy_weight: float = DEFAULT_ACCURACY_WEIGHT,
-        format_weight: float = DEFAULT_FORMAT_WEIGHT,
-        rel_tol: float = NUMERIC_REL_TOL,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        batch_budget_s: float | None = 10.0,
+        accuracy_weight: NonNegativeFloat = DEFAULT_ACCURACY_WEIGHT,
+        format_weight: NonNegativeFloat = DEFAULT_FORMAT_WEIGHT,
+        rel_tol: NonNegativeFloat = NUMERIC_REL_TOL,
+        timeout_s: PositiveFloat = DEFAULT_TIMEOUT_S,
+        batch_budget_s: PositiveFloat | None = 10.0,
         think: bool = True,
         prompt_opens_think: bool = False,
         require_reasoning: bool = True,

@@ -19,10 +19,10 @@ class GradingStats:
     fast: decided without sympy (string match, number, fraction, radical, pi expression...).
     sympy: sent to the sympy worker process.
     cached: answered from the cache of recent comparisons (also counted under rejected when rejected).
-    timeouts: the sympy worker did not answer in time (or none was free in time); graded wrong.
+    timeouts: no answer from a sympy worker within the call's deadline (busy, or too slow); graded wrong.
     rejected: too long, too deep or too large to compare safely; compared as strings only.
     errors: the worker failed or an unexpected exception was caught; graded wrong.
-    restarts: sympy workers killed and replaced.
+    restarts: sympy workers killed (no answer in time, or failed) and replaced in the background.
     """
 
     comparisons: int = 0
