@@ -78,8 +78,10 @@ def test_greedy_only_validation_reports_greedy_metrics(module_and_batch):
 def test_eval_config_validation():
     with pytest.raises(ValueError, match="pass_k"):
         EvalConfig(n=4, pass_k=[8])
-    with pytest.raises(ValueError, match="evaluates nothing"):
+    with pytest.raises(ValueError, match="evaluate nothing"):
         EvalConfig(n=0, greedy=False)
+    with pytest.raises(ValueError, match=r"EvalConfig.top_p: 0 does not conform to restriction v>0.0 and v<=1.0"):
+        EvalConfig(top_p=0)  # built in Python, not parsed: the same range types apply
     assert EvalConfig(n=16).pass_k == [1, 2, 4, 8, 16]
 
 

@@ -261,3 +261,26 @@ def test_an_out_of_range_study_value_is_one_line_naming_the_key(key, kind, wrap,
         argument = f"--{key}={wrap.format(*[value] * wrap.count('{}'))}"
         line = run_cli(["study", "--config", study, "--dry-run", argument], capsys, 2)
         assert f"{study}: {key}: Not of type {kind.__name__}: {value} does not conform to restriction" in line, line
+
+
+# --- 7. An output folder on a read-only mount (root ignores chmod, not a read-only file system) -----------
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    import subprocess
+
+    mount = tmp_path / "read_only"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root in a container that allows it): {made.stderr!r}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("key", ["trainer.default_root_dir", "export.dirpath", "model.init_args.eval.output_dir"])
+def test_an_output_folder_on_a_read_only_mount_is_one_line(key, read_only_mount, tiny_model, demo_data, tmp_path, capsys):
+    args = run_args(tiny_model, demo_data, tmp_path / "run", **{key: read_only_mount / "out"})
+    line = run_cli(["fit", "--config", SFT, *args], capsys, status=2)
+    assert f"{key}: {read_only_mount / 'out'} cannot be written: {read_only_mount} is not writable" in line, line

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from vlm_post.errors import ConfigError, RunStopped
+from vlm_post.fs import fsync_dir
 
 MANIFEST = "vlm_post_manifest.json"
 PROVENANCE = "vlm_post_export.json"
@@ -153,15 +154,7 @@ def _fsync_tree(folder: Path) -> None:
             with open(path, "rb") as file:
                 os.fsync(file.fileno())
     for directory in (*(p for p in folder.rglob("*") if p.is_dir()), folder):
-        _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+        fsync_dir(directory)
 
 
 # --- the swap -----------------------------------------------------------------------------------
@@ -208,7 +201,7 @@ def _point_to(out_dir: Path, version: Path) -> None:
         shutil.rmtree(link, ignore_errors=True)  # ``link`` now names the old folder
     else:
         os.replace(link, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2

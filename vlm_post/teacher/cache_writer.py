@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vlm_post.fs import fsync_dir
 from vlm_post.teacher.cache_format import (
     _DTYPE_NAMES,
     DEFAULT_SHARD_TOKENS,
@@ -52,15 +53,6 @@ _WRITER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HOW = "write this teacher's scores to another cache folder, or open the writer with the teacher that scored it"
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory, so that a rename into it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``path`` so that a reader sees the old file or the new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -73,7 +65,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _claim_cache(cache_dir: Path, teacher: TeacherFingerprint) -> None:
@@ -94,7 +86,7 @@ def _claim_cache(cache_dir: Path, teacher: TeacherFingerprint) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(cache_dir)
+    fsync_dir(cache_dir)
 
 
 class TeacherCacheWriter:
