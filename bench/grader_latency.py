@@ -189,6 +189,9 @@ def main() -> None:
         if of_kind:  # a short run may not reach every kind of the mix
             print(table_row(kind, of_kind, args.timeout))
     print(table_row("**all**", calls, args.timeout))
+    latencies = sorted(call.seconds for call in calls)
+    over = sum(latency > bound for latency in latencies)
+    print(f"max_latency_s={latencies[-1]:.3f} over_bound={over}")  # the last line, as every bench script ends
 
 
 if __name__ == "__main__":
