@@ -24,7 +24,6 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.checkpoint_io import read_fsdp_full_checkpoints_with_mmap
-from vlm_post.errors import RunStopped
 from vlm_post.losses import token_logprobs_and_entropy
 from vlm_post.metrics import EvalMetrics
 from vlm_post.models.forward import decoder_hidden_states, response_hidden_states
@@ -45,7 +44,7 @@ from vlm_post.models.loading import (
 )
 from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, is_sharded, shard_model
 from vlm_post.modules.evaluation import EvalConfig, confidence_intervals, evaluate_batch, format_table
-from vlm_post.modules.nonfinite import ADVICE, SkippedSteps, count_nonfinite, refuse_nonfinite
+from vlm_post.modules.nonfinite import NonFiniteGuard, SkippedSteps
 from vlm_post.modules.rng import restore_rng_states, rng_states
 from vlm_post.ranges import (
     ClosedUnitInterval,
@@ -94,7 +93,7 @@ def lr_lambda(config: OptimConfig, total_steps: int):
     return factor
 
 
-class PolicyModule(LightningModule):
+class PolicyModule(NonFiniteGuard, LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
@@ -224,58 +223,6 @@ class PolicyModule(LightningModule):
         states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if states:
             restore_rng_states(states)
-
-    # --- NaN and inf (vlm_post.modules.nonfinite): skipped steps count, bad weights never reach disk ---------
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.skips.total
-
-    def record_step(self, finite: bool) -> None:
-        """Count the optimizer step about to be taken (skipped unless ``finite``); may stop the run."""
-        self.skips.record(finite, self.global_step + 1, self._kept())
-        if self._trainer is not None:
-            self.log("train/skipped_steps", float(self.skips.total), batch_size=1)
-
-    def gradients_finite(self) -> bool:
-        """Whether every gradient is finite, on every rank (a rank that skips alone would desynchronise FSDP)."""
-        grads = (("", p.grad) for p in self.policy.parameters() if p.grad is not None)
-        return self._all_ranks_agree(count_nonfinite(grads)[0] == 0)
-
-    def check_weights_finite(self) -> None:
-        """After an optimizer step: stop at once if a weight turned NaN/inf (a finite but too large update)."""
-        bad, total, first = count_nonfinite(self.policy.named_parameters())
-        if not self._all_ranks_agree(bad == 0):
-            raise RunStopped(
-                f"stopped at step {self.global_step}: the update made {bad} of {total} weight tensors non-finite "
-                f"(first: {first or 'on another rank'}); nothing was saved from them; {self._kept()}; {ADVICE}"
-            )
-
-    def _refuse_nonfinite_checkpoint(self, checkpoint: dict) -> None:
-        try:
-            refuse_nonfinite(checkpoint, self.global_step, self._kept())
-            finite = True
-        except RunStopped as error:
-            finite, refusal = False, error
-        if not self._all_ranks_agree(finite):  # every rank refuses together: no rank waits in the save alone
-            raise refusal if not finite else RunStopped(
-                f"refusing to save the checkpoint of step {self.global_step}: another rank holds a non-finite "
-                f"tensor; {self._kept()}; {ADVICE}"
-            )
-
-    def _all_ranks_agree(self, ok: bool) -> bool:
-        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True)) if self._trainer else ok
-
-    def _kept(self) -> str:
-        """What a stopped run leaves to resume from, for its message."""
-        # Not the callback's last/best_model_path: it names a file before the file is written.
-        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
-        saved = sorted(p.name for p in folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
-        if not saved:
-            return "no checkpoint had been written yet"
-        names = ", ".join(saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
-        return f"the checkpoints already in {folder} ({names}) are as they were"
 
     def batch_parts(self, split: str) -> set[str]:
         """Which collated parts this module needs per split: ``prompt`` (for sampling) and/or ``sft``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -110,3 +111,60 @@ def refuse_nonfinite(checkpoint: Mapping, step: int, kept: str) -> None:
             f"refusing to save the checkpoint of step {step}: {bad} of {total} tensors are non-finite "
             f"(first: {first}); {kept}; {ADVICE}"
         )
+
+
+class NonFiniteGuard:
+    """The policy above as methods of a LightningModule with a ``policy`` and ``skips`` (``SkippedSteps``)."""
+
+    policy: torch.nn.Module
+    skips: SkippedSteps
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.skips.total
+
+    def record_step(self, finite: bool) -> None:
+        """Count the optimizer step about to be taken (skipped unless ``finite``); may stop the run."""
+        self.skips.record(finite, self.global_step + 1, self._kept())
+        if self._trainer is not None:
+            self.log("train/skipped_steps", float(self.skips.total), batch_size=1)
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient is finite, on every rank (a rank that skips alone would desynchronise FSDP)."""
+        grads = (("", p.grad) for p in self.policy.parameters() if p.grad is not None)
+        return self._all_ranks_agree(count_nonfinite(grads)[0] == 0)
+
+    def check_weights_finite(self) -> None:
+        """After an optimizer step: stop at once if a weight turned NaN/inf (a finite but too large update)."""
+        bad, total, first = count_nonfinite(self.policy.named_parameters())
+        if not self._all_ranks_agree(bad == 0):
+            raise RunStopped(
+                f"stopped at step {self.global_step}: the update made {bad} of {total} weight tensors non-finite "
+                f"(first: {first or 'on another rank'}); nothing was saved from them; {self._kept()}; {ADVICE}"
+            )
+
+    def _refuse_nonfinite_checkpoint(self, checkpoint: dict) -> None:
+        try:
+            refuse_nonfinite(checkpoint, self.global_step, self._kept())
+            finite = True
+        except RunStopped as error:
+            finite, refusal = False, error
+        if not self._all_ranks_agree(finite):  # every rank refuses together: no rank waits in the save alone
+            raise refusal if not finite else RunStopped(
+                f"refusing to save the checkpoint of step {self.global_step}: another rank holds a non-finite "
+                f"tensor; {self._kept()}; {ADVICE}"
+            )
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True)) if self._trainer else ok
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to resume from, for its message."""
+        # Not the callback's last/best_model_path: it names a file before the file is written.
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+        saved = sorted(p.name for p in folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
+        if not saved:
+            return "no checkpoint had been written yet"
+        names = ", ".join(saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
+        return f"the checkpoints already in {folder} ({names}) are as they were"
