@@ -65,16 +65,16 @@ class SkippedSteps:
 
 def count_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int, str | None]:
     """(non-finite tensors, tensors, the first non-finite one's name) over this rank's (local) tensors."""
-    bad, total, first = 0, 0, None
-    for name, tensor in tensors:
-        pieces = _local_pieces(tensor)
-        if not pieces:
-            continue
-        total += 1
-        if not all(bool(torch.isfinite(piece).all()) for piece in pieces):
-            bad += 1
-            first = first or name
-    return bad, total, first
+    named = [(name, pieces) for name, tensor in tensors if (pieces := _local_pieces(tensor))]
+    # Every optimizer step checks every gradient and weight: one host sync per device, not one per tensor.
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for _, pieces in named:
+        for piece in pieces:
+            flags.setdefault(piece.device, []).append(torch.isfinite(piece).all())
+    if all(bool(torch.stack(device_flags).all()) for device_flags in flags.values()):
+        return 0, len(named), None
+    bad = [name for name, pieces in named if not all(bool(torch.isfinite(piece).all()) for piece in pieces)]
+    return len(bad), len(named), bad[0]
 
 
 def _local_pieces(tensor: torch.Tensor) -> list[torch.Tensor]:
