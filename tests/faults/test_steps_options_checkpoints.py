@@ -284,3 +284,10 @@ def test_an_output_folder_on_a_read_only_mount_is_one_line(key, read_only_mount,
     args = run_args(tiny_model, demo_data, tmp_path / "run", **{key: read_only_mount / "out"})
     line = run_cli(["fit", "--config", SFT, *args], capsys, status=2)
     assert f"{key}: {read_only_mount / 'out'} cannot be written: {read_only_mount} is not writable" in line, line
+
+
+def test_rl_with_one_sample_per_prompt_is_one_line(tiny_model, demo_data, tmp_path, capsys):
+    """n = 1 is in PositiveInt's range, but GRPO has no group to compare with: refused before any weights load."""
+    args = run_args(tiny_model, demo_data, tmp_path, **{"model.init_args.init_from": tiny_model})
+    line = run_cli(["fit", "--config", RL, *args, "--model.init_args.rollout.n=1"], capsys, status=2)
+    assert "model.init_args.rollout.n: 1 sample per prompt has no group to compare with" in line, line

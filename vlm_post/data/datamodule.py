@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +28,7 @@ from vlm_post.data.sampler import EvalShardSampler, ResumableRandomSampler
 from vlm_post.data.schema import Example
 from vlm_post.data.sources import ADAPTERS, BadRow, DataSource, _first_line, _is_local, fit_pixels, load_rows
 from vlm_post.errors import ConfigError
+from vlm_post.ranges import NonNegativeInt, PositiveInt
 
 _REPORTED_PER_SOURCE = 20
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse.typing import NonNegativeInt, PositiveInt
-
 from vlm_post.data.schema import Example
 from vlm_post.errors import ConfigError, build_hint
+from vlm_post.ranges import NonNegativeInt, PositiveInt
 
 SourceKind = Literal["geometry3k", "mathvista", "synthetic"]
 _LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
