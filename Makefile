@@ -1,4 +1,5 @@
-# vlm_post: `make demo` runs the CPU demo end to end, `make test` the test suite.
+# vlm_post: `make demo` runs the CPU demo end to end, `make test` the whole test suite, `make test-fast` its fast
+# tier (no Trainer run, no CLI or SLURM subprocess; see tests/conftest.py), `make lint` ruff.
 # Both install first, into .venv, from the exact pins in requirements/lock.txt.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.vlm_post-installed
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-packages artifacts demo test bench clean-demo
+.PHONY: setup system-packages artifacts demo test test-fast lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -37,6 +38,14 @@ demo: artifacts
 
 test: setup system-packages artifacts
 	$(PY) -m pytest -q
+
+# The unit tier: losses, metrics, rewards, grading, forward, rollout, teacher cache and scoring, config parsing.
+test-fast: setup artifacts
+	$(PY) -m pytest -q -m fast
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Bench extras (the side-by-side baselines, e.g. TRL) go into .venv only here, never as runtime dependencies.
 bench: setup

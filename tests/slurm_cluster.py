@@ -101,7 +101,9 @@ class SlurmCluster:
         for daemon in ("slurmctld", "slurmd"):
             result = _run(f"/usr/sbin/{daemon}", "-f", str(self.config), env=self.env)
             if result.returncode != 0:
-                raise RuntimeError(f"{daemon} did not start: {result.stderr.strip()} (log: {self.folder / (daemon + '.log')})")
+                raise RuntimeError(
+                    f"{daemon} did not start: {result.stderr.strip()} (log: {self.folder / (daemon + '.log')})"
+                )
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = _run("sinfo", "-h", "-o", "%T", env=self.env).stdout.strip()

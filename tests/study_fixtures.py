@@ -43,7 +43,13 @@ def tiny_study(tiny_model: Path, demo_data: Path, out: Path, study_dir: Path, **
     study = {
         "study_dir": str(study_dir),
         "arms": [
-            {"name": "short", "stages": [{"name": "sft", "config": sft, "overrides": ["trainer.max_steps=8"]}, {"name": "rl", "config": rl}]},
+            {
+                "name": "short",
+                "stages": [
+                    {"name": "sft", "config": sft, "overrides": ["trainer.max_steps=8"]},
+                    {"name": "rl", "config": rl},
+                ],
+            },
             {"name": "long", "stages": [{"name": "sft", "config": sft}, {"name": "rl", "config": rl}]},
         ],
         "evaluation": {

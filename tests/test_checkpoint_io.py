@@ -7,6 +7,8 @@ import torch
 
 from vlm_post.checkpoint_io import AtomicCheckpointIO, remove_leftovers
 
+pytestmark = pytest.mark.fast
+
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
@@ -54,7 +56,9 @@ def test_the_cli_uses_atomic_checkpoints(tiny_model, demo_data, tmp_path, monkey
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
 
 
-def test_leftovers_of_an_interrupted_save_are_removed_at_the_next_start(tiny_model, demo_data, tmp_path, monkeypatch, capsys):
+def test_leftovers_of_an_interrupted_save_are_removed_at_the_next_start(
+    tiny_model, demo_data, tmp_path, monkeypatch, capsys
+):
     """A kill inside a save leaves AtomicCheckpointIO's temporary file (or export_hf's folder): the next fit removes it."""
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

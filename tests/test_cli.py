@@ -42,21 +42,25 @@ def demo_overrides(tiny_model, demo_data, tmp_path):
     ]
 
 
+@pytest.mark.fast
 def test_unknown_key(capsys):
     err = run_main(["fit", "--config", DEMO, "--trainer.bogus_knob", "3"], capsys)
     assert "bogus_knob" in err
 
 
+@pytest.mark.fast
 def test_wrong_type(capsys):
     err = run_main(["fit", "--config", DEMO, "--data.batch_size", "many"], capsys)
     assert "data.batch_size" in err and "many" in err
 
 
+@pytest.mark.fast
 def test_unknown_module_key(capsys):
     err = run_main(["fit", "--config", DEMO, "--model.init_args.learning_rate", "3"], capsys)
     assert "learning_rate" in err
 
 
+@pytest.mark.fast
 def test_nested_culprit_is_named_by_its_full_key(capsys, tmp_path):
     """jsonargparse reports a bad value under ``model`` as a tree of Union attempts; the message is its bottom."""
     err = run_main(["fit", "--config", DEMO, "--model.init_args.optim.lr", "fast"], capsys)
@@ -72,23 +76,31 @@ def test_nested_culprit_is_named_by_its_full_key(capsys, tmp_path):
     assert err.startswith("vlm_post: error: model.class_path: ") and "SFTModul" in err, err
 
 
+@pytest.mark.fast
 def test_missing_config_file(capsys):
     err = run_main(["fit", "--config", "configs/demo/no_such.yaml"], capsys)
     assert "no_such.yaml" in err
 
 
+@pytest.mark.fast
 def test_unresolvable_model_offline(capsys, demo_overrides):
     started = time.time()
-    err = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=Qwen/No-Such-VL-7B"], capsys)
+    err = run_main(
+        ["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=Qwen/No-Such-VL-7B"], capsys
+    )
     assert "Qwen/No-Such-VL-7B" in err and "offline" in err
     assert time.time() - started < 30
 
 
+@pytest.mark.fast
 def test_missing_model_folder(capsys, demo_overrides):
-    err = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=./nowhere/model"], capsys)
+    err = run_main(
+        ["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=./nowhere/model"], capsys
+    )
     assert "./nowhere/model" in err
 
 
+@pytest.mark.fast
 def test_missing_data_file(capsys, demo_overrides, monkeypatch):
     loaded = []
     from vlm_post.modules import base
@@ -99,11 +111,13 @@ def test_missing_data_file(capsys, demo_overrides, monkeypatch):
     assert not loaded, "the model was loaded before the data error"
 
 
+@pytest.mark.fast
 def test_missing_init_from(capsys, demo_overrides):
     err = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.init_from=runs/none/export"], capsys)
     assert "runs/none/export" in err
 
 
+@pytest.mark.slow
 def test_console_script_help():
     script = Path(sys.executable).parent / "vlm_post"
     command = [str(script), "fit", "--model.help", "vlm_post.modules.SFTModule"]
@@ -112,6 +126,7 @@ def test_console_script_help():
     assert "--model.init_from" in result.stdout and "weights only" in result.stdout
 
 
+@pytest.mark.fast
 def test_default_precision_is_fp32_without_a_bf16_gpu():
     import torch
 
@@ -122,6 +137,7 @@ def test_default_precision_is_fp32_without_a_bf16_gpu():
     assert default_precision("auto") == expected
 
 
+@pytest.mark.fast
 def test_sharded_checkpoint_under_another_strategy(capsys, demo_overrides, tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
@@ -135,16 +151,22 @@ def test_sharded_checkpoint_under_another_strategy(capsys, demo_overrides, tmp_p
     assert f"sharded checkpoint folder {folder}: cannot read its .metadata" in err
 
 
+@pytest.mark.fast
 def test_missing_demo_artifacts_name_the_command_that_builds_them(capsys, demo_overrides):
     """A fresh clone's first command, before 'make demo': the message says what builds the demo's models and data."""
-    model = run_main(["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=artifacts/no-such-vl"], capsys)
+    model = run_main(
+        ["fit", "--config", DEMO, *demo_overrides, "--model.init_args.model_name_or_path=artifacts/no-such-vl"], capsys
+    )
     assert "'artifacts/no-such-vl'" in model and "make artifacts" in model, model
-    data = run_main(["fit", "--config", DEMO, *demo_overrides, "--data.train.path=artifacts/no-such/train.parquet"], capsys)
+    data = run_main(
+        ["fit", "--config", DEMO, *demo_overrides, "--data.train.path=artifacts/no-such/train.parquet"], capsys
+    )
     assert "artifacts/no-such/train.parquet" in data and "make artifacts" in data, data
     elsewhere = run_main(["fit", "--config", DEMO, *demo_overrides, "--data.train.path=/nowhere/train.parquet"], capsys)
     assert "make artifacts" not in elsewhere  # only the demo's own folder gets the hint
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("key", "option"),
     [("trainer.default_root_dir", "--trainer.default_root_dir"), ("export.dirpath", "--export.dirpath"),

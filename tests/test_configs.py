@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import ROOT
 from vlm_post.cli import main
 
+pytestmark = pytest.mark.fast
+
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "study")
 
 

@@ -16,6 +16,8 @@ from vlm_post.data.prompting import DEFAULT_INSTRUCTION, build_messages
 from vlm_post.data.schema import Example
 from vlm_post.errors import ConfigError
 
+pytestmark = pytest.mark.fast
+
 
 def _datamodule(processor, **kwargs) -> VLMDataModule:
     kwargs.setdefault("min_pixels", 3136)

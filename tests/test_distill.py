@@ -50,6 +50,7 @@ def distill_module(student, teacher: TeacherConfig, **kwargs) -> DistillModule:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["topk", "sampled"])
 def test_opd_step_trains_the_student_and_logs(tiny_model, tiny_teacher, demo_data, tmp_path, kind):
     torch.manual_seed(0)
@@ -80,6 +81,7 @@ def test_opd_step_trains_the_student_and_logs(tiny_model, tiny_teacher, demo_dat
     assert logged["train/reverse_kl"] > 0 and logged["train/teacher_scored_rows"] == 8
 
 
+@pytest.mark.slow
 def test_step_metrics_are_computed_only_on_steps_the_logger_writes(tiny_model, tiny_teacher, demo_data, tmp_path):
     """Lightning writes a training step's values every log_every_n_steps; on the other steps the module skips
     its metrics, accuracy grading included."""
@@ -95,6 +97,7 @@ def test_step_metrics_are_computed_only_on_steps_the_logger_writes(tiny_model, t
     assert "train/reverse_kl" not in record.metrics[0] and "train/reverse_kl" in record.metrics[1]
 
 
+@pytest.mark.slow
 def test_a_teacher_equal_to_the_student_scores_zero_reverse_kl(tiny_model, demo_data, tmp_path):
     """With k = the whole vocabulary the top-k KL is the exact KL, so a teacher with the student's own weights
     gives 0 at every position: any misalignment of teacher positions (off by one token, lost mrope inputs)
@@ -113,6 +116,7 @@ def test_a_teacher_equal_to_the_student_scores_zero_reverse_kl(tiny_model, demo_
     assert last["train/entropy"] == pytest.approx(last["train/teacher_entropy_topk"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_the_cache_is_written_and_a_rerun_reuses_it_without_scoring(tiny_model, tiny_teacher, demo_data, tmp_path):
     teacher = TeacherConfig(model_name_or_path=str(tiny_teacher), cache_dir=str(tmp_path / "cache"), top_k=8)
     runs = []
@@ -129,12 +133,14 @@ def test_the_cache_is_written_and_a_rerun_reuses_it_without_scoring(tiny_model, 
     assert len(TeacherCache(tmp_path / "cache")) <= 16
 
 
+@pytest.mark.slow
 def test_cache_only_mode_without_scores_stops_with_a_message(tiny_model, demo_data, tmp_path):
     module = distill_module(tiny_model, TeacherConfig(cache_dir=str(tmp_path / "empty_cache"), wait_s=0))
     with pytest.raises(ConfigError, match=r"empty_cache.*no scores for 8 of 8 responses.*score_teacher"):
         trainer(tmp_path, max_steps=1).fit(module, demo_datamodule(demo_data, batch_size=4))
 
 
+@pytest.mark.fast
 def test_a_teacher_with_another_tokenizer_is_refused(tiny_model, tmp_path):
     from vlm_post.models.tiny import build_tiny_qwen2_5_vl
 
@@ -143,11 +149,13 @@ def test_a_teacher_with_another_tokenizer_is_refused(tiny_model, tmp_path):
         distill_module(tiny_model, TeacherConfig(model_name_or_path=str(other)))
 
 
+@pytest.mark.fast
 def test_a_teacher_is_required(tiny_model):
     with pytest.raises(ConfigError, match="model.teacher"):
         distill_module(tiny_model, TeacherConfig())
 
 
+@pytest.mark.slow
 def test_an_external_scorer_fills_the_cache_the_student_waits_for(tiny_model, tiny_teacher, other_teacher, demo_data,
                                                                   tmp_path, capsys):  # fmt: skip
     """Cache-only training writes rollout files; tools/score_teacher.py scores them from the student's config;
@@ -204,6 +212,7 @@ def test_an_external_scorer_fills_the_cache_the_student_waits_for(tiny_model, ti
     )
 
 
+@pytest.mark.fast
 def test_the_scorer_refuses_prompts_that_differ_from_the_students(tiny_model, tiny_teacher, demo_data, tmp_path):
     from vlm_post.teacher import HFTeacher, TeacherCacheWriter
     from vlm_post.teacher.external import RolloutScorer
@@ -224,6 +233,7 @@ def test_the_scorer_refuses_prompts_that_differ_from_the_students(tiny_model, ti
             scorer.score_file(path)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_reuses_the_cached_scores(tiny_model, tiny_teacher, demo_data, tmp_path):
     """A run resumed with --ckpt_path re-samples the same responses (RNG and data position restored), so the
     teacher scores none of them again."""
@@ -245,6 +255,7 @@ def test_resume_from_a_checkpoint_reuses_the_cached_scores(tiny_model, tiny_teac
         assert torch.allclose(value, first.policy.state_dict()[key], atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_cache_of_another_teacher_is_refused_unless_rescoring(tiny_model, tiny_teacher, other_teacher, demo_data,
                                                                tmp_path):  # fmt: skip
     """Teacher B is refused teacher A's cache before it changes a byte; rescoring, it scores into its namespace,
@@ -271,11 +282,13 @@ def test_a_cache_of_another_teacher_is_refused_unless_rescoring(tiny_model, tiny
     assert fit(tiny_teacher, "a_again", on_mismatch="rescore").teacher_scored_rows == 0
 
 
+@pytest.mark.fast
 def test_rescoring_needs_an_in_process_teacher(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"on_mismatch: rescore needs an in-process teacher"):
         distill_module(tiny_model, TeacherConfig(cache_dir=str(tmp_path), on_mismatch="rescore"))
 
 
+@pytest.mark.slow
 def test_a_cache_only_run_refuses_scores_of_another_top_k(tiny_model, tiny_teacher, demo_data, tmp_path):
     cache = str(tmp_path / "cache")
     torch.manual_seed(0)

@@ -20,6 +20,8 @@ from vlm_post.losses import (
     topk_reverse_kl_from_hidden,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def exact_reverse_kl(student_logprobs, teacher_logprobs):
     """sum_v p_v (log p_v - log q_v) over the whole vocabulary."""

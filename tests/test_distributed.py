@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow
+
 VLM_POST = str(Path(sys.executable).parent / "vlm_post")
 STRATEGY = {
     "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -46,7 +48,12 @@ def fit(config: dict, path: Path, *args: str, timeout: int = 900) -> subprocess.
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # ROOT: tests.test_rl's reward
     result = subprocess.run(
-        [VLM_POST, "fit", "--config", str(path), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [VLM_POST, "fit", "--config", str(path), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -275,7 +282,10 @@ def test_ranks_that_keep_different_rows_take_the_same_steps(tiny_model, demo_dat
     config = demo_config("rl.yaml", tiny_model, demo_data, run, max_steps=2, limit_val_batches=0, devices=2)
     config["trainer"].update(strategy=STRATEGY, callbacks=[], enable_checkpointing=False)
     config["model"]["init_args"].update(
-        reward="tests.test_distributed.rank_zero_length_reward", dynamic_sampling=True, micro_batch_size=4, mini_batch_size=1
+        reward="tests.test_distributed.rank_zero_length_reward",
+        dynamic_sampling=True,
+        micro_batch_size=4,
+        mini_batch_size=1,
     )
     config["data"]["batch_size"] = 2
     config["export"] = {"weights": "last"}

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 VLM_POST = str(Path(sys.executable).parent / "vlm_post")
 

@@ -23,6 +23,7 @@ def module_and_batch(tiny_model, demo_data):
     return module, batch
 
 
+@pytest.mark.fast
 def test_sampled_token_entropy_matches_the_full_softmax(module_and_batch):
     module, batch = module_and_batch
     torch.manual_seed(0)
@@ -43,6 +44,7 @@ def test_sampled_token_entropy_matches_the_full_softmax(module_and_batch):
     torch.testing.assert_close(entropy, whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.fast
 def test_metrics_agree_with_the_records(module_and_batch):
     module, batch = module_and_batch
     torch.manual_seed(1)
@@ -65,6 +67,7 @@ def test_metrics_agree_with_the_records(module_and_batch):
     assert values["entropy"] == pytest.approx(weighted / tokens, rel=1e-4)
 
 
+@pytest.mark.fast
 def test_greedy_only_validation_reports_greedy_metrics(module_and_batch):
     module, batch = module_and_batch
     config = EvalConfig(n=0, greedy=True, max_new_tokens=8)
@@ -75,6 +78,7 @@ def test_greedy_only_validation_reports_greedy_metrics(module_and_batch):
     assert set(values) == {"accuracy", "greedy_accuracy", "format_rate", "response_length"}
 
 
+@pytest.mark.fast
 def test_eval_config_validation():
     with pytest.raises(ValueError, match="pass_k"):
         EvalConfig(n=4, pass_k=[8])
@@ -85,10 +89,13 @@ def test_eval_config_validation():
     assert EvalConfig(n=16).pass_k == [1, 2, 4, 8, 16]
 
 
+@pytest.mark.slow
 def test_test_writes_records_summary_and_intervals(tiny_model, demo_data, tmp_path):
     import json
 
-    module = sft_module(tiny_model, eval=EvalConfig(n=4, max_new_tokens=6, output_dir=str(tmp_path), bootstrap_resamples=200))
+    module = sft_module(
+        tiny_model, eval=EvalConfig(n=4, max_new_tokens=6, output_dir=str(tmp_path), bootstrap_resamples=200)
+    )
     results = trainer(tmp_path, max_steps=1).test(module, demo_datamodule(demo_data), verbose=False)[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     row = summary["results"][0]

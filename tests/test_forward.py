@@ -11,6 +11,8 @@ from vlm_post.models.loading import load_policy
 from vlm_post.rollout import HFGenerateEngine, SamplingParams
 from vlm_post.rollout.sequences import policy_inputs, select_rows
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
 def test_each_image_is_encoded_once_with_the_same_values_and_gradients(arch, tiny_model, processor, tmp_path):
@@ -78,7 +80,9 @@ def test_rows_sharing_a_prompt_run_it_once_with_the_same_values_and_gradients(ar
         targets = inputs["input_ids"][:, width : width + mask.shape[1]][mask]
         logprobs = token_logprobs(hidden[mask], policy.get_output_embeddings().weight, targets)
         logprobs.sum().backward()
-        results.append((logprobs.detach(), {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}))
+        results.append(
+            (logprobs.detach(), {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None})
+        )
     (shared_lp, shared_grads), (full_lp, full_grads) = results
     torch.testing.assert_close(shared_lp, full_lp, rtol=1e-5, atol=1e-5)
     assert shared_grads.keys() == full_grads.keys() and any("visual" in k for k in full_grads)

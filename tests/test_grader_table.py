@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import GEO3K_SAMPLE, MATHVISTA_TESTMINI, needs_shared
 from vlm_post.rewards import grading_stats, math_equal
 
+pytestmark = pytest.mark.fast
+
 TIME_BOUND_S = 2.0
 T, F = True, False
 

@@ -19,6 +19,8 @@ from vlm_post.losses import (
     policy_loss,
 )
 
+pytestmark = pytest.mark.fast
+
 S3 = math.sqrt(3.0)
 
 

@@ -8,6 +8,8 @@ import torch
 import vlm_post.losses.logprobs as logprobs_module
 from vlm_post.losses import IGNORE_INDEX, sft_cross_entropy, token_logprobs, token_logprobs_and_entropy
 
+pytestmark = pytest.mark.fast
+
 
 def direct_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, precision=torch.float32):
     """The formulas on full logits: log_softmax, gather, -(p * log p).sum()."""
@@ -38,7 +40,9 @@ def test_sft_loss_is_masked_token_mean_next_token_nll():
     torch.manual_seed(0)
     hidden = torch.randn(2, 6, 8)
     weight = torch.randn(11, 8)
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 5, 6, 7, 8, IGNORE_INDEX]])
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 5, 6, 7, 8, IGNORE_INDEX]]
+    )
     loss, count = sft_cross_entropy(hidden, weight, labels, chunk_size=3)
     logp = torch.log_softmax(hidden @ weight.t(), -1)
     terms = [-logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(6) if labels[b, t] != IGNORE_INDEX]

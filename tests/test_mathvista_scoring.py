@@ -11,6 +11,8 @@ from tests.conftest import MATHVISTA_TESTMINI, needs_shared
 from vlm_post.data.sources import mathvista_example
 from vlm_post.rewards import grade, mathvista_correct, normalize_answer, strip_units
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def testmini() -> dict[str, dict]:

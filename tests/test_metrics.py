@@ -18,6 +18,8 @@ from vlm_post.metrics import (
     pass_at_k_per_problem,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
     """Share of all k-subsets of n samples (the first c correct) that hold a correct sample."""

@@ -19,6 +19,7 @@ from vlm_post.models.loading import vision_parts
 from vlm_post.models.tiny import build_tiny_qwen2_5_vl
 
 
+@pytest.mark.fast
 def test_tiny_model_is_a_real_qwen2_5_vl(tiny_model):
     config = json.loads((tiny_model / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl"
@@ -32,17 +33,20 @@ def test_tiny_model_is_a_real_qwen2_5_vl(tiny_model):
         assert len(processor.tokenizer.tokenize(token)) == 1, token
 
 
+@pytest.mark.fast
 def test_tiny_model_is_deterministic(tiny_model, tmp_path):
     again = build_tiny_qwen2_5_vl(tmp_path / "again")
     assert (again / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
     assert (again / "tokenizer.json").read_text() == (tiny_model / "tokenizer.json").read_text()
 
 
+@pytest.mark.fast
 def test_load_policy_returns_train_mode(tiny_model):
     model = load_policy(str(tiny_model), dtype="bfloat16")
     assert model.training and next(model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.fast
 def test_resolve_model_path(tiny_model, tmp_path):
     assert resolve_model_path(str(tiny_model)) == str(tiny_model)
     with pytest.raises(ConfigError, match="no config.json"):
@@ -51,6 +55,7 @@ def test_resolve_model_path(tiny_model, tmp_path):
         resolve_model_path("Qwen/Qwen2.5-VL-7B-Instruct-not-cached")
 
 
+@pytest.mark.fast
 def test_freeze_options(tiny_model):
     module = sft_module(tiny_model, freeze_vision_tower=True, freeze_projector=False)
     module.configure_model()
@@ -64,6 +69,7 @@ def test_freeze_options(tiny_model):
     assert any(p.requires_grad for p in both.policy.lm_head.parameters())
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains(tiny_model, demo_data, tmp_path):
     module = sft_module(tiny_model, gradient_checkpointing=True)
     trainer(tmp_path, max_steps=2).fit(module, demo_datamodule(demo_data, batch_size=4))
@@ -71,6 +77,7 @@ def test_gradient_checkpointing_trains(tiny_model, demo_data, tmp_path):
     assert flag if flag is not None else module.policy.is_gradient_checkpointing
 
 
+@pytest.mark.fast
 def test_export_round_trip(tiny_model, tmp_path):
     model = load_policy(str(tiny_model))
     with torch.no_grad():
@@ -81,6 +88,7 @@ def test_export_round_trip(tiny_model, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")], "temporary export folder left behind"
 
 
+@pytest.mark.fast
 def test_an_export_is_a_verified_version_behind_a_symlink(tiny_model, tmp_path):
     """``export -> export.<n>``; each new export is the next version, and the one it replaced is gone."""
     model, processor = load_policy(str(tiny_model)), AutoProcessor.from_pretrained(tiny_model)
@@ -96,6 +104,7 @@ def test_an_export_is_a_verified_version_behind_a_symlink(tiny_model, tmp_path):
     assert os.readlink(out) == "export.2" and sorted(p.name for p in tmp_path.iterdir()) == ["export", "export.2"]
 
 
+@pytest.mark.fast
 def test_a_nonfinite_weight_is_never_exported(tiny_model, tmp_path):
     model, processor = load_policy(str(tiny_model)), AutoProcessor.from_pretrained(tiny_model)
     out = export_hf(model, processor, tmp_path / "export")
@@ -112,6 +121,7 @@ def test_a_nonfinite_weight_is_never_exported(tiny_model, tmp_path):
         export_hf(model, processor, tmp_path / "fresh")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("exchange", ["renameat2", "two renames"])
 def test_an_export_from_before_versions_is_replaced(tiny_model, tmp_path, monkeypatch, exchange):
     """A real folder at the export path (exports were written so until now) is swapped for the symlink: by
@@ -134,6 +144,7 @@ def _broken_copy(tiny_model, tmp_path):
     return folder, folder / "model.safetensors"
 
 
+@pytest.mark.fast
 def test_a_folder_without_manifest_is_checked_by_its_safetensors_headers(tiny_model, tmp_path):
     folder, weights = _broken_copy(tiny_model, tmp_path)
     assert verify_hf_folder(folder) == "structure"
@@ -155,6 +166,7 @@ def test_a_folder_without_manifest_is_checked_by_its_safetensors_headers(tiny_mo
         verify_hf_folder(folder)
 
 
+@pytest.mark.fast
 def test_sharded_weights_are_checked_through_their_index(tiny_model, tmp_path):
     folder, weights = _broken_copy(tiny_model, tmp_path)
     weights.rename(folder / "model-00001-of-00001.safetensors")
@@ -164,6 +176,7 @@ def test_sharded_weights_are_checked_through_their_index(tiny_model, tmp_path):
         verify_hf_folder(folder)
 
 
+@pytest.mark.fast
 def test_an_export_is_hashed_once_per_process_and_unlisted_weights_are_refused(tiny_model, tmp_path, monkeypatch):
     import vlm_post.models.export as export_module
 
@@ -179,6 +192,7 @@ def test_an_export_is_hashed_once_per_process_and_unlisted_weights_are_refused(t
         verify_hf_folder(out, "model.init_from")
 
 
+@pytest.mark.fast
 def test_a_truncated_hub_model_in_the_cache_is_one_line(tiny_model, tmp_path, monkeypatch):
     """A hub id whose cached snapshot is broken (an interrupted copy of the cache): named, not a traceback."""
     import huggingface_hub.constants
@@ -195,6 +209,7 @@ def test_a_truncated_hub_model_in_the_cache_is_one_line(tiny_model, tmp_path, mo
         load_policy("someone/tiny-vl")
 
 
+@pytest.mark.slow
 def test_qwen2_vl_trains_too(tmp_path, demo_data):
     path = build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen2-vl", arch="qwen2_vl")
     module = sft_module(path)
@@ -202,12 +217,14 @@ def test_qwen2_vl_trains_too(tmp_path, demo_data):
     assert type(module.policy).__name__ == "Qwen2VLForConditionalGeneration"
 
 
+@pytest.mark.fast
 def test_init_from_other_architecture_is_refused(tiny_model, tmp_path):
     other = build_tiny_qwen2_5_vl(tmp_path / "wide", hidden_size=64)
     with pytest.raises(ConfigError, match="init_from"):
         sft_module(tiny_model, init_from=str(other))
 
 
+@pytest.mark.fast
 def test_a_version_the_user_linked_to_is_kept(tiny_model, tmp_path):
     model, processor = load_policy(str(tiny_model)), AutoProcessor.from_pretrained(tiny_model)
     out = export_hf(model, processor, tmp_path / "export")

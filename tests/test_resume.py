@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 VLM_POST = str(Path(sys.executable).parent / "vlm_post")
 
@@ -43,7 +46,9 @@ def _config(tmp_path: Path, tiny_model: Path, demo_data: Path, run: str, kill_at
         trainer["callbacks"].append({"class_path": "tests.test_resume.KillAtStep", "init_args": {"step": kill_at}})
     model = config["model"]["init_args"]
     # A reward the random tiny policy earns, so that every step moves the weights (all-zero rewards would not).
-    model.update(model_name_or_path=str(tiny_model), init_from=None, micro_batch_size=8, reward="tests.test_rl.length_reward")
+    model.update(
+        model_name_or_path=str(tiny_model), init_from=None, micro_batch_size=8, reward="tests.test_rl.length_reward"
+    )
     model["rollout"].update(n=4, max_new_tokens=8)
     config["data"].update(batch_size=4, val=[])
     config["data"]["train"]["path"] = str(demo_data / "train.parquet")
@@ -55,7 +60,14 @@ def _config(tmp_path: Path, tiny_model: Path, demo_data: Path, run: str, kill_at
 
 def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([VLM_POST, "fit", "--config", str(config), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [VLM_POST, "fit", "--config", str(config), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _policy(checkpoint: Path) -> dict[str, torch.Tensor]:

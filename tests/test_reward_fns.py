@@ -21,6 +21,8 @@ from vlm_post.rewards import (
     load_reward_fn,
 )
 
+pytestmark = pytest.mark.fast
+
 IMAGE = Image.new("RGB", (2, 2))
 GEO = Example(
     id="15",

@@ -27,6 +27,8 @@ from vlm_post.rewards import (
 )
 from vlm_post.rewards.expression import parse
 
+pytestmark = pytest.mark.fast
+
 
 def test_extract_boxed():
     assert extract_boxed("so \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
@@ -343,7 +345,7 @@ def test_numbers_beyond_float_range_are_never_equal_by_overflow():
 
 
 def test_huge_written_numbers_compare_without_big_integer_arithmetic():
-    """"1e4000000" must not build 10^4000000: that took seconds under the GIL and stalled every grading thread."""
+    """ "1e4000000" must not build 10^4000000: that took seconds under the GIL and stalled every grading thread."""
     start = time.monotonic()
     assert not math_equal("1e4000000", "2e4000000")
     assert math_equal("1e4000000", "1.00001e4000000") and math_equal("10e4000000", "1e4000001")

@@ -39,6 +39,7 @@ class Record(Callback):
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kl_mode", ["loss", "reward", "off"])
 def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl_mode):
     torch.manual_seed(0)
@@ -59,8 +60,16 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
     changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "no weight moved"
     logged = record.metrics[-1]
-    for key in ("train/reward_mean", "train/clip_fraction", "train/entropy", "train/ratio_mean",
-                "train/response_length", "train/groups_filtered", "train/time_generate_s", "train/tokens_per_s"):
+    for key in (
+        "train/reward_mean",
+        "train/clip_fraction",
+        "train/entropy",
+        "train/ratio_mean",
+        "train/response_length",
+        "train/groups_filtered",
+        "train/time_generate_s",
+        "train/tokens_per_s",
+    ):
         assert key in logged, key
     assert ("train/kl" in logged) == (kl_mode == "loss")
     assert (module.reference is not None) == (kl_mode != "off")
@@ -70,6 +79,7 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
             assert torch.equal(value, before[key]), "the reference must stay at the initial weights"
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_path, monkeypatch):
     from vlm_post.modules import rl
 
@@ -95,6 +105,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tiny_model, demo_data, tmp_pat
     assert stopping.skipped_steps == 3 and stopping.trainer.global_step == 2
 
 
+@pytest.mark.slow
 def test_a_skip_between_good_steps_does_not_stop_the_run(tiny_model, demo_data, tmp_path, monkeypatch):
     from vlm_post.modules import rl
 
@@ -110,7 +121,10 @@ def test_a_skip_between_good_steps_does_not_stop_the_run(tiny_model, demo_data, 
     assert run.global_step == 6 and module.skipped_steps == 3 and module.skips.consecutive == 0
 
 
-def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(tiny_model, demo_data, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(
+    tiny_model, demo_data, tmp_path, monkeypatch
+):
     from vlm_post.modules import on_policy, rl
 
     events = []  # in call order: each step's finished flags, then the rows of each micro-batch it trained on
@@ -151,14 +165,18 @@ def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(tiny_
     assert record.metrics[-1]["train/truncated_rate"] > 0
 
 
+@pytest.mark.fast
 def test_overlong_buffer_must_fit_the_response_budget(tiny_model):
     from vlm_post.errors import ConfigError
     from vlm_post.losses import OverlongConfig
 
     with pytest.raises(ConfigError, match="overlong.buffer"):
-        RLModule(str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4), overlong=OverlongConfig(penalty=1, buffer=4))
+        RLModule(
+            str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4), overlong=OverlongConfig(penalty=1, buffer=4)
+        )
 
 
+@pytest.mark.slow
 def test_old_logprobs_from_the_sampler_skip_the_extra_forward(tiny_model, demo_data, tmp_path, monkeypatch):
     module = rl_module(
         tiny_model,

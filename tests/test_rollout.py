@@ -12,10 +12,14 @@ from vlm_post.models.loading import load_policy
 from vlm_post.rollout import HFGenerateEngine, SamplingParams
 from vlm_post.rollout.sequences import policy_inputs, repeat_prompts
 
+pytestmark = pytest.mark.fast
+
 
 def _batch(processor):
     examples = [
-        Example(id="a", images=[Image.new("RGB", (112, 112), "red")], question="<image>Which bar?", answer="red", source="s"),
+        Example(
+            id="a", images=[Image.new("RGB", (112, 112), "red")], question="<image>Which bar?", answer="red", source="s"
+        ),
         Example(
             id="b",
             images=[Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (84, 56), "white")],
@@ -68,7 +72,9 @@ def test_sampling_never_emits_vision_tokens(tiny_model, processor):
     torch.manual_seed(0)
     policy = load_policy(str(tiny_model))
     engine = HFGenerateEngine(processor)
-    rollouts = engine.generate(policy, _batch(processor)["prompt"], SamplingParams(n=8, temperature=1.5, max_new_tokens=24))
+    rollouts = engine.generate(
+        policy, _batch(processor)["prompt"], SamplingParams(n=8, temperature=1.5, max_new_tokens=24)
+    )
     assert not torch.isin(rollouts.response_ids, torch.tensor(engine.banned)).any()
     assert policy.training, "the engine must restore train mode"
 

@@ -11,6 +11,8 @@ from tests.helpers import demo_datamodule, sft_module, trainer
 from vlm_post.callbacks import HFExport
 from vlm_post.errors import RunStopped
 
+pytestmark = pytest.mark.slow
+
 
 class RecordLoss(Callback):
     def __init__(self) -> None:
@@ -67,7 +69,9 @@ def test_resume_restores_optimizer_scheduler_and_step(tiny_model, demo_data, tmp
     torch.manual_seed(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = sft_module(tiny_model)
-    trainer(tmp_path, max_steps=4, callbacks=[checkpoint], enable_checkpointing=True).fit(first, demo_datamodule(demo_data))
+    trainer(tmp_path, max_steps=4, callbacks=[checkpoint], enable_checkpointing=True).fit(
+        first, demo_datamodule(demo_data)
+    )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     saved_adam = saved["optimizer_states"][0]["state"]
     assert saved["global_step"] == 4

@@ -24,7 +24,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def study(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([VLM_POST, "study", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [VLM_POST, "study", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,7 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_study_runs_every_stage_and_reports(finished):
     _, folder, result = finished
     plan = json.loads((folder / "study.json").read_text())
@@ -59,7 +62,9 @@ def test_study_runs_every_stage_and_reports(finished):
     assert {r["point"] for r in rows} == {"entry", "step_2", "end"}
     assert {(r["dataset"], r["domain"]) for r in rows} == {("demo_test", "in"), ("demo_shifted", "out")}
     for row in rows:
-        assert {"accuracy", "pass@4", "entropy", "mean_distinct_answers", "accuracy_ci_low", "pass@4_ci_high"} <= set(row)
+        assert {"accuracy", "pass@4", "entropy", "mean_distinct_answers", "accuracy_ci_low", "pass@4_ci_high"} <= set(
+            row
+        )
         assert row["accuracy_ci_low"] <= row["accuracy"] <= row["accuracy_ci_high"]
     end = [r for r in rows if r["point"] == "end"]
     assert all(r["step"] == 4 and r["rl_train_entropy_mean"] > 0 for r in end)
@@ -76,7 +81,9 @@ def test_study_runs_every_stage_and_reports(finished):
 
     # Figures, each with its CSV: one line per arm, the expected number of points.
     figures = folder / "figures"
-    assert all((figures / f"{name}.png").stat().st_size > 1000 for name in ("entropy_vs_step", "accuracy_vs_step", "pass_at_k"))
+    assert all(
+        (figures / f"{name}.png").stat().st_size > 1000 for name in ("entropy_vs_step", "accuracy_vs_step", "pass_at_k")
+    )
     entropy = _csv(figures / "entropy_vs_step.csv")
     assert {r["arm"] for r in entropy} == {"short", "long"}
     assert all(sorted(int(r["step"]) for r in entropy if r["arm"] == arm) == [0, 1, 2, 3] for arm in ("short", "long"))
@@ -89,9 +96,12 @@ def test_study_runs_every_stage_and_reports(finished):
     assert {r["arm"] for r in pass_at_k} == {"base", "short", "long"}
     curve = [r for r in pass_at_k if (r["arm"], r["point"], r["dataset"]) == ("short", "end", "demo_test")]
     assert [int(r["k"]) for r in curve] == [1, 2, 3, 4]
-    assert float(curve[-1]["pass_at_k"]) == pytest.approx(next(r["pass@4"] for r in end if r["arm"] == "short" and r["dataset"] == "demo_test"))
+    assert float(curve[-1]["pass_at_k"]) == pytest.approx(
+        next(r["pass@4"] for r in end if r["arm"] == "short" and r["dataset"] == "demo_test")
+    )
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_study_runs_nothing(finished):
     config, folder, _ = finished
     markers = {p: p.stat().st_mtime_ns for p in folder.rglob("vlm_post_stage.json")}
@@ -106,6 +116,7 @@ def test_rerun_of_a_finished_study_runs_nothing(finished):
     assert {name: (folder / name).read_text() for name in before} == before
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_rerun_finishes_with_the_same_results(finished, tiny_model, demo_data, tmp_path):
     reference = json.loads((finished[1] / "results.json").read_text())  # 2 stages at a time there, 1 here
     config = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
@@ -121,7 +132,9 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_same_results(finished, t
     process.communicate()
     assert not (folder / "long/seed0/sft/vlm_post_stage.json").exists()
     time.sleep(1.0)
-    orphans = subprocess.run(["pgrep", "-f", str(folder / "long/seed0/sft")], capture_output=True, text=True).stdout.split()
+    orphans = subprocess.run(
+        ["pgrep", "-f", str(folder / "long/seed0/sft")], capture_output=True, text=True
+    ).stdout.split()
     assert not orphans, f"the killed study left its stage running: {orphans}"
 
     done_before = {p: p.stat().st_mtime_ns for p in folder.rglob("vlm_post_stage.json")}
@@ -149,14 +162,22 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     return err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
         (lambda s: s["arms"][0].update(stagez=[]), "stagez"),
         (lambda s: s["evaluation"].update(n="many"), "evaluation.n"),
-        (lambda s: s["arms"][0]["stages"][0].update(config="configs/nope.yaml"), "arms[0] (short).stages[0].config: no such config file"),
-        (lambda s: s["arms"][1]["stages"][1].update(overrides=["--model.init_args.teacher.model_name_or_path=${teachr}"]),
-         "arms[1] (long).stages[1].overrides: ${teachr} is neither a shared stage nor an earlier stage"),
+        (
+            lambda s: s["arms"][0]["stages"][0].update(config="configs/nope.yaml"),
+            "arms[0] (short).stages[0].config: no such config file",
+        ),
+        (
+            lambda s: s["arms"][1]["stages"][1].update(
+                overrides=["--model.init_args.teacher.model_name_or_path=${teachr}"]
+            ),
+            "arms[1] (long).stages[1].overrides: ${teachr} is neither a shared stage nor an earlier stage",
+        ),
         (lambda s: s["arms"][1].update(name="short"), "arms: short named twice"),
         (lambda s: s["arms"][0].update(stages=s["arms"][0]["stages"][:1]), "2 stages at least"),
         (lambda s: s["evaluation"]["datasets"][1].update(domain="sideways"), "domain"),
@@ -175,11 +196,13 @@ def test_bad_study_config_is_one_line(change, expected, tiny_model, demo_data, t
     assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.fast
 def test_missing_study_config_is_one_line(capsys, tmp_path):
     assert "no such study config" in _one_line_error(capsys, ["--config", str(tmp_path / "none.yaml")])
     assert "not a study folder" in _one_line_error(capsys, ["report", "--dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_runs_nothing(tiny_model, demo_data, tmp_path):
     config = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
     result = study("--config", str(config), "--dry-run")
@@ -191,6 +214,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tiny_model, demo_data, tmp_pat
     assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.slow
 def test_failing_stage_stops_its_arm_and_the_others_go_on(tiny_model, demo_data, tmp_path):
     path = tiny_study(tiny_model, demo_data, tmp_path / "configs", tmp_path / "study")
     config = yaml.safe_load(path.read_text())
@@ -201,13 +225,16 @@ def test_failing_stage_stops_its_arm_and_the_others_go_on(tiny_model, demo_data,
     result = study("--config", str(path))
     assert result.returncode == 1
     log = tmp_path / "study/long/seed0/sft/stage.log"
-    assert f"study: stage long/seed0/sft failed (exit 2); log: {log}; 3 stages that need it will not run" in result.stdout
+    assert (
+        f"study: stage long/seed0/sft failed (exit 2); log: {log}; 3 stages that need it will not run" in result.stdout
+    )
     assert "schedule" in log.read_text()
     assert "study: 1 stage(s) failed: long/seed0/sft" in result.stdout
     rows = json.loads((tmp_path / "study/results.json").read_text())
     assert {(r["arm"], r["point"]) for r in rows} == {("base", "entry"), ("short", "entry"), ("short", "end")}
 
 
+@pytest.mark.fast
 def test_paired_bootstrap_against_a_hand_computation():
     a = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.25])
     b = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.25, 0.25])
@@ -221,7 +248,9 @@ def test_paired_bootstrap_against_a_hand_computation():
     def quantile(q: float) -> float:
         position = q * (len(resampled) - 1)
         below = int(position)
-        return resampled[below] + (position - below) * (resampled[min(below + 1, len(resampled) - 1)] - resampled[below])
+        return resampled[below] + (position - below) * (
+            resampled[min(below + 1, len(resampled) - 1)] - resampled[below]
+        )
 
     assert difference == pytest.approx((a.sum() - b.sum()).item() / 8)
     assert low == pytest.approx(quantile(0.05)) and high == pytest.approx(quantile(0.95))
@@ -247,6 +276,7 @@ def _write_evaluation(stage, correct: dict[str, list[bool]], greedy: dict[str, b
     stage.mark_finished()
 
 
+@pytest.mark.fast
 def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path, monkeypatch):
     """Two arms, two seeds, hand-made evaluation files: the paired difference pools seeds per problem."""
     from vlm_post.study import build_plan, load_study
@@ -268,7 +298,9 @@ def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path,
         if stage.command == "test":
             flags = greedy[(stage.arm, stage.seed)]
             ids = [f"p{i}" for i in range(4)]
-            _write_evaluation(stage, {p: [bool(f), False] for p, f in zip(ids, flags)}, dict(zip(ids, map(bool, flags))))
+            _write_evaluation(
+                stage, {p: [bool(f), False] for p, f in zip(ids, flags)}, dict(zip(ids, map(bool, flags)))
+            )
     build_report(plan.study_dir)
     rows = json.loads((tmp_path / "study/results.json").read_text())
     assert len(rows) == 1 + 2 * 2 * 2  # base; 2 arms x 2 seeds x (entry, end)
@@ -278,6 +310,8 @@ def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path,
     assert difference["seeds"] == [0, 1] and difference["difference"] == pytest.approx(0.375)
     assert difference["seed_sd"] == pytest.approx(0.125)
     pooled_a, pooled_b = torch.tensor([1.0, 0.5, 0.0, 1.0]), torch.tensor([0.5, 0.5, 0.0, 0.0])
-    assert (difference["ci_low"], difference["ci_high"]) == pytest.approx(paired_bootstrap_ci(pooled_a, pooled_b, 300)[1:])
+    assert (difference["ci_low"], difference["ci_high"]) == pytest.approx(
+        paired_bootstrap_ci(pooled_a, pooled_b, 300)[1:]
+    )
     markdown = (tmp_path / "study/results.md").read_text()
     assert "| a | 0.625 ±0.125 [" in markdown  # in-domain accuracy at entry: seeds 0.75 and 0.5

@@ -12,6 +12,8 @@ import yaml
 from tests.conftest import ROOT
 from vlm_post.study import build_plan, load_study
 
+pytestmark = pytest.mark.slow
+
 STUDIES = sorted((ROOT / "configs" / "study").glob("*.yaml"))
 
 
@@ -23,7 +25,11 @@ def test_study_config_plans_and_its_stage_commands_parse(path, monkeypatch):
     assert len(plan.arms) == 3 and all(stage.key.count("/") <= 2 for stage in plan.stages)
     # One stage of each distinct stage config and overrides (and one evaluation), parsed by the real CLI.
     seed = study.seeds[0]
-    distinct = {(stage.config, *stage.overrides): f"{arm.name}/seed{seed}/{stage.name}" for arm in study.arms for stage in arm.stages}
+    distinct = {
+        (stage.config, *stage.overrides): f"{arm.name}/seed{seed}/{stage.name}"
+        for arm in study.arms
+        for stage in arm.stages
+    }
     keys = [*distinct.values(), *[s.key for s in plan.stages if s.key.startswith("shared/")]]
     keys.append(f"{study.arms[0].name}/seed{seed}/eval_end")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

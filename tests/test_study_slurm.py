@@ -17,10 +17,13 @@ from tests.study_fixtures import tiny_study
 
 VLM_POST = str(Path(sys.executable).parent / "vlm_post")
 
-pytestmark = pytest.mark.skipif(
-    bool(slurm_cluster.missing()) or os.geteuid() != 0,
-    reason=f"needs root and SLURM's daemons and clients (apt-get install slurm-wlm munge; missing: {slurm_cluster.missing()})",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(slurm_cluster.missing()) or os.geteuid() != 0,
+        reason=f"needs root and SLURM's daemons and clients (apt-get install slurm-wlm munge; missing: {slurm_cluster.missing()})",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,9 @@ def test_slurm_study_chains_jobs_with_afterok_and_reports(cluster, tiny_model, d
     plan = subprocess.run([VLM_POST, "study", "--config", str(path), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert plan.returncode == 0, plan.stderr
-    assert f"sbatch --dependency=afterok:<short/seed0/sft> {tmp_path / 'study/short/seed0/rl'}/job.sbatch" in plan.stdout
+    assert (
+        f"sbatch --dependency=afterok:<short/seed0/sft> {tmp_path / 'study/short/seed0/rl'}/job.sbatch" in plan.stdout
+    )
     assert "--nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=30:00 --comment=rl-stage" in plan.stdout
 
     result = subprocess.run([VLM_POST, "study", "--config", str(path)], cwd=ROOT, env=env,
@@ -63,7 +68,9 @@ def test_slurm_study_chains_jobs_with_afterok_and_reports(cluster, tiny_model, d
         log = (tmp_path / "study" / stage / "stage.log").read_text()
         assert f"job {jobs[stage]['job']}: {stage}" in log
     rows = json.loads((tmp_path / "study/results.json").read_text())
-    assert {(r["arm"], r["point"]) for r in rows} == {("base", "entry")} | {(a, p) for a in ("short", "long") for p in ("entry", "end")}
+    assert {(r["arm"], r["point"]) for r in rows} == {("base", "entry")} | {
+        (a, p) for a in ("short", "long") for p in ("entry", "end")
+    }
     assert (tmp_path / "study/report.log").is_file()  # the report job ran after the stages
 
     again = subprocess.run([VLM_POST, "study", "--config", str(path)], cwd=ROOT, env=env,

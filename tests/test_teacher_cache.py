@@ -29,6 +29,8 @@ from vlm_post.teacher import (
     rescore_dir,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def fake_teacher(name: str, k: int = 8, dtype: str = "float16") -> TeacherFingerprint:
     """A made-up teacher's fingerprint: the cache compares digests and never reads a teacher."""

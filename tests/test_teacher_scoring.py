@@ -17,6 +17,8 @@ from vlm_post.rollout.base import Rollouts
 from vlm_post.rollout.sequences import policy_inputs, select_rows
 from vlm_post.teacher.scoring import HFTeacher
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def teacher(tiny_model, processor):

@@ -77,7 +77,9 @@ def floors(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=None, help="run the study with this seed, into runs/study/demo-seed<N>")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="run the study with this seed, into runs/study/demo-seed<N>"
+    )
     parser.add_argument("--artifacts-only", action="store_true", help="build the tiny models and data sets, then stop")
     parser.add_argument("--fresh", action="store_true", help="delete the study folder first")
     args = parser.parse_args()

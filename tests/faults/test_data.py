@@ -66,6 +66,7 @@ def trained_steps(root: Path) -> int:
     return json.loads((root / "export" / "vlm_post_export.json").read_text())["global_step"]
 
 
+@pytest.mark.slow
 def test_unreadable_lines_are_skipped_by_file_and_line_and_the_rest_trains(
     good_lines, tiny_model, demo_data, tmp_path, capsys
 ):
@@ -90,6 +91,7 @@ def test_unreadable_lines_are_skipped_by_file_and_line_and_the_rest_trains(
     assert trained_steps(tmp_path / "run") == 2
 
 
+@pytest.mark.slow
 def test_fail_fast_stops_at_the_first_unreadable_line(good_lines, tiny_model, demo_data, tmp_path, capsys):
     lines = [*good_lines[:3], good_lines[3].replace(b"longer", b"lon\xffger"), *good_lines[4:]]
     data = write_jsonl(tmp_path / "train.jsonl", lines)
@@ -104,6 +106,7 @@ def test_fail_fast_stops_at_the_first_unreadable_line(good_lines, tiny_model, de
     )
 
 
+@pytest.mark.slow
 def test_a_10_mb_question_is_skipped_by_id_and_never_tokenized(
     good_lines, tiny_model, demo_data, tmp_path, capsys, monkeypatch
 ):
@@ -129,6 +132,7 @@ def test_a_10_mb_question_is_skipped_by_id_and_never_tokenized(
     assert trained_steps(tmp_path) == 2
 
 
+@pytest.mark.slow
 def test_a_prompt_over_max_prompt_length_is_skipped_with_its_length(
     good_lines, tiny_model, demo_data, tmp_path, capsys
 ):
@@ -148,6 +152,7 @@ def test_a_prompt_over_max_prompt_length_is_skipped_with_its_length(
     assert trained_steps(tmp_path) == 2
 
 
+@pytest.mark.slow
 def test_every_row_unreadable_is_one_line_naming_the_first(tiny_model, demo_data, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [b"\xff\xfe", b"not json"])
     status, err, _ = fit([f"--data.train.path={data}"], tiny_model, demo_data, tmp_path, capsys)
@@ -169,6 +174,7 @@ def weights_loaded(monkeypatch) -> list:
     return loads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
@@ -192,6 +198,7 @@ def test_a_file_that_cannot_be_read_is_one_line_naming_it(
     assert not weights_loaded
 
 
+@pytest.mark.fast
 def test_a_corrupt_shard_in_a_folder_is_named(demo_data, tiny_model, tmp_path, capsys, weights_loaded):
     folder = tmp_path / "shards"
     folder.mkdir()

@@ -140,6 +140,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case", list(BROKEN_EXPORTS))
 def test_a_broken_export_is_one_line_naming_the_file(case, export, tiny_model, demo_data, tmp_path, capsys, loads):
     name, breaks = BROKEN_EXPORTS[case]
@@ -153,6 +154,7 @@ def test_a_broken_export_is_one_line_naming_the_file(case, export, tiny_model, d
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case", list(BROKEN_OLD_EXPORTS))
 def test_a_broken_folder_without_manifest_is_one_line_too(case, export, tiny_model, demo_data, tmp_path, capsys, loads):
     _as_old_export(export)
@@ -163,6 +165,7 @@ def test_a_broken_folder_without_manifest_is_one_line_too(case, export, tiny_mod
     assert not loads
 
 
+@pytest.mark.slow
 def test_a_broken_export_as_the_model_itself_is_one_line(export, tiny_model, demo_data, tmp_path, capsys):
     """``model_name_or_path: <export>`` (testing an export without init_from): checked where its weights load."""
     _flip_4kb(export / WEIGHTS)
@@ -171,6 +174,7 @@ def test_a_broken_export_as_the_model_itself_is_one_line(export, tiny_model, dem
     assert f"{export / WEIGHTS} is not the file the export wrote" in err, err
 
 
+@pytest.mark.slow
 def test_a_whole_export_still_tests(export, tiny_model, demo_data, tmp_path, capsys, loads):
     main(_eval_args(tiny_model, demo_data, tmp_path, f"--model.init_args.init_from={export}"))
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["results"][0]["dataset"] == "demo_test"
@@ -185,6 +189,7 @@ class PoisonWeights(Callback):
             pl_module.policy.lm_head.weight[0, 0] = float("nan")
 
 
+@pytest.mark.slow
 def test_nonfinite_weights_are_not_exported(export, tiny_model, demo_data, tmp_path, capsys):
     run = export.parent
     config = yaml.safe_load((ROOT / "configs/demo/sft.yaml").read_text())
@@ -270,6 +275,7 @@ def _kill_at_step(n: int) -> None:
         setattr(owner, name, counted(getattr(owner, name), what))
 
 
+@pytest.mark.fast
 def test_a_kill_at_any_step_of_an_export_leaves_the_old_or_the_new_export(tiny_model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     driver = "import sys; from tests.faults.test_export import export_killed_at_each_step as run; run(*sys.argv[1:])"

@@ -56,8 +56,11 @@ def sft_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [SFT, RL])
-def test_an_exploding_learning_rate_stops_the_run_and_keeps_what_was_saved(config, sft_run, tiny_model, demo_data, capsys):
+def test_an_exploding_learning_rate_stops_the_run_and_keeps_what_was_saved(
+    config, sft_run, tiny_model, demo_data, capsys
+):
     """lr 1e6: the first update blows the weights up, every later step is NaN. The run must end (RL looped
     forever: skipped steps never advanced global_step), say why in one line, exit 1, and leave the earlier
     checkpoints and export untouched (SFT wrote NaN weights into both)."""
@@ -83,6 +86,7 @@ def test_an_exploding_learning_rate_stops_the_run_and_keeps_what_was_saved(confi
     assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
 
 
+@pytest.mark.slow
 def test_one_skip_allowed_is_stop_at_the_first(sft_run, tiny_model, demo_data, capsys):
     args = run_args(
         tiny_model,
@@ -111,6 +115,7 @@ def flip_bytes(path: Path, count: int = 4096) -> None:
         handle.write(bytes(byte ^ 0xFF for byte in chunk))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
@@ -135,6 +140,7 @@ def test_a_broken_ckpt_path_is_one_line(damage, expected, sft_run, tiny_model, d
     assert f"--ckpt_path {broken}: {expected}" in line, line
 
 
+@pytest.mark.fast
 def test_checkpoints_keep_parsed_numbers_as_plain_int_and_float(sft_run):
     """Parsed values are range-typed (PositiveInt(3)); pickled so, a checkpoint needs vlm_post.ranges to load."""
     checkpoint = torch.load(sft_run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -224,12 +230,14 @@ def all_numeric_options() -> list[tuple[str, str, type, str]]:
 NUMERIC_OPTIONS = all_numeric_options()
 
 
+@pytest.mark.fast
 def test_every_numeric_option_has_a_range_type():
     unbounded = [key for _, key, kind, _ in NUMERIC_OPTIONS if kind not in RANGE_TYPES]
     assert not unbounded, f"type these with a range from vlm_post.ranges: {unbounded}"
     assert len(NUMERIC_OPTIONS) > 40  # the walk found the options (it would pass vacuously otherwise)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("config", "key", "kind", "wrap"),
     [option for option in NUMERIC_OPTIONS if option[2] in RANGE_TYPES],
@@ -250,10 +258,12 @@ def study_numeric_options() -> list[tuple[str, type, str]]:
 STUDY_OPTIONS = study_numeric_options()
 
 
+@pytest.mark.fast
 def test_every_numeric_study_option_has_a_range_type():
     assert STUDY_OPTIONS and all(kind in RANGE_TYPES for _, kind, _ in STUDY_OPTIONS), STUDY_OPTIONS
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("key", "kind", "wrap"), STUDY_OPTIONS, ids=[option[0] for option in STUDY_OPTIONS])
 def test_an_out_of_range_study_value_is_one_line_naming_the_key(key, kind, wrap, capsys):
     study = "configs/study/demo.yaml"
@@ -279,13 +289,17 @@ def read_only_mount(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("key", ["trainer.default_root_dir", "export.dirpath", "model.init_args.eval.output_dir"])
-def test_an_output_folder_on_a_read_only_mount_is_one_line(key, read_only_mount, tiny_model, demo_data, tmp_path, capsys):
+def test_an_output_folder_on_a_read_only_mount_is_one_line(
+    key, read_only_mount, tiny_model, demo_data, tmp_path, capsys
+):
     args = run_args(tiny_model, demo_data, tmp_path / "run", **{key: read_only_mount / "out"})
     line = run_cli(["fit", "--config", SFT, *args], capsys, status=2)
     assert f"{key}: {read_only_mount / 'out'} cannot be written: {read_only_mount} is not writable" in line, line
 
 
+@pytest.mark.fast
 def test_rl_with_one_sample_per_prompt_is_one_line(tiny_model, demo_data, tmp_path, capsys):
     """n = 1 is in PositiveInt's range, but GRPO has no group to compare with: refused before any weights load."""
     args = run_args(tiny_model, demo_data, tmp_path, **{"model.init_args.init_from": tiny_model})

@@ -16,6 +16,8 @@ from tests.test_teacher_cache import snapshot
 from vlm_post.cli import main
 from vlm_post.teacher import TeacherCache, fingerprint_teacher
 
+pytestmark = pytest.mark.slow
+
 OPD = "configs/demo/opd.yaml"
 
 

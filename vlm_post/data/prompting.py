@@ -11,8 +11,7 @@ from __future__ import annotations
 from vlm_post.data.schema import Example
 
 DEFAULT_INSTRUCTION = (
-    "First think through the problem inside <think> </think> tags, "
-    "then write the final answer inside \\boxed{}."
+    "First think through the problem inside <think> </think> tags, then write the final answer inside \\boxed{}."
 )
 # `{answer}` is replaced by the example's answer; no other braces are interpreted.
 DEFAULT_ANSWER_TEMPLATE = "<think></think>\\boxed{{answer}}"

@@ -159,9 +159,7 @@ def write_demo_dataset(
         }
     )
     offset = 0
-    for split_index, (split, count) in enumerate(
-        [("train", train), ("validation", validation), ("test", test)]
-    ):
+    for split_index, (split, count) in enumerate([("train", train), ("validation", validation), ("test", test)]):
         rows = make_rows(count, seed=seed * 1000 + split_index, id_offset=offset)
         offset += count
         datasets.Dataset.from_list(rows, features=features).to_parquet(str(out_dir / f"{split}.parquet"))

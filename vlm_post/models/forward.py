@@ -34,7 +34,9 @@ PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 def _accepts_encoder_outputs(base: torch.nn.Module) -> bool:
     cached = getattr(base, "_vlm_post_encoder_outputs", None)
     if cached is None:
-        cached = "mm_encoder_outputs" in inspect.signature(base.forward).parameters and hasattr(base, "get_image_features")
+        cached = "mm_encoder_outputs" in inspect.signature(base.forward).parameters and hasattr(
+            base, "get_image_features"
+        )
         base._vlm_post_encoder_outputs = cached
     return cached
 
@@ -68,7 +70,11 @@ def _decoder_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     base = model.model
     shareable = IMAGE_SOURCE in inputs and inputs.get("pixel_values") is not None and inputs["pixel_values"].numel()
-    if shareable and _accepts_encoder_outputs(base) and len(set(inputs[IMAGE_SOURCE].tolist())) < len(inputs[IMAGE_SOURCE]):
+    if (
+        shareable
+        and _accepts_encoder_outputs(base)
+        and len(set(inputs[IMAGE_SOURCE].tolist())) < len(inputs[IMAGE_SOURCE])
+    ):
         inputs = shared_image_features(base, inputs)
     else:
         inputs.pop(IMAGE_SOURCE, None)
@@ -104,7 +110,11 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 def _checkpointing(model: torch.nn.Module) -> bool:
     """Activation checkpointing replays the forward without a cache: keep the full forward then."""
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     return bool(getattr(model, flag, False))
 
 

@@ -114,6 +114,7 @@ def load_policy_state(model: torch.nn.Module, state: dict[str, torch.Tensor], or
 
 def check_same_architecture(policy_config, init_config, origin: str) -> None:
     """An HF folder used as init_from must be the same architecture as model_name_or_path."""
+
     def shape(config):
         text = getattr(config, "text_config", config)
         return (config.model_type, text.vocab_size, text.hidden_size, text.num_hidden_layers)

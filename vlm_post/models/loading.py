@@ -57,7 +57,9 @@ def resolve_model_path(name: str, what: str = "model") -> str:
         return name
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"cannot resolve {what} {name!r}: not a local folder, not cached, and the hub said: {reason}") from None
+        raise ConfigError(
+            f"cannot resolve {what} {name!r}: not a local folder, not cached, and the hub said: {reason}"
+        ) from None
 
 
 def check_image_text_to_text(path: str, what: str = "model"):

@@ -127,6 +127,7 @@ def as_root_forward(model: torch.nn.Module, compute: Callable, *args, **kwargs):
     """
     if not is_sharded(model):
         return compute(*args, **kwargs)
+
     def forward(*args, **kwargs):
         out = compute(*args, **kwargs)
         # FSDP2 hooks the root's outputs for backward; an in-place op on a view would drop the hook, so a view

@@ -187,5 +187,10 @@ def _vision_config(arch: str, text_hidden: int) -> dict:
     if arch == "qwen2_vl":  # Qwen2-VL names the encoder width embed_dim and the output width hidden_size
         return dict(common, embed_dim=64, mlp_ratio=2, hidden_size=text_hidden)
     return dict(
-        common, hidden_size=64, intermediate_size=128, window_size=112, out_hidden_size=text_hidden, fullatt_block_indexes=[1]
+        common,
+        hidden_size=64,
+        intermediate_size=128,
+        window_size=112,
+        out_hidden_size=text_hidden,
+        fullatt_block_indexes=[1],
     )

@@ -169,7 +169,9 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         if self.policy is not None:
             return
         from_hf_folder = self.init_from is not None and not is_checkpoint(self.init_from)
-        policy = load_policy(self.init_from if from_hf_folder else self.model_path, self.dtype_name, self.attn_implementation)
+        policy = load_policy(
+            self.init_from if from_hf_folder else self.model_path, self.dtype_name, self.attn_implementation
+        )
         if self.init_from and is_checkpoint(self.init_from):
             state = policy_state_from_checkpoint(self.init_from, template=policy.state_dict())
             load_policy_state(policy, state, self.init_from)
@@ -268,7 +270,11 @@ class PolicyModule(NonFiniteGuard, LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+        ):
             # Lightning's FSDP1 precision plugin refuses norm clipping (a per-rank norm would be wrong); the root
             # FSDP module computes the global norm over all shards.
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)

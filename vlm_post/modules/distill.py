@@ -258,7 +258,9 @@ class DistillModule(OnPolicyModule):
             write_rollout_file(self.teacher_config.cache_dir, name, records)
             scores = self._wait_for_cache(keys, scores)
             missing = []
-        passes = [missing[start : start + self.micro_batch_size] for start in range(0, len(missing), self.micro_batch_size)]
+        passes = [
+            missing[start : start + self.micro_batch_size] for start in range(0, len(missing), self.micro_batch_size)
+        ]
         for index in range(self._most_over_ranks(len(passes)) if self.sharded else len(passes)):
             if index >= len(passes):  # a sharded teacher's forwards are collectives: join the ranks still scoring
                 self.teacher.score(select_rows(inputs, [0], n, counts), width, mask[[0]])

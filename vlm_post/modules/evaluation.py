@@ -117,7 +117,9 @@ class BatchEvaluation:
     def metric_fields(self) -> dict:
         """Keyword arguments of ``EvalMetrics.update_from``."""
         correct = torch.tensor([[ok for ok, _ in graded] for graded in self.sample_graded], dtype=torch.bool)
-        formatted = torch.tensor([[a is not None for _, a in graded] for graded in self.sample_graded], dtype=torch.bool)
+        formatted = torch.tensor(
+            [[a is not None for _, a in graded] for graded in self.sample_graded], dtype=torch.bool
+        )
         return dict(
             greedy_correct=[ok for ok, _ in self.greedy_graded] if self.greedy_graded else None,
             greedy_formatted=[a is not None for _, a in self.greedy_graded] if self.greedy_graded else None,
@@ -149,7 +151,9 @@ class BatchEvaluation:
             if self.token_entropy is not None:
                 n = len(self.sample_texts[i])
                 tokens = self.response_mask[i * n : (i + 1) * n].bool()
-                row["mean_token_entropy"] = float(self.token_entropy[i * n : (i + 1) * n][tokens].mean()) if tokens.any() else None
+                row["mean_token_entropy"] = (
+                    float(self.token_entropy[i * n : (i + 1) * n][tokens].mean()) if tokens.any() else None
+                )
             rows.append(row)
         return rows
 

@@ -150,9 +150,13 @@ class NonFiniteGuard:
         except RunStopped as error:
             finite, refusal = False, error
         if not self._all_ranks_agree(finite):  # every rank refuses together: no rank waits in the save alone
-            raise refusal if not finite else RunStopped(
-                f"refusing to save the checkpoint of step {self.global_step}: another rank holds a non-finite "
-                f"tensor; {self._kept()}; {ADVICE}"
+            raise (
+                refusal
+                if not finite
+                else RunStopped(
+                    f"refusing to save the checkpoint of step {self.global_step}: another rank holds a non-finite "
+                    f"tensor; {self._kept()}; {ADVICE}"
+                )
             )
 
     def _all_ranks_agree(self, ok: bool) -> bool:

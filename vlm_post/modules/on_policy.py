@@ -106,7 +106,9 @@ class OnPolicyModule(PolicyModule):
         for _ in range(epochs):
             for index in range(steps):
                 step_rows = mini_batches[index] if index < len(mini_batches) else []
-                micros = [step_rows[i : i + self.micro_batch_size] for i in range(0, len(step_rows), self.micro_batch_size)]
+                micros = [
+                    step_rows[i : i + self.micro_batch_size] for i in range(0, len(step_rows), self.micro_batch_size)
+                ]
                 step_tokens = mask[step_rows].sum().clamp(min=1)
                 share = self.token_share(mask[step_rows].sum())  # across ranks: the global token mean
                 optimizer.zero_grad()

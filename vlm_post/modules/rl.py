@@ -149,7 +149,9 @@ class RLModule(OnPolicyModule):
         old_logprobs = None
         if needs_old and self.old_logprobs_source == "sampler":
             if samples.logprobs is None:
-                raise ConfigError("model.old_logprobs: sampler, but the rollout engine reports no log-probs (use recompute)")
+                raise ConfigError(
+                    "model.old_logprobs: sampler, but the rollout engine reports no log-probs (use recompute)"
+                )
             old_logprobs = samples.logprobs.to(self.device)
         elif needs_old:
             old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts)

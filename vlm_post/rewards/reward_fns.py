@@ -152,7 +152,9 @@ class MathReward(RewardFn):
     ):
         self.accuracy_weight, self.format_weight = float(accuracy_weight), float(format_weight)
         self.accuracy = AccuracyReward(rel_tol=rel_tol, timeout_s=timeout_s, batch_budget_s=batch_budget_s)
-        self.format = FormatReward(think=think, prompt_opens_think=prompt_opens_think, require_reasoning=require_reasoning)
+        self.format = FormatReward(
+            think=think, prompt_opens_think=prompt_opens_think, require_reasoning=require_reasoning
+        )
 
     def __call__(self, responses: list[str], examples: list[Example]) -> RewardOutput:
         accuracy = self.accuracy.scores(responses, examples)

@@ -24,7 +24,6 @@ from vlm_post.rollout.sampler_logprobs import SampledLogprobs
 VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
 
-
 class HFGenerateEngine(RolloutEngine):
     def __init__(self, processor) -> None:
         self.processor = processor
@@ -109,18 +108,25 @@ class HFGenerateEngine(RolloutEngine):
         if recorder is not None:
             processors.append(recorder)
         neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0)
-        neutral = neutral if not params.greedy else dict(repetition_penalty=1.0, temperature=None, top_k=None, top_p=None)
+        neutral = (
+            neutral if not params.greedy else dict(repetition_penalty=1.0, temperature=None, top_k=None, top_p=None)
+        )
         return dict(do_sample=not params.greedy, logits_processor=LogitsProcessorList(processors), **neutral)
 
     @staticmethod
     def _can_share_prefill(policy: torch.nn.Module, prompt: dict) -> bool:
         base = getattr(policy, "model", None)
-        if getattr(policy.config, "model_type", None) not in SHARED_PREFILL_MODEL_TYPES or not hasattr(base, "rope_deltas"):
+        if getattr(policy.config, "model_type", None) not in SHARED_PREFILL_MODEL_TYPES or not hasattr(
+            base, "rope_deltas"
+        ):
             return False
         if prompt["input_ids"].shape[1] < 2 or not bool(prompt["attention_mask"][:, -1].all()):
             return False  # the prompts must be left-padded: the last column is every prompt's last token
         shape = tuple(prompt["input_ids"].shape)
-        if any(isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == shape and k not in PER_TOKEN_KEYS for k, v in prompt.items()):
+        if any(
+            isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == shape and k not in PER_TOKEN_KEYS
+            for k, v in prompt.items()
+        ):
             return False  # a per-token input we would not know how to cut and repeat
         token_types = prompt.get("mm_token_type_ids")
         return token_types is None or not bool(token_types[:, -1].any())  # the last token is text

@@ -28,7 +28,9 @@ class SampledLogprobs(LogitsProcessor):
         return scores
 
     def _pick(self, tokens: torch.Tensor) -> torch.Tensor:
-        picked = self.previous.gather(-1, tokens[:, None].to(self.previous.device)).squeeze(-1).float() - self.normaliser
+        picked = (
+            self.previous.gather(-1, tokens[:, None].to(self.previous.device)).squeeze(-1).float() - self.normaliser
+        )
         return picked.masked_fill(~torch.isfinite(picked), 0.0)  # padding after EOS may be a suppressed id
 
     def finish(self, response: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,15 @@ def repeat_prompts(prompt: dict, image_counts: list[int], n: int) -> dict:
     batch = prompt["input_ids"].shape[0]
     out = {}
     for key, value in prompt.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch and key not in (
-            "pixel_values",
-            "image_grid_thw",
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() >= 1
+            and value.shape[0] == batch
+            and key
+            not in (
+                "pixel_values",
+                "image_grid_thw",
+            )
         ):
             out[key] = value.repeat_interleave(n, dim=0)
         elif key not in ("pixel_values", "image_grid_thw"):

@@ -35,11 +35,17 @@ def describe(plan, launcher) -> str:
 
     lines = [f"study {plan.study_dir}: {len(plan.stages)} stages, launcher {launcher.kind}"]
     for number, stage in enumerate(plan.stages, 1):
-        state = "finished" if stage.finished() else ("resumes " + str(stage.resume_checkpoint()) if stage.resume_checkpoint() else "to run")
+        state = (
+            "finished"
+            if stage.finished()
+            else ("resumes " + str(stage.resume_checkpoint()) if stage.resume_checkpoint() else "to run")
+        )
         after = f" after {', '.join(stage.needs)}" if stage.needs else ""
         lines.append(f"\n[{number}] {stage.key} ({state}){after}")
         if launcher.kind == "slurm":
-            sbatch = [line for line in job_script(stage, launcher, Path.cwd()).splitlines() if line.startswith("#SBATCH")]
+            sbatch = [
+                line for line in job_script(stage, launcher, Path.cwd()).splitlines() if line.startswith("#SBATCH")
+            ]
             dependency = f" --dependency=afterok:{':'.join('<' + k + '>' for k in stage.needs)}" if stage.needs else ""
             lines.append(f"  sbatch{dependency} {stage.run_dir}/job.sbatch")
             lines.append("    " + " ".join(line.removeprefix("#SBATCH ") for line in sbatch))

@@ -228,7 +228,9 @@ class StudyConfig:
             _stage(stage, f"shared[{index}] ({stage.name})", base_dir, allowed=earlier)
         for a, arm in enumerate(self.arms):
             if len(arm.stages) < 2:
-                raise ConfigError(f"arms[{a}] ({arm.name}).stages: an arm is a warm start and its RL, 2 stages at least")
+                raise ConfigError(
+                    f"arms[{a}] ({arm.name}).stages: an arm is a warm start and its RL, 2 stages at least"
+                )
             _names([stage.name for stage in arm.stages], f"arms[{a}] ({arm.name}).stages")
             for s, stage in enumerate(arm.stages):
                 earlier = {previous.name for previous in arm.stages[:s]}

@@ -98,7 +98,9 @@ def _accuracy(out: Path, plan, evaluations, curves) -> dict[str, Path]:
         axis.set(xlabel="RL step", ylabel="accuracy", title=f"{name} accuracy through RL")
         if axis.lines:
             axis.legend(fontsize=7)
-    return _save(figure, out, "accuracy_vs_step", ["arm", "seed", "dataset", "domain", "step", "accuracy", "source"], rows)
+    return _save(
+        figure, out, "accuracy_vs_step", ["arm", "seed", "dataset", "domain", "step", "accuracy", "source"], rows
+    )
 
 
 def _pass_at_k(out: Path, plan, evaluations) -> dict[str, Path]:
@@ -112,7 +114,9 @@ def _pass_at_k(out: Path, plan, evaluations) -> dict[str, Path]:
         samples = torch.tensor([len(c) for c in correct])
         hits = torch.tensor([sum(c) for c in correct])
         for k in range(1, int(samples.min()) + 1):
-            rows.append([e.arm, e.seed, e.point, e.dataset, e.domain, k, float(pass_at_k_per_problem(samples, hits, k).mean())])
+            rows.append(
+                [e.arm, e.seed, e.point, e.dataset, e.domain, k, float(pass_at_k_per_problem(samples, hits, k).mean())]
+            )
     plt = _pyplot()
     primary = next((d.name for d in plan.evaluation.datasets if d.domain == "in"), plan.evaluation.datasets[0].name)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

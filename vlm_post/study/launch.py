@@ -105,8 +105,15 @@ def _start(stage: Stage, launcher: LauncherConfig) -> subprocess.Popen:
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
     log.flush()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               preexec_fn=_die_with_parent)  # noqa: PLW1509 (the study process runs no threads)
+    # preexec_fn is safe here: the study process runs no threads
+    process = subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509
+    )
     log.close()
     return process
 
@@ -145,7 +152,7 @@ def _check_outputs(stage: Stage) -> str:
     """The shell form of ``Stage.output_problem``: fail the job (no marker) when the expected output is absent."""
     needed = stage.expected_output
     path = shlex.quote(str(needed))
-    return f"test -f {path} || {{ echo \"study: stage {stage.key} exited 0 but wrote no {needed}\"; exit 1; }}"
+    return f'test -f {path} || {{ echo "study: stage {stage.key} exited 0 but wrote no {needed}"; exit 1; }}'
 
 
 def run_slurm(plan: Plan, launcher: LauncherConfig) -> list[str]:

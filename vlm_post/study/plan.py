@@ -190,7 +190,12 @@ def _fit_stage(
     last: bool = False,
 ) -> Stage:
     """A ``vlm_post fit``: its config, run folder and seed, ``init_from`` the previous stage's export, overrides."""
-    arguments = ["--config", spec.config, f"--trainer.default_root_dir={run_dir}", f"--export.dirpath={run_dir / 'export'}"]
+    arguments = [
+        "--config",
+        spec.config,
+        f"--trainer.default_root_dir={run_dir}",
+        f"--export.dirpath={run_dir / 'export'}",
+    ]
     arguments += [f"--seed_everything={seed}", f"--data.seed={seed}"]
     if previous:
         arguments.append(f"--model.init_args.init_from={previous.export_dir}")
@@ -205,16 +210,22 @@ def _fit_stage(
             "--trainer.callbacks.auto_insert_metric_name=false",
         ]
     for name in sorted(spec.references() - set(named)):  # check() saw the name: it is a seeded shared stage
-        raise ConfigError(f"shared: {spec.name} runs once for all seeds but names ${{{name}}}, which runs once per seed")
+        raise ConfigError(
+            f"shared: {spec.name} runs once for all seeds but names ${{{name}}}, which runs once per seed"
+        )
     values = {"run_dir": str(run_dir), "seed": str(seed), "study_dir": study.study_dir}
     values.update({name: str(stage.export_dir) for name, stage in named.items()})
     arguments += [PLACEHOLDER.sub(lambda match: values[match[1]], item) for item in spec.arguments()]
     needs = ([previous.key] if previous else []) + [named[name].key for name in sorted(spec.references())]
     resources = spec.slurm.over(study.launcher.slurm)
-    return Stage(key, "fit", str(run_dir), arguments, list(dict.fromkeys(needs)), arm, seed, curves=last, slurm=resources)
+    return Stage(
+        key, "fit", str(run_dir), arguments, list(dict.fromkeys(needs)), arm, seed, curves=last, slurm=resources
+    )
 
 
-def _arm_evaluations(arm: str, seed: int, chain: list[Stage], rl: StageSpec, root: Path, study: StudyConfig) -> list[Stage]:
+def _arm_evaluations(
+    arm: str, seed: int, chain: list[Stage], rl: StageSpec, root: Path, study: StudyConfig
+) -> list[Stage]:
     """RL entry (the warm start's export), every K RL steps (its checkpoints), RL end (its export)."""
     entry, end = chain[-2], chain[-1]
     folder = root / arm / f"seed{seed}"

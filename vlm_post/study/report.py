@@ -53,7 +53,9 @@ class Evaluation:
         if metric in ("accuracy", "mean_accuracy"):
             return {i: sum(c) / len(c) for i, c in zip(ids, correct)}
         if metric == "mean_distinct_answers":
-            normalized = [[normalize_answer(a) if a is not None else None for a in r["extracted"]] for r in self.records]
+            normalized = [
+                [normalize_answer(a) if a is not None else None for a in r["extracted"]] for r in self.records
+            ]
             return {i: float(distinct_answer_count(answers)) for i, answers in zip(ids, normalized)}
         raise KeyError(metric)
 
@@ -61,7 +63,9 @@ class Evaluation:
         metrics = {k: v for k, v in self.summary.items() if k not in ("dataset", "ci")}
         for metric, (low, high) in self.summary.get("ci", {}).items():
             metrics[f"{metric}_ci_low"], metrics[f"{metric}_ci_high"] = low, high
-        head = dict(arm=self.arm, seed=self.seed, point=self.point, step=self.step, dataset=self.dataset, domain=self.domain)
+        head = dict(
+            arm=self.arm, seed=self.seed, point=self.point, step=self.step, dataset=self.dataset, domain=self.domain
+        )
         return {**head, **metrics}
 
 
@@ -81,7 +85,9 @@ def collect(plan: Plan) -> list[Evaluation]:
             lines = (stage.eval_dir / f"{name}.jsonl").read_text().splitlines()
             records = [json.loads(line) for line in lines if line.strip()]
             arm = stage.arm or "base"
-            found.append(Evaluation(arm, stage.seed, stage.point, step, name, plan.evaluation.domain_of(name), row, records))
+            found.append(
+                Evaluation(arm, stage.seed, stage.point, step, name, plan.evaluation.domain_of(name), row, records)
+            )
     return found
 
 
@@ -234,7 +240,9 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
             for dataset in protocol.datasets:
                 found = [e for e in evaluations if (e.arm, e.point, e.dataset) == (arm, point, dataset.name)]
                 if found:
-                    cells = [_cell(found, m, protocol, m != "entropy") for m in ("accuracy", "mean_accuracy", top, "entropy")]
+                    cells = [
+                        _cell(found, m, protocol, m != "entropy") for m in ("accuracy", "mean_accuracy", top, "entropy")
+                    ]
                     lines.append(f"| {arm} | {point} | {dataset.name} | {dataset.domain} | " + " | ".join(cells) + " |")
     paired = (
         f"Arm a minus arm b on the same problems; the interval resamples problems jointly for both arms "
