@@ -65,17 +65,28 @@ def group_advantages(
 
     GRPO (``normalize_std=True``): (r - mean_group) / (std_group + eps), with
     the unbiased std (divides by n - 1, torch.std's default, as verl uses).
-    Dr. GRPO (``normalize_std=False``): r - mean_group. A group whose rewards
-    are all equal gets zero advantages either way. Needs ``group_size >= 2``:
-    with one response per prompt there is no group baseline.
+    Dr. GRPO (``normalize_std=False``): r - mean_group. Needs
+    ``group_size >= 2``: with one response per prompt there is no group
+    baseline.
+
+    A group whose rewards are all equal (max == min, the test of
+    ``groups_with_signal``) gets advantages of exactly 0 either way. Without
+    that rule, the float mean of eight fp32 rewards of 0.9 is one ulp off 0.9,
+    and that ulp divided by std + eps = 0 + 1e-6 is an advantage of -0.056 on
+    every row of a group without signal. The statistics are computed in
+    float64; the result is float32 (float64 for float64 rewards).
     """
     if group_size < 2:
         raise ValueError(f"group-relative advantages need group_size >= 2, got {group_size}")
     grouped = _grouped(rewards, group_size)
+    out_dtype = torch.float64 if grouped.dtype == torch.float64 else torch.float32
+    grouped = grouped.double()
     advantages = grouped - grouped.mean(dim=-1, keepdim=True)
     if normalize_std:
         advantages = advantages / (grouped.std(dim=-1, keepdim=True) + eps)
-    return advantages.reshape(-1)
+    constant = (grouped.amax(dim=-1) == grouped.amin(dim=-1))[:, None]
+    advantages = torch.where(constant, torch.zeros((), dtype=advantages.dtype, device=advantages.device), advantages)
+    return advantages.reshape(-1).to(out_dtype)
 
 
 def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
