@@ -18,6 +18,7 @@ from vlm_post.losses import (
     overlong_penalty,
     policy_loss,
 )
+from vlm_post.losses.kl import KL_KINDS
 
 pytestmark = pytest.mark.fast
 
@@ -82,7 +83,9 @@ def test_k1_and_k3_are_unbiased_for_kl_under_samples_from_pi():
     exact_kl = float((pi * (pi / ref).log()).sum())  # about 0.30 nats
     logprob, ref_logprob = _samples_from(pi, ref)
     k1 = kl_penalty(logprob, ref_logprob, "k1")
-    k3 = kl_penalty(logprob, ref_logprob, "k3")
+    k3 = kl_penalty(logprob, ref_logprob, "k3_unclamped")
+    # |d| <= log 3 on every outcome, far inside the clamps: the clamped k3 is the same estimator here
+    assert torch.equal(kl_penalty(logprob, ref_logprob, "k3"), k3)
     _assert_mean_within_standard_errors(k1, exact_kl)
     _assert_mean_within_standard_errors(k3, exact_kl)
     assert (k3 >= 0).all() and (k1 < 0).any()
@@ -102,21 +105,51 @@ def test_k2_expectation_is_within_the_third_order_bound_of_kl():
     _assert_mean_within_standard_errors(kl_penalty(logprob, ref_logprob, "k2"), exact_k2)
 
 
-def test_low_var_kl_is_k3_clamped_with_finite_gradients():
+def test_low_var_kl_is_k3_unclamped_clamped_with_finite_gradients():
     logprob = torch.tensor([-1.0, -2.0, -0.5, -3.0, -101.0, -1.0, 0.0], requires_grad=True)
     ref_logprob = torch.tensor([-1.2, -0.5, -2.5, -3.0, -1.0, -120.0, -100.0])
     low_var = kl_penalty(logprob, ref_logprob, "low_var_kl")
-    k3 = kl_penalty(logprob, ref_logprob, "k3")
-    torch.testing.assert_close(low_var[:4], k3[:4])  # |d| <= 2: k3 < 10, inside the clamp
+    unclamped = kl_penalty(logprob, ref_logprob, "k3_unclamped")
+    torch.testing.assert_close(low_var[:4], unclamped[:4])  # |d| <= 2: below 10, inside the clamp
     assert torch.equal(low_var[4:], torch.full((3,), 10.0))  # d = 100, -119, -100: clamped
-    assert torch.isinf(k3[4])  # unclamped k3 overflows where low_var_kl does not
+    assert torch.isinf(unclamped[4])  # the unclamped k3 overflows where low_var_kl does not
     (grad,) = torch.autograd.grad(low_var.sum(), logprob)
     assert torch.isfinite(grad).all() and torch.equal(grad[4:], torch.zeros(3))
 
 
+def test_each_estimator_at_log_ratios_minus_5_0_and_5_by_hand():
+    """d = log ref - log pi; k3 is verl's clamped low_var_kl (10.0 at d = 5, where it was 142.4 before)."""
+    logprob = torch.tensor([-1.0, -1.0, -6.0], dtype=torch.float64)
+    ref_logprob = torch.tensor([-6.0, -1.0, -1.0], dtype=torch.float64)  # d = -5, 0, 5
+    e = math.e
+    by_hand = {
+        "k1": [5.0, 0.0, -5.0],  # -d
+        "k2": [12.5, 0.0, 12.5],  # d^2 / 2
+        "k3_unclamped": [e**-5 - 1 + 5, 0.0, e**5 - 1 - 5],  # 4.0067, 0, 142.4132
+        "k3": [e**-5 - 1 + 5, 0.0, 10.0],  # clamped at 10 nats
+    }
+    by_hand.update(kl=by_hand["k1"], mse=by_hand["k2"], low_var_kl=by_hand["k3"])
+    assert set(by_hand) == set(KL_KINDS)
+    for kind, expected in by_hand.items():
+        values = kl_penalty(logprob, ref_logprob, kind)
+        torch.testing.assert_close(values, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert kl_penalty(logprob, ref_logprob, "k3_unclamped")[2].item() == pytest.approx(142.4132, abs=1e-4)
+    for kind in KL_KINDS:
+        assert GRPOLossConfig(kl_kind=kind).kl_kind == kind  # every name is a valid config value
+
+
+def test_k3_has_no_gradient_where_it_is_clamped():
+    logprob = torch.tensor([-6.0, -1.0, -0.3, -1.0], requires_grad=True)
+    ref_logprob = torch.tensor([-1.0, -1.2, -0.5, -30.0])  # d = 5, -0.2, -0.2, -29
+    (grad,) = torch.autograd.grad(kl_penalty(logprob, ref_logprob, "k3").sum(), logprob)
+    (grad_unclamped,) = torch.autograd.grad(kl_penalty(logprob, ref_logprob, "k3_unclamped").sum(), logprob)
+    assert grad[0] == grad[3] == 0 and grad_unclamped[0] != 0
+    torch.testing.assert_close(grad[1:3], grad_unclamped[1:3])
+
+
 @pytest.mark.parametrize(
     ("kind", "expected"),
-    [("k1", "zero"), ("k2", "reverse_kl"), ("k3", "forward_kl")],
+    [("k1", "zero"), ("k2", "reverse_kl"), ("k3_unclamped", "forward_kl")],
 )
 def test_expected_gradient_of_each_estimator_as_a_loss(kind, expected):
     """The gradient claims of the kl module docstring, as exact expectations over a categorical."""

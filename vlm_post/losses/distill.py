@@ -28,6 +28,7 @@ import math
 import torch
 
 from vlm_post.losses.grpo import Aggregation, aggregate
+from vlm_post.losses.kl import LOG_RATIO_CLAMP
 from vlm_post.losses.logprobs import (
     DEFAULT_CHUNK_SIZE,
     _check_chunking,
@@ -42,9 +43,6 @@ from vlm_post.losses.logprobs import (
 # (KL(p || q) is +inf for q = 0) while still charging the student
 # p(tail) * (log p(tail) + 13.8) for mass the teacher does not put there.
 TAIL_FLOOR = 1e-6
-
-# As in grpo.py: clamp the log importance ratio so that exp cannot overflow.
-_LOG_RATIO_CLAMP = 20.0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -277,8 +275,9 @@ def sampled_reverse_kl_loss(
         raise ValueError(f"expected logprobs and old_logprobs of one (rows, L) shape, got {shapes}")
     advantages = sampled_reverse_kl_advantages(logprobs.detach(), teacher_logprobs, mask, discount)
     valid = mask.bool()
-    # masked positions may hold nan or inf: keep them out of exp, whose backward would meet 0 * nan
-    log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), 0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    # masked positions may hold nan or inf: keep them out of exp, whose backward would meet 0 * nan; the clamp keeps
+    # exp from overflowing
+    log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     loss = aggregate(-advantages.to(ratio.dtype) * ratio, mask, aggregation, max_response_length)
 

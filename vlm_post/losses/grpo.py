@@ -35,17 +35,13 @@ from typing import Literal, get_args
 import torch
 
 from vlm_post.errors import ConfigError
-from vlm_post.losses.kl import KL_KINDS, KLKind, kl_penalty
+from vlm_post.losses.kl import KL_KINDS, LOG_RATIO_CLAMP, KLKind, kl_penalty
 from vlm_post.ranges import AboveOne, NonNegativeFloat, PositiveInt, ProperFraction, check_ranges
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 KLMode = Literal["loss", "reward", "off"]
 KL_MODES: tuple[str, ...] = get_args(KLMode)
-
-# As in verl: the log ratio is clamped before exp so that one token whose
-# probability moved by e^20 cannot overflow the loss (its gradient is then zero).
-_LOG_RATIO_CLAMP = 20.0
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -187,7 +183,7 @@ def policy_loss(
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (it caps the loss above the unclipped one), got {dual_clip}")
     advantages = advantages.detach().to(logprobs.dtype)
-    log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -215,7 +211,7 @@ def policy_loss(
             "ratio_mean": token_mean(ratio),
             "ratio_min": torch.where(any_valid, torch.where(valid, ratio, torch.inf).amin(), one),
             "ratio_max": torch.where(any_valid, torch.where(valid, ratio, -torch.inf).amax(), one),
-            # k3 of KL(pi_old || pi): kl_penalty(old, new, "k3"), on the clamped log ratio
+            # KL(pi_old || pi) as kl_penalty(old, new, "k3_unclamped"), on the log ratio clamped at +-20
             "approx_kl": token_mean(torch.expm1(log_ratio) - log_ratio),
         }
     return loss, stats
@@ -267,7 +263,8 @@ class GRPOLossConfig:
     kl_coef: NonNegativeFloat = 1e-2
     """Weight of the KL to the reference policy, in the loss or in the reward (``kl_mode``)."""
     kl_kind: KLKind = "low_var_kl"
-    """Per-token KL estimator, see ``kl_penalty``."""
+    """Per-token KL estimator, see ``kl_penalty``: k1 (= kl), k2 (= mse), k3 (= low_var_kl, clamped, as in verl),
+    or k3_unclamped."""
     kl_mode: KLMode = "loss"
     """``loss``: add kl_coef * aggregate(KL) to the loss; ``reward``: subtract kl_coef * sum(KL) from
     each reward (``kl_reward_penalty``) before the advantages; ``off``: no reference model."""
