@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from vlm_post.errors import ConfigError
 from vlm_post.losses import (
     GRPOLossConfig,
     aggregate,
@@ -17,6 +18,7 @@ from vlm_post.losses import (
     kl_reward_penalty,
     overlong_penalty,
     policy_loss,
+    token_kl,
 )
 from vlm_post.losses.kl import KL_KINDS
 
@@ -293,8 +295,6 @@ def test_aggregation_skips_padding_rows_and_needs_max_length_for_sum_norm():
     assert empty == 0 and empty.requires_grad
     with pytest.raises(ValueError):
         aggregate(values, mask, "seq-mean-token-sum-norm")
-    with pytest.raises(ValueError):
-        GRPOLossConfig(aggregation="seq-mean-token-sum-norm")
 
 
 # ---------------------------------------------------------------- composition and KL modes
@@ -328,20 +328,87 @@ def test_grpo_loss_adds_kl_in_loss_mode_and_subtracts_the_entropy_bonus():
         grpo_loss(logprobs, old, advantages, mask, config, entropy=entropy)  # KL in the loss needs ref
 
 
+def test_max_response_length_is_taken_from_the_rollout():
+    logprobs, old, _, mask, advantages = _rollout()
+    unset = GRPOLossConfig(aggregation="seq-mean-token-sum-norm", kl_mode="off")  # no error until a loss needs it
+    with pytest.raises(ValueError, match="max_response_length"):
+        grpo_loss(logprobs, old, advantages, mask, unset)
+    config = unset.with_max_response_length(8)
+    assert config.max_response_length == 8 and unset.max_response_length is None  # a copy; frozen
+    assert config == GRPOLossConfig(aggregation="seq-mean-token-sum-norm", kl_mode="off", max_response_length=8)
+    loss, _ = grpo_loss(logprobs, old, advantages, mask, config)
+    pg, _ = policy_loss(logprobs, old, advantages, mask, 0.2, 0.3, 3.0, "seq-mean-token-sum-norm", 8)
+    torch.testing.assert_close(loss, pg)
+    assert config.with_max_response_length(8) == config  # set to the same value: fine
+    message = (
+        r"model.init_args.loss.max_response_length \(8\) differs from model.init_args.rollout.max_new_tokens "
+        r"\(16\): leave it unset, it is taken from the rollout"
+    )
+    with pytest.raises(ConfigError, match=message):
+        config.with_max_response_length(16)
+
+
+# ---------------------------------------------------------------- composition and KL modes
+
+
+def _rollout(seed=0):
+    torch.manual_seed(seed)
+    old = torch.randn(4, 5) - 2
+    logprobs = (old + 0.3 * torch.randn(4, 5)).requires_grad_()
+    ref = old + 0.5 * torch.randn(4, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=2)
+    return logprobs, old, ref, mask, advantages
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GRPOLossConfig(kl_mode="reward", kl_coef=0.1, kl_kind="k1"),
+        GRPOLossConfig(kl_mode="off"),
+        GRPOLossConfig(kl_mode="loss", kl_coef=0.0),
+    ],
+)
+def test_grpo_loss_refuses_ref_logprobs_it_would_not_use(config):
+    logprobs, old, ref, mask, advantages = _rollout()
+    with pytest.raises(ValueError, match="ref_logprobs given.*would not be used"):
+        grpo_loss(logprobs, old, advantages, mask, config, ref_logprobs=ref)
+    loss, stats = grpo_loss(logprobs, old, advantages, mask, config)
+    pg, _ = policy_loss(logprobs, old, advantages, mask, 0.2, 0.3, 3.0)
+    torch.testing.assert_close(loss, pg)
+    assert "kl" not in stats  # in reward mode the trainer logs aggregate(token_kl(...)) itself
+
+
+def test_token_kl_is_kl_penalty_on_valid_tokens_and_exactly_zero_on_padding():
+    logprobs, _, ref, mask, _ = _rollout()
+    padded_ref = torch.where(mask.bool(), ref, float("nan"))  # padding may hold anything
+    padded_ref[0, -1] = ref[0, -1]
+    padded_logprobs = torch.where(mask.bool(), logprobs, -torch.inf)
+    for kind in KL_KINDS:
+        per_token = token_kl(padded_logprobs, padded_ref, mask, kind)
+        assert per_token.shape == mask.shape
+        assert torch.equal(per_token[~mask.bool()], torch.zeros(int((mask == 0).sum())))
+        torch.testing.assert_close(per_token[mask.bool()], kl_penalty(logprobs, ref, kind)[mask.bool()])
+    (grad,) = torch.autograd.grad(aggregate(token_kl(padded_logprobs, padded_ref, mask, "k3"), mask), logprobs)
+    assert torch.isfinite(grad).all() and torch.equal(grad[~mask.bool()], torch.zeros(int((mask == 0).sum())))
+    with pytest.raises(ValueError, match="one \\(rows, L\\) shape"):
+        token_kl(logprobs, ref[:, :3], mask, "k1")
+
+
 def test_kl_reward_mode_changes_rewards_and_not_the_loss():
     logprobs, old, ref, mask, advantages = _rollout()
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    reward_mode = GRPOLossConfig(kl_mode="reward", kl_coef=0.1, kl_kind="k1")
-    loss, stats = grpo_loss(logprobs, old, advantages, mask, reward_mode, ref_logprobs=ref)
+    loss_mode, stats = grpo_loss(logprobs, old, advantages, mask, GRPOLossConfig(kl_mode="loss"), ref_logprobs=ref)
     pg, _ = policy_loss(logprobs, old, advantages, mask, 0.2, 0.3, 3.0)
-    torch.testing.assert_close(loss, pg)
-    assert "kl" in stats  # still logged
-    loss_mode, _ = grpo_loss(logprobs, old, advantages, mask, GRPOLossConfig(kl_mode="loss"), ref_logprobs=ref)
     assert not torch.allclose(loss_mode, pg)
+    kl = aggregate(token_kl(logprobs, ref, mask, "low_var_kl"), mask)
+    torch.testing.assert_close(stats["kl"], kl.detach())
+    torch.testing.assert_close(loss_mode, pg + 1e-2 * kl)
 
     penalised, sequence_kl = kl_reward_penalty(rewards, logprobs, ref, mask, kl_coef=0.1, kind="k1")
     expected_kl = ((logprobs - ref) * mask).sum(-1).detach()
     torch.testing.assert_close(sequence_kl, expected_kl)
+    torch.testing.assert_close(sequence_kl, token_kl(logprobs, ref, mask, "k1").sum(-1).detach())
     torch.testing.assert_close(penalised, rewards - 0.1 * expected_kl)
     assert not penalised.requires_grad
     token_rewards = torch.zeros(4, 5)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lightning.pytorch import Callback
 
 from tests.helpers import demo_datamodule, trainer
-from vlm_post.errors import RunStopped
-from vlm_post.losses import GRPOLossConfig
+from vlm_post.errors import ConfigError, RunStopped
+from vlm_post.losses import GRPOLossConfig, OverlongConfig
 from vlm_post.modules import EvalConfig, OptimConfig, RLModule
 from vlm_post.rollout import SamplingParams
 
@@ -62,6 +64,7 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
     logged = record.metrics[-1]
     for key in (
         "train/reward_mean",
+        "train/reward_shaped_mean",
         "train/clip_fraction",
         "train/entropy",
         "train/ratio_mean",
@@ -71,7 +74,7 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
         "train/tokens_per_s",
     ):
         assert key in logged, key
-    assert ("train/kl" in logged) == (kl_mode == "loss")
+    assert ("train/kl" in logged) == (kl_mode != "off")  # logged in every mode that has a reference
     assert (module.reference is not None) == (kl_mode != "off")
     if module.reference is not None:
         assert not any(k.startswith("reference") for k in module.state_dict()), "the reference must not be checkpointed"
@@ -173,6 +176,52 @@ def test_overlong_buffer_must_fit_the_response_budget(tiny_model):
     with pytest.raises(ConfigError, match="overlong.buffer"):
         RLModule(
             str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4), overlong=OverlongConfig(penalty=1, buffer=4)
+        )
+
+
+@pytest.mark.slow
+def test_the_logged_rewards_are_the_task_reward_and_its_shaping(tiny_model, demo_data, tmp_path):
+    """reward_mean is the reward function's; the overlong and KL penalties are logged as their own components, and
+    reward_shaped_mean (what the advantages used) is their sum; kl_mode reward logs the KL."""
+    torch.manual_seed(0)
+    module = rl_module(
+        tiny_model,
+        max_new_tokens=3,  # most responses are truncated: the overlong penalty bites
+        optim=OptimConfig(lr=1e-2),
+        loss=GRPOLossConfig(kl_mode="reward", kl_coef=0.1, kl_kind="k1"),
+        overlong=OverlongConfig(penalty=0.5),
+        ppo_epochs=2,
+    )
+    record = Record()
+    trainer(tmp_path, max_steps=6, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
+    for logged in record.metrics:
+        shaped = logged["train/reward_mean"] + logged["train/overlong_penalty"] + logged["train/kl_penalty"]
+        assert logged["train/reward_shaped_mean"] == pytest.approx(shaped, abs=1e-5)
+        assert logged["train/overlong_penalty"] == pytest.approx(-0.5 * logged["train/truncated_rate"], abs=1e-6)
+        assert math.isfinite(logged["train/kl"])
+    assert record.metrics[0]["train/kl"] == 0.0  # the first rollout policy is the reference
+    assert any(m["train/kl"] != 0.0 and m["train/kl_penalty"] != 0.0 for m in record.metrics[1:])
+    assert all(m["train/overlong_penalty"] < 0 for m in record.metrics)
+
+
+@pytest.mark.fast
+def test_the_response_budget_is_rollout_max_new_tokens(tiny_model):
+    sum_norm = dict(aggregation="seq-mean-token-sum-norm", kl_mode="off")
+    module = RLModule(str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=12), loss=GRPOLossConfig(**sum_norm))
+    assert module.loss_config.max_response_length == 12
+    same = RLModule(
+        str(tiny_model),
+        rollout=SamplingParams(n=2, max_new_tokens=12),
+        loss=GRPOLossConfig(max_response_length=12, **sum_norm),
+    )
+    assert same.loss_config == module.loss_config
+    with pytest.raises(
+        ConfigError, match=r"loss.max_response_length \(8\) differs from .*rollout.max_new_tokens \(12\)"
+    ):
+        RLModule(
+            str(tiny_model),
+            rollout=SamplingParams(n=2, max_new_tokens=12),
+            loss=GRPOLossConfig(max_response_length=8, **sum_norm),
         )
 
 

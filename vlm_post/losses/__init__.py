@@ -18,6 +18,7 @@ from vlm_post.losses.grpo import (
     grpo_loss,
     kl_reward_penalty,
     policy_loss,
+    token_kl,
 )
 from vlm_post.losses.kl import kl_penalty
 from vlm_post.losses.logprobs import token_logprobs, token_logprobs_and_entropy
@@ -41,6 +42,7 @@ __all__ = [
     "sampled_reverse_kl_advantages",
     "sampled_reverse_kl_loss",
     "sft_cross_entropy",
+    "token_kl",
     "token_logprobs",
     "token_logprobs_and_entropy",
     "topk_entropy",

@@ -20,7 +20,8 @@ consecutively: rows 0..n-1 answer prompt 0):
 5. Regularise towards the reference policy, either as a loss term
    kl_coef * aggregate(KL_t) (GRPO, EasyR1) or as a reward penalty
    r - kl_coef * sum_t KL_t before step 2 (``kl_reward_penalty``, PPO-RLHF
-   style); optionally subtract entropy_coef * aggregate(entropy).
+   style); optionally subtract entropy_coef * aggregate(entropy). The
+   per-token KL_t, zero on padding, is ``token_kl``.
 
 ``grpo_loss`` composes 3-5 under a ``GRPOLossConfig``. Everything here is
 pure torch on (rows, L) tensors of per-token log-probs (see
@@ -29,6 +30,7 @@ pure torch on (rows, L) tensors of per-token log-probs (see
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -217,6 +219,24 @@ def policy_loss(
     return loss, stats
 
 
+def token_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor, kind: KLKind
+) -> torch.Tensor:
+    """Per-token KL to the reference, (rows, L): ``kl_penalty(logprobs, ref_logprobs, kind)`` on valid tokens, 0 elsewhere.
+
+    Masked positions hold exactly 0 (and get no gradient), even where the
+    log-probs of padding are inf or nan. Differentiable through both log-probs:
+    detach ``ref_logprobs`` (or run under no_grad) as the caller needs.
+    ``aggregate(token_kl(...), mask, mode)`` is the KL of a batch as the loss
+    weighs it, the ``kl`` that RL logs in every ``kl_mode`` but ``off``.
+    """
+    if logprobs.dim() != 2 or logprobs.shape != ref_logprobs.shape or logprobs.shape != response_mask.shape:
+        shapes = f"{tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)}, {tuple(response_mask.shape)}"
+        raise ValueError(f"expected logprobs, ref_logprobs and response_mask of one (rows, L) shape, got {shapes}")
+    kl = kl_penalty(logprobs, ref_logprobs, kind)
+    return torch.where(response_mask.bool(), kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+
+
 def kl_reward_penalty(
     rewards: torch.Tensor,
     logprobs: torch.Tensor,
@@ -230,19 +250,16 @@ def kl_reward_penalty(
     Sequence rewards (rows,) become r - kl_coef * sum_t KL_t over the valid
     tokens; token-level rewards (rows, L) become r_t - kl_coef * KL_t on valid
     tokens, which sums to the same sequence reward. KL_t is
-    ``kl_penalty(logprobs, ref_logprobs, kind)``, by default k1 as in verl's
-    in-reward KL: as a reward its gradient issue (see ``kl``) does not arise.
-    Apply before ``group_advantages``.
+    ``token_kl(logprobs, ref_logprobs, response_mask, kind)``, by default k1
+    as in verl's in-reward KL: as a reward its gradient issue (see ``kl``) does
+    not arise. Apply before ``group_advantages``.
     """
-    if logprobs.shape != ref_logprobs.shape or logprobs.shape != response_mask.shape or logprobs.dim() != 2:
-        raise ValueError("expected logprobs, ref_logprobs and response_mask of one (rows, L) shape")
     if rewards.shape not in ((logprobs.shape[0],), logprobs.shape):
         raise ValueError(f"expected rewards of shape (rows,) or (rows, L), got {tuple(rewards.shape)}")
     with torch.no_grad():
-        valid = response_mask.bool()
-        token_kl = torch.where(valid, kl_penalty(logprobs, ref_logprobs, kind), 0.0)
-        sequence_kl = token_kl.sum(dim=-1)
-        penalty = sequence_kl if rewards.dim() == 1 else token_kl
+        kl = token_kl(logprobs, ref_logprobs, response_mask, kind)
+        sequence_kl = kl.sum(dim=-1)
+        penalty = sequence_kl if rewards.dim() == 1 else kl
         return rewards.detach() - kl_coef * penalty.to(rewards.dtype), sequence_kl
 
 
@@ -259,7 +276,8 @@ class GRPOLossConfig:
     aggregation: Aggregation = "token-mean"
     """How token losses become a scalar, for the policy loss, the KL term and the entropy bonus; see ``aggregate``."""
     max_response_length: PositiveInt | None = None
-    """The constant divisor of ``seq-mean-token-sum-norm``: the rollout's max new tokens."""
+    """The constant divisor of ``seq-mean-token-sum-norm``. Leave it unset: RL takes it from
+    ``rollout.max_new_tokens``, the response budget (``with_max_response_length``); a value that differs is refused."""
     kl_coef: NonNegativeFloat = 1e-2
     """Weight of the KL to the reference policy, in the loss or in the reward (``kl_mode``)."""
     kl_kind: KLKind = "low_var_kl"
@@ -282,11 +300,19 @@ class GRPOLossConfig:
         ):
             if value not in allowed:  # a config built in Python; a parsed one was checked against the Literal
                 raise ConfigError(f"loss.{name}: unknown {value!r}; expected one of {allowed}")
-        if self.aggregation == "seq-mean-token-sum-norm" and not self.max_response_length:
+
+    def with_max_response_length(self, n: int) -> GRPOLossConfig:
+        """This config with ``max_response_length`` = ``n``, the rollout's ``max_new_tokens``.
+
+        The response budget has one source: every length derives from it. A value set in the config that differs
+        from ``n`` is a ConfigError.
+        """
+        if self.max_response_length is not None and self.max_response_length != n:
             raise ConfigError(
-                "loss.max_response_length: aggregation seq-mean-token-sum-norm divides by it; set it to the "
-                "rollout's max_new_tokens"
+                f"model.init_args.loss.max_response_length ({self.max_response_length}) differs from "
+                f"model.init_args.rollout.max_new_tokens ({n}): leave it unset, it is taken from the rollout"
             )
+        return dataclasses.replace(self, max_response_length=n)
 
     @property
     def uses_reference(self) -> bool:
@@ -305,12 +331,15 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """policy_loss + kl_coef * aggregate(KL to ref) [kl_mode "loss"] - entropy_coef * aggregate(entropy).
 
-    ``ref_logprobs`` (rows, L) is needed when the config puts a KL term in the
-    loss; with kl_mode "reward" or "off" it only serves the ``kl`` stat, the
-    penalty having gone into the rewards (``kl_reward_penalty``).
+    ``ref_logprobs`` (rows, L) are the reference's log-probs of the KL term:
+    required when the config puts one in the loss (kl_mode "loss", kl_coef > 0)
+    and refused otherwise (ValueError), so that no caller believes they are
+    used. With kl_mode "reward" the KL went into the rewards
+    (``kl_reward_penalty``), and the trainer logs ``aggregate(token_kl(...))``.
     ``entropy`` (rows, L) is needed when ``entropy_coef > 0`` and logged when
     given. Stats: those of ``policy_loss`` plus ``pg_loss``, ``loss``, and
-    ``kl`` / ``entropy`` (aggregated like the loss) when their inputs are given.
+    ``kl`` (the KL term before kl_coef) / ``entropy``, aggregated like the
+    loss, when their inputs are given.
     """
     pg_loss, stats = policy_loss(
         logprobs,
@@ -328,13 +357,16 @@ def grpo_loss(
     kl_in_loss = config.kl_mode == "loss" and config.kl_coef > 0
     if kl_in_loss and ref_logprobs is None:
         raise ValueError("kl_mode 'loss' with kl_coef > 0 needs ref_logprobs")
-    if ref_logprobs is not None:
-        with torch.set_grad_enabled(kl_in_loss and torch.is_grad_enabled()):  # only a stat otherwise
-            token_kl = kl_penalty(logprobs, ref_logprobs.detach(), config.kl_kind)
-            kl = aggregate(token_kl, response_mask, config.aggregation, config.max_response_length)
+    if not kl_in_loss and ref_logprobs is not None:
+        raise ValueError(
+            f"ref_logprobs given, but kl_mode {config.kl_mode!r} with kl_coef {config.kl_coef} puts no KL term in "
+            "the loss: they would not be used"
+        )
+    if kl_in_loss:
+        per_token = token_kl(logprobs, ref_logprobs.detach(), response_mask, config.kl_kind)
+        kl = aggregate(per_token, response_mask, config.aggregation, config.max_response_length)
         stats["kl"] = kl.detach()
-        if kl_in_loss:
-            loss = loss + config.kl_coef * kl
+        loss = loss + config.kl_coef * kl
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError("entropy_coef > 0 needs the per-token entropy")
     if entropy is not None:

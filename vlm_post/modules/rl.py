@@ -31,11 +31,13 @@ from vlm_post.errors import ConfigError
 from vlm_post.losses import (
     GRPOLossConfig,
     OverlongConfig,
+    aggregate,
     group_advantages,
     groups_with_signal,
     grpo_loss,
     kl_reward_penalty,
     overlong_penalty,
+    token_kl,
 )
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.ranges import PositiveFloat, PositiveInt
@@ -89,7 +91,8 @@ class RLModule(OnPolicyModule):
             grad_clip=grad_clip,
             **kwargs,
         )
-        self.loss_config = loss or GRPOLossConfig()
+        # The response budget is rollout.max_new_tokens; every length derives from it (one set in loss is checked).
+        self.loss_config = (loss or GRPOLossConfig()).with_max_response_length(self.rollout.max_new_tokens)
         self.reward_fn = load_reward_fn(reward)
         self.overlong = overlong or OverlongConfig()
         if self.rollout.n < 2:
@@ -128,13 +131,15 @@ class RLModule(OnPolicyModule):
         )
         generated = time.perf_counter()
         rewarded = self.reward_fn(samples.texts, [examples[int(i)] for i in samples.prompt_index])
-        rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
+        task_rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
         finished = samples.finished.to(self.device)
+        shaping: dict[str, torch.Tensor] = {}  # the reward components added to the task reward, each logged
         if self.overlong.penalty:
             lengths = samples.lengths.to(self.device)
-            rewards = rewards + overlong_penalty(
+            shaping["overlong_penalty"] = overlong_penalty(
                 lengths, finished, self.rollout.max_new_tokens, self.overlong.buffer, self.overlong.penalty
             )
+        rewards = task_rewards + sum(shaping.values(), torch.zeros_like(task_rewards))
         inputs = policy_inputs(prompt, counts, samples, n)
         width, mask = prompt["input_ids"].shape[1], samples.response_mask
         config = self.loss_config
@@ -156,8 +161,13 @@ class RLModule(OnPolicyModule):
         elif needs_old:
             old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts)
         signal = groups_with_signal(rewards, n)  # on the raw rewards: a KL penalty makes every group differ
+        reward_kl = None
         if kl_in_reward:
-            rewards, _ = kl_reward_penalty(rewards, old_logprobs, ref_logprobs, mask, config.kl_coef, config.kl_kind)
+            penalised, _ = kl_reward_penalty(rewards, old_logprobs, ref_logprobs, mask, config.kl_coef, config.kl_kind)
+            shaping["kl_penalty"] = penalised - rewards
+            rewards = penalised
+            per_token = token_kl(old_logprobs, ref_logprobs, mask, config.kl_kind)
+            reward_kl = aggregate(per_token, mask, config.aggregation, config.max_response_length)
         advantages = group_advantages(rewards, n, normalize_std=config.normalize_std)
         keep_groups = signal if self.dynamic_sampling else torch.ones_like(signal)
         keep_rows = keep_groups.repeat_interleave(n)
@@ -184,8 +194,9 @@ class RLModule(OnPolicyModule):
         if not self.logs_this_step():
             return
         logged = {
-            "train/reward_mean": rewards.mean(),
-            "train/reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+            "train/reward_mean": task_rewards.mean(),  # the reward function's, before any shaping
+            "train/reward_std": task_rewards.std() if task_rewards.numel() > 1 else task_rewards.new_zeros(()),
+            "train/reward_shaped_mean": rewards.mean(),  # what the advantages were computed from
             "train/response_length": samples.lengths.float().mean(),
             "train/groups_filtered": 1.0 - keep_groups.float().mean(),
             "train/truncated_rate": 1.0 - finished.float().mean(),
@@ -196,5 +207,8 @@ class RLModule(OnPolicyModule):
         logged.update(
             {f"train/{name}": torch.tensor(values).float().mean() for name, values in rewarded.components.items()}
         )
+        logged.update({f"train/{name}": value.mean() for name, value in shaping.items()})
         logged.update({f"train/{name}": value for name, value in stats.items()})
+        if reward_kl is not None:  # kl_mode reward: the KL of the rollout policy, aggregated as the loss would
+            logged["train/kl"] = reward_kl
         self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)
