@@ -92,10 +92,7 @@ def summarise(stage: str, timer, warmup: int, flops: FlopModel, module, args) ->
         return out
     passes = 3 + (1 if module.loss_config.uses_reference else 0)
     prompts = timed[0]["rows"] // module.rollout.n
-    try:
-        single_update = module.single_update(module.ppo_epochs, prompts)
-    except (AttributeError, TypeError):  # older RLModule
-        single_update = module.ppo_epochs == 1 and module.mini_batch_size is None
+    single_update = module.single_update(prompts)
     passes += 0 if single_update and module.loss_config.kl_mode != "reward" else 1  # old log-probs
     gen_s = mean([s["gen_s"] for s in timed])
     reward_s = mean([s["reward_s"] for s in timed])

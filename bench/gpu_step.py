@@ -206,7 +206,7 @@ def run_stage(
             loss=GRPOLossConfig(kl_mode=args.kl_mode, kl_kind="low_var_kl", kl_coef=1e-2),
             reward="vlm_post.rewards.MathReward",
             micro_batch_size=args.micro_batch_size,
-            ppo_epochs=1,
+            epochs=1,
             grad_clip=1.0,
         )
         instrument_rl(module, timer)

@@ -107,7 +107,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         ),
         reward=MathReward(),
         micro_batch_size=args.prompts * args.n,
-        ppo_epochs=1,
+        epochs=1,
         grad_clip=1.0,
     )
     module.configure_model()

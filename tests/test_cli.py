@@ -49,6 +49,19 @@ def test_unknown_key(capsys):
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize("config", ["configs/demo/rl.yaml", "configs/demo/opd.yaml"])
+def test_a_renamed_option_names_the_new_one(config, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    err = run_main(["fit", "--config", config, "--model.init_args.ppo_epochs", "2"], capsys)
+    assert "model.init_args.ppo_epochs: renamed, use model.init_args.epochs" in err
+
+    old_config = tmp_path / "old_rl.yaml"  # an RL config file written before the rename
+    old_config.write_text(Path("configs/demo/rl.yaml").read_text().replace("    epochs: 1", "    ppo_epochs: 1"))
+    err = run_main(["fit", "--config", str(old_config)], capsys)
+    assert "model.init_args.ppo_epochs: renamed, use model.init_args.epochs" in err
+
+
+@pytest.mark.fast
 def test_wrong_type(capsys):
     err = run_main(["fit", "--config", DEMO, "--data.batch_size", "many"], capsys)
     assert "data.batch_size" in err and "many" in err

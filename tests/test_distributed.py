@@ -191,7 +191,7 @@ def test_rl_and_opd_take_sharded_steps(tiny_model, demo_data, tmp_path):
             "rl.yaml",
             {
                 "loss": {"kl_mode": "loss", "kl_coef": 0.01},
-                "ppo_epochs": 2,
+                "epochs": 2,
                 "reward": "tests.test_rl.length_reward",
                 "gradient_checkpointing": True,
                 "fsdp": {"replicas": 2, "param_dtype": "bfloat16", "reduce_dtype": "float32"},

@@ -51,7 +51,7 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
         loss=GRPOLossConfig(kl_mode=kl_mode),
         mini_batch_size=2,
         micro_batch_size=3,
-        ppo_epochs=2,
+        epochs=2,
     )
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
@@ -190,7 +190,7 @@ def test_the_logged_rewards_are_the_task_reward_and_its_shaping(tiny_model, demo
         optim=OptimConfig(lr=1e-2),
         loss=GRPOLossConfig(kl_mode="reward", kl_coef=0.1, kl_kind="k1"),
         overlong=OverlongConfig(penalty=0.5),
-        ppo_epochs=2,
+        epochs=2,
     )
     record = Record()
     trainer(tmp_path, max_steps=6, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
@@ -230,7 +230,7 @@ def test_old_logprobs_from_the_sampler_skip_the_extra_forward(tiny_model, demo_d
     module = rl_module(
         tiny_model,
         mini_batch_size=2,
-        ppo_epochs=2,
+        epochs=2,
         old_logprobs="sampler",
     )
     calls = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +37,18 @@ def _fail(message: str, status: int = EXIT_CONFIG_ERROR) -> None:
     sys.exit(status)
 
 
+# Options that changed name: a config with the old one is refused in one line that names the new one.
+RENAMED_OPTIONS = {"ppo_epochs": "epochs"}
+
+
+def _name_the_new_option(line: str) -> str:
+    refused = re.fullmatch(r"(\S+): Option '(\w+)' is not accepted", line)
+    if refused is None or refused[2] not in RENAMED_OPTIONS:
+        return line
+    where, old = refused[1], refused[2]
+    return f"{where}.{old}: renamed, use {where}.{RENAMED_OPTIONS[old]} (the same setting)"
+
+
 class _Parser(LightningArgumentParser):
     """jsonargparse's parser, but errors are one short message instead of a usage dump."""
 
@@ -43,7 +56,7 @@ class _Parser(LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        _fail(f"{one_line_parse_error(str(message))}\n(see '{prog} --help')")
+        _fail(f"{_name_the_new_option(one_line_parse_error(str(message)))}\n(see '{prog} --help')")
 
 
 class VLMPostCLI(LightningCLI):

@@ -217,14 +217,14 @@ def all_numeric_options() -> list[tuple[str, str, type, str]]:
     from vlm_post.rewards import MathReward
 
     sources.append((RL, "model.init_args.reward.init_args", MathReward))  # the reward configs/demo/rl.yaml names
-    options, seen = [], set()
-    for config, prefix, cls in sources:
-        for name, hint in init_parameters(cls).items():
-            for key, kind, wrap in numeric_options(hint, f"{prefix}.{name}"):
-                if key not in seen:  # an option the modules share is tried once
-                    seen.add(key)
-                    options.append((config, key, kind, wrap))
-    return options
+    # Each class is walked on its own: an option two modules share is tried in each, since each could declare it
+    # with its own type (DistillModule's untyped copies of RL's options once hid behind RL's typed ones).
+    return [
+        (config, key, kind, wrap)
+        for config, prefix, cls in sources
+        for name, hint in init_parameters(cls).items()
+        for key, kind, wrap in numeric_options(hint, f"{prefix}.{name}")
+    ]
 
 
 NUMERIC_OPTIONS = all_numeric_options()
@@ -241,7 +241,7 @@ def test_every_numeric_option_has_a_range_type():
 @pytest.mark.parametrize(
     ("config", "key", "kind", "wrap"),
     [option for option in NUMERIC_OPTIONS if option[2] in RANGE_TYPES],
-    ids=[option[1] for option in NUMERIC_OPTIONS if option[2] in RANGE_TYPES],
+    ids=[f"{Path(option[0]).stem}:{option[1]}" for option in NUMERIC_OPTIONS if option[2] in RANGE_TYPES],
 )
 def test_an_out_of_range_value_is_one_line_naming_the_key_and_the_range(config, key, kind, wrap, capsys):
     for value in out_of_range_values(kind):

@@ -117,35 +117,25 @@ torch.serialization.add_safe_globals([TeacherConfig, DistillLossConfig, Sampling
 
 
 class DistillModule(OnPolicyModule):
+    default_rollout = SamplingParams(n=1, temperature=1.0, max_new_tokens=1024)
+
     def __init__(
         self,
         *args,
         teacher: TeacherConfig,
         loss: DistillLossConfig | None = None,
-        rollout: SamplingParams | None = None,
-        epochs: PositiveInt = 1,
-        mini_batch_size: int | None = None,
-        micro_batch_size: int = 8,
-        grad_clip: float | None = 1.0,
         **kwargs,
     ) -> None:
         """
+        The rollout (the student's sampling: ``n`` responses per prompt; temperature 1 samples the
+        distribution the KL is taken of), ``epochs``, ``mini_batch_size``, ``micro_batch_size`` and
+        ``grad_clip`` are OnPolicyModule's.
+
         Args:
             teacher: the in-process teacher and/or the teacher-logit cache.
             loss: the reverse-KL objective.
-            rollout: the student's sampling (``n`` responses per prompt; temperature 1 samples the
-                distribution the KL is taken of).
-            epochs: passes over each round's samples (1: fully on-policy).
-            mini_batch_size, micro_batch_size, grad_clip: as in RLModule.
         """
-        super().__init__(
-            *args,
-            rollout=rollout or SamplingParams(n=1, temperature=1.0, max_new_tokens=1024),
-            mini_batch_size=mini_batch_size,
-            micro_batch_size=micro_batch_size,
-            grad_clip=grad_clip,
-            **kwargs,
-        )
+        super().__init__(*args, **kwargs)
         if teacher.model_name_or_path is None and teacher.cache_dir is None:
             raise ConfigError("model.teacher: set model_name_or_path (an in-process teacher), cache_dir, or both")
         if teacher.on_mismatch == "rescore" and teacher.model_name_or_path is None:
@@ -156,7 +146,6 @@ class DistillModule(OnPolicyModule):
             )
         self.teacher_config = teacher
         self.loss_config = loss or DistillLossConfig()
-        self.epochs = epochs
         self.teacher = (
             HFTeacher(
                 teacher.model_name_or_path, self.processor, teacher.top_k, teacher.dtype, self.attn_implementation
@@ -320,7 +309,7 @@ class DistillModule(OnPolicyModule):
         scored = time.perf_counter()
         config = self.loss_config
         old_logprobs = None
-        if config.kind == "sampled" and not self.single_update(self.epochs, len(examples)):
+        if config.kind == "sampled" and not self.single_update(len(examples)):
             old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts)
 
         def micro_loss(micro: list[int], micro_inputs: dict) -> tuple[torch.Tensor, dict]:
@@ -355,7 +344,7 @@ class DistillModule(OnPolicyModule):
             loss = aggregate(per_token, micro_mask, config.aggregation, self.rollout.max_new_tokens)
             return loss, {"reverse_kl": kl.detach().mean(), "entropy": entropy.detach().mean()}
 
-        stats = self._update(inputs, mask, n, counts, list(range(mask.shape[0])), self.epochs, micro_loss)
+        stats = self._update(inputs, mask, n, counts, list(range(mask.shape[0])), micro_loss)
         elapsed = time.perf_counter() - started
         if not self.logs_this_step():
             return

@@ -5,7 +5,7 @@ of prompts, samples ``rollout.n`` responses per prompt with the rollout engine,
 scores them (rewards in RL, teacher log-probs in OPD), and then makes one or
 more optimizer updates over those rows:
 
-- ``epochs`` passes over the rows (RL's ``ppo_epochs``, OPD's epochs per round);
+- ``epochs`` passes over the rows (verl's ``ppo_epochs``);
 - each pass in mini-batches of ``mini_batch_size`` prompts' rows, one optimizer step each;
 - each mini-batch accumulated over micro-batches of ``micro_batch_size`` rows, each
   weighted by its share of the mini-batch's response tokens, so a token-mean loss is
@@ -32,18 +32,26 @@ MicroLoss = Callable[[list[int], dict], tuple[torch.Tensor, dict[str, torch.Tens
 
 
 class OnPolicyModule(PolicyModule):
+    # The sampling of a subclass's config that names no ``rollout``.
+    default_rollout = SamplingParams(n=5, temperature=1.0, max_new_tokens=1024)
+
     def __init__(
         self,
         *args,
         rollout: SamplingParams | None = None,
+        epochs: PositiveInt = 1,
         mini_batch_size: PositiveInt | None = None,
         micro_batch_size: PositiveInt = 8,
         grad_clip: PositiveFloat | None = 1.0,
         **kwargs,
     ) -> None:
-        """
+        """The options RL and OPD share, declared here once (the subclasses take them through ``**kwargs``).
+
         Args:
-            rollout: sampling of the training responses (``rollout.n`` per prompt).
+            rollout: sampling of the training responses (``rollout.n`` per prompt; default: the
+                subclass's ``default_rollout``).
+            epochs: passes over each batch of samples (1 with one mini-batch: exactly on-policy).
+                verl and EasyR1 call it ``ppo_epochs``.
             mini_batch_size: prompts per optimizer step (default: the whole batch, one step per pass).
             micro_batch_size: rows (responses) per forward/backward pass.
             grad_clip: gradient norm clipping per optimizer step (these modules step the optimizer
@@ -51,7 +59,8 @@ class OnPolicyModule(PolicyModule):
         """
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        self.rollout = rollout or SamplingParams(n=5, temperature=1.0, max_new_tokens=1024)
+        self.rollout = rollout or self.default_rollout
+        self.epochs = epochs
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.grad_clip = grad_clip
@@ -72,9 +81,9 @@ class OnPolicyModule(PolicyModule):
                 "configs/geo3k/rl_qwen2_5_vl_7b.yaml does"
             )
 
-    def single_update(self, epochs: int, num_prompts: int) -> bool:
+    def single_update(self, num_prompts: int) -> bool:
         """One optimizer step per batch of samples: training is exactly on-policy (ratio 1)."""
-        return epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= num_prompts)
+        return self.epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= num_prompts)
 
     @torch.no_grad()
     def rows_logprobs(
@@ -88,9 +97,7 @@ class OnPolicyModule(PolicyModule):
             out[rows] = self.response_logprobs(micro, width, mask[rows], self.rollout.temperature, model=model)[0]
         return out
 
-    def _update(
-        self, inputs: dict, mask: torch.Tensor, n: int, counts, rows: list[int], epochs: int, micro_loss: MicroLoss
-    ) -> dict:
+    def _update(self, inputs: dict, mask: torch.Tensor, n: int, counts, rows: list[int], micro_loss: MicroLoss) -> dict:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         # A mini-batch is the kept rows of ``mini_batch_size`` prompts (filters may have dropped some rows).
         prompts = sorted({row // n for row in rows})
@@ -103,7 +110,7 @@ class OnPolicyModule(PolicyModule):
         # Under data parallelism each forward/backward is a collective (FSDP's gathers, the gradient sync), so every
         # rank runs as many as the busiest one: a rank whose filters kept fewer rows adds passes of zero weight.
         steps = self._most_over_ranks(len(mini_batches))
-        for _ in range(epochs):
+        for _ in range(self.epochs):
             for index in range(steps):
                 step_rows = mini_batches[index] if index < len(mini_batches) else []
                 micros = [

@@ -7,7 +7,7 @@ Algorithm, per training step (one batch of ``data.batch_size`` prompts = the rol
      weights when a KL term is used (as a loss term, or subtracted from the rewards);
   4. group-normalised advantages (GRPO; Dr. GRPO without the std), optionally dropping groups
      whose rewards are all equal (dynamic sampling);
-  5. ``ppo_epochs`` passes over the rows in mini-batches of ``mini_batch_size`` prompts' rows;
+  5. ``epochs`` passes over the rows in mini-batches of ``mini_batch_size`` prompts' rows;
      each mini-batch is one optimizer step, accumulated over micro-batches of ``micro_batch_size``
      rows weighted by their share of the mini-batch's response tokens (so token-mean stays exact).
 
@@ -40,7 +40,6 @@ from vlm_post.losses import (
     token_kl,
 )
 from vlm_post.modules.on_policy import OnPolicyModule
-from vlm_post.ranges import PositiveFloat, PositiveInt
 from vlm_post.rewards import RewardFn, load_reward_fn
 from vlm_post.rollout import SamplingParams
 from vlm_post.rollout.sequences import policy_inputs
@@ -53,44 +52,29 @@ class RLModule(OnPolicyModule):
     def __init__(
         self,
         *args,
-        rollout: SamplingParams | None = None,
         loss: GRPOLossConfig | None = None,
         reward: RewardFn | str = "vlm_post.rewards.MathReward",
         overlong: OverlongConfig | None = None,
-        mini_batch_size: PositiveInt | None = None,
-        micro_batch_size: PositiveInt = 8,
-        ppo_epochs: PositiveInt = 1,
         dynamic_sampling: bool = False,
         old_logprobs: Literal["recompute", "sampler"] = "recompute",
-        grad_clip: PositiveFloat | None = 1.0,
         **kwargs,
     ) -> None:
         """
+        The rollout (the GRPO group size is ``rollout.n``), ``epochs``, ``mini_batch_size``,
+        ``micro_batch_size`` and ``grad_clip`` are OnPolicyModule's.
+
         Args:
-            rollout: sampling of the training responses (the GRPO group size is ``rollout.n``).
             loss: the GRPO-family loss (clip, aggregation, KL estimator and mode, entropy bonus).
             reward: a RewardFn (by ``class_path``) or a dotted path to a class or function.
             overlong: DAPO's handling of truncated and nearly truncated responses (a reward penalty,
                 and/or leaving truncated responses out of the loss); default: off.
-            mini_batch_size: prompts per optimizer step (default: the whole rollout batch, one step).
-            micro_batch_size: rows (responses) per forward/backward pass.
-            ppo_epochs: passes over each rollout batch.
             dynamic_sampling: drop groups whose rewards are all equal (no learning signal).
             old_logprobs: where the PPO ratio's denominator comes from when a rollout batch gets several
                 updates: ``recompute`` (a no-grad forward of the rollout policy, as verl does) or ``sampler``
                 (the engine's own log-probs of the drawn tokens: no extra forward; those of the distribution
                 sampled from, i.e. after top-k/top-p and without the never-sampled vision tokens).
-            grad_clip: gradient norm clipping per optimizer step (RL steps the optimizer itself, so
-                ``trainer.gradient_clip_val`` must stay unset).
         """
-        super().__init__(
-            *args,
-            rollout=rollout,
-            mini_batch_size=mini_batch_size,
-            micro_batch_size=micro_batch_size,
-            grad_clip=grad_clip,
-            **kwargs,
-        )
+        super().__init__(*args, **kwargs)
         # The response budget is rollout.max_new_tokens; every length derives from it (one set in loss is checked).
         self.loss_config = (loss or GRPOLossConfig()).with_max_response_length(self.rollout.max_new_tokens)
         self.reward_fn = load_reward_fn(reward)
@@ -105,7 +89,6 @@ class RLModule(OnPolicyModule):
                 f"model.init_args.overlong.buffer ({self.overlong.buffer}) must be below "
                 f"model.init_args.rollout.max_new_tokens ({self.rollout.max_new_tokens})"
             )
-        self.ppo_epochs = ppo_epochs
         self.dynamic_sampling = dynamic_sampling
         self.old_logprobs_source = old_logprobs
         self.reference: torch.nn.Module | None = None
@@ -150,7 +133,7 @@ class RLModule(OnPolicyModule):
             self.rows_logprobs(self.reference, inputs, width, mask, n, counts) if self.reference is not None else None
         )
         kl_in_reward = config.kl_mode == "reward" and ref_logprobs is not None
-        needs_old = not self.single_update(self.ppo_epochs, len(examples)) or kl_in_reward
+        needs_old = not self.single_update(len(examples)) or kl_in_reward
         old_logprobs = None
         if needs_old and self.old_logprobs_source == "sampler":
             if samples.logprobs is None:
@@ -189,7 +172,7 @@ class RLModule(OnPolicyModule):
                 entropy=entropy,
             )
 
-        stats = self._update(inputs, mask, n, counts, rows, self.ppo_epochs, micro_loss)
+        stats = self._update(inputs, mask, n, counts, rows, micro_loss)
         elapsed = time.perf_counter() - started
         if not self.logs_this_step():
             return
