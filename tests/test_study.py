@@ -276,17 +276,15 @@ def _write_evaluation(stage, correct: dict[str, list[bool]], greedy: dict[str, b
     stage.mark_finished()
 
 
-@pytest.mark.fast
-def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path, monkeypatch):
-    """Two arms, two seeds, hand-made evaluation files: the paired difference pools seeds per problem."""
+def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False):
+    """Two arms, two seeds of hand-made evaluation files (no training): problems p0..p3, two samples each, the first
+    as correct as the greedy answer. ``skip(stage)`` leaves an evaluation unfinished."""
     from vlm_post.study import build_plan, load_study
-    from vlm_post.study.report import build_report
 
-    monkeypatch.chdir(ROOT)
     config = {"study_dir": str(tmp_path / "study"), "seeds": [0, 1],
               "arms": [{"name": n, "stages": [{"name": "sft", "config": "configs/demo/sft.yaml"},
                                                {"name": "rl", "config": "configs/demo/rl.yaml"}]} for n in ("a", "b")],
-              "evaluation": {"config": "configs/demo/eval.yaml", "n": 2, "bootstrap_resamples": 300,
+              "evaluation": {"config": "configs/demo/eval.yaml", "n": n, "bootstrap_resamples": 300,
                              "datasets": [{"name": "demo_test", "path": "unused.parquet"}]}}  # fmt: skip
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     plan = build_plan(load_study(tmp_path / "study.yaml"))
@@ -295,12 +293,49 @@ def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path,
         ("a", 0): [1, 1, 0, 1], ("a", 1): [1, 0, 0, 1], ("b", 0): [0, 1, 0, 0], ("b", 1): [1, 0, 0, 0], (None, None): [0, 0, 0, 0]
     }  # fmt: skip
     for stage in plan.stages:
-        if stage.command == "test":
+        if stage.command == "test" and not skip(stage):
             flags = greedy[(stage.arm, stage.seed)]
             ids = [f"p{i}" for i in range(4)]
             _write_evaluation(
                 stage, {p: [bool(f), False] for p, f in zip(ids, flags)}, dict(zip(ids, map(bool, flags)))
             )
+    return plan
+
+
+@pytest.mark.fast
+def test_a_comparison_that_cannot_be_made_is_a_row_with_its_reason(tmp_path, monkeypatch):
+    """pass@4 of two samples, and an arm whose end evaluation never finished: rows that say why, not no rows."""
+    from vlm_post.study.report import Evaluation, build_report
+
+    monkeypatch.chdir(ROOT)
+    plan = _hand_made_study(tmp_path, n=4, skip=lambda stage: stage.arm == "b" and stage.point == "end")
+    build_report(plan.study_dir)
+    differences = json.loads((tmp_path / "study/differences.json").read_text())
+    assert len(differences) == 2 * 5  # (entry, end) x the five metrics: none dropped
+    entry = {d["metric"]: d for d in differences if d["point"] == "entry"}
+    assert entry["pass@4"]["difference"] is None and entry["pass@4"]["ci_low"] is None
+    assert entry["pass@4"]["reason"] == "pass@4 needs 4 samples per problem; a seed 0 has 2 on some problem"
+    assert all(entry[m]["reason"] is None and entry[m]["difference"] is not None for m in ("accuracy", "pass@1"))
+    end = [d for d in differences if d["point"] == "end"]
+    assert all(d["reason"] == "no seed has both arms' evaluation finished" and d["seeds"] == [] for d in end)
+    markdown = (tmp_path / "study/results.md").read_text()
+    assert "| a − b | entry | demo_test | pass@4 | – | not compared: pass@4 needs 4 samples" in markdown
+
+    def broken(self, metric):  # a bug in per_problem is not a comparison that cannot be made
+        raise KeyError(metric)
+
+    monkeypatch.setattr(Evaluation, "per_problem", broken)
+    with pytest.raises(KeyError):
+        build_report(plan.study_dir)
+
+
+@pytest.mark.fast
+def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path, monkeypatch):
+    """Two arms, two seeds, hand-made evaluation files: the paired difference pools seeds per problem."""
+    from vlm_post.study.report import build_report
+
+    monkeypatch.chdir(ROOT)
+    plan = _hand_made_study(tmp_path)
     build_report(plan.study_dir)
     rows = json.loads((tmp_path / "study/results.json").read_text())
     assert len(rows) == 1 + 2 * 2 * 2  # base; 2 arms x 2 seeds x (entry, end)

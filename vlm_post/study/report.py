@@ -111,32 +111,49 @@ def paired_differences(evaluations: list[Evaluation], plan: Plan) -> list[dict]:
         for point in ("entry", "end"):
             for dataset in [item.name for item in protocol.datasets]:
                 seeds = [s for s in plan.seeds if (a, s, point, dataset) in index and (b, s, point, dataset) in index]
-                if not seeds:
-                    continue
+                runs_a = [index[(a, s, point, dataset)] for s in seeds]
+                runs_b = [index[(b, s, point, dataset)] for s in seeds]
                 for metric in metrics:
-                    row = _paired(metric, [index[(a, s, point, dataset)] for s in seeds],
-                                  [index[(b, s, point, dataset)] for s in seeds], protocol)  # fmt: skip
-                    if row is not None:
-                        rows.append({"arm_a": a, "arm_b": b, "point": point, "dataset": dataset,
-                                     "domain": protocol.domain_of(dataset), "seeds": seeds, **row})  # fmt: skip
+                    paired = (_paired(metric, runs_a, runs_b, protocol) if seeds else
+                              _not_compared(metric, "no seed has both arms' evaluation finished"))  # fmt: skip
+                    rows.append({"arm_a": a, "arm_b": b, "point": point, "dataset": dataset,
+                                 "domain": protocol.domain_of(dataset), "seeds": seeds, **paired})  # fmt: skip
     return rows
 
 
-def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], protocol) -> dict | None:
-    try:
+def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], protocol) -> dict:
+    """The paired difference of ``metric``, or, where it cannot be compared, a row of Nones with the ``reason``."""
+    reason = _why_not_comparable(metric, runs_a + runs_b)
+    if reason is None:
         per_a = [run.per_problem(metric) for run in runs_a]
         per_b = [run.per_problem(metric) for run in runs_b]
-    except (KeyError, ValueError, ZeroDivisionError):
-        return None  # e.g. pass@k without samples
-    problems = sorted(set.intersection(*(set(p) for p in per_a + per_b)))
-    if not problems:
-        return None
+        problems = sorted(set.intersection(*(set(p) for p in per_a + per_b)))
+        reason = None if problems else "the arms share no problem"
+    if reason is not None:
+        return _not_compared(metric, reason)
     seed_mean = lambda per: torch.tensor([mean(p[i] for p in per) for i in problems], dtype=torch.float64)
     difference, low, high = paired_bootstrap_ci(seed_mean(per_a), seed_mean(per_b), protocol.bootstrap_resamples,
                                                 protocol.confidence, protocol.bootstrap_seed)  # fmt: skip
     per_seed = [mean(pa[i] for i in problems) - mean(pb[i] for i in problems) for pa, pb in zip(per_a, per_b)]
     return {"metric": metric, "problems": len(problems), "difference": difference, "ci_low": low, "ci_high": high,
-            "seed_sd": pstdev(per_seed) if len(per_seed) > 1 else None}  # fmt: skip
+            "seed_sd": pstdev(per_seed) if len(per_seed) > 1 else None, "reason": None}  # fmt: skip
+
+
+def _not_compared(metric: str, reason: str) -> dict:
+    return {"metric": metric, "problems": 0, "difference": None, "ci_low": None, "ci_high": None, "seed_sd": None,
+            "reason": reason}  # fmt: skip
+
+
+def _why_not_comparable(metric: str, runs: list[Evaluation]) -> str | None:
+    """What an evaluation lacks for ``metric`` (too few samples per problem), or None when every run has it."""
+    greedy = metric == "accuracy" and all("greedy_correct" in r for run in runs for r in run.records)
+    needed = 0 if greedy else int(metric[5:]) if metric.startswith("pass@") else 1
+    for run in runs:
+        fewest = min((len(record.get("correct") or []) for record in run.records), default=0)
+        if fewest < needed:
+            seed = f" seed {run.seed}" if run.seed is not None else ""
+            return f"{metric} needs {needed} samples per problem; {run.arm}{seed} has {fewest} on some problem"
+    return None
 
 
 def build_report(study_dir: str | Path) -> dict[str, Path]:
@@ -253,9 +270,12 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
               "| a − b | point | data set | metric | difference | interval | seed sd |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in differences:
         sd = f"{row['seed_sd']:.3f}" if row["seed_sd"] is not None else "–"
-        interval = f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        if row["reason"] is None:
+            value, interval = f"{row['difference']:+.3f}", f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        else:
+            value, interval = "–", f"not compared: {row['reason']}"
         lines.append(f"| {row['arm_a']} − {row['arm_b']} | {row['point']} | {row['dataset']} | {row['metric']} | "
-                     f"{row['difference']:+.3f} | {interval} | {sd} |")  # fmt: skip
+                     f"{value} | {interval} | {sd} |")  # fmt: skip
     figures = "`figures/entropy_vs_step.png`, `figures/accuracy_vs_step.png`, `figures/pass_at_k.png`"
     lines += ["", f"Figures (each with its data as CSV beside it): {figures}.", ""]
     return "\n".join(lines)
