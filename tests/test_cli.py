@@ -49,6 +49,28 @@ def test_unknown_key(capsys):
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize(
+    ("config", "override", "writer"),
+    [
+        (
+            "configs/demo/rl.yaml",
+            "--model.init_args.init_from=runs/demo/sft/no-such-export",
+            "'vlm_post fit --config configs/demo/sft.yaml': run it first",
+        ),
+        (
+            "configs/demo/opd.yaml",
+            "--model.init_args.teacher.model_name_or_path=runs/study/demo/shared/no-such-teacher/export",
+            "'vlm_post study --config configs/study/demo.yaml (make demo runs it)': run it first",
+        ),
+    ],
+)
+def test_a_missing_stage_output_names_the_command_that_writes_it(config, override, writer, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    err = run_main(["fit", "--config", config, override], capsys)
+    assert "not found" in err and writer in err, err
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("config", ["configs/demo/rl.yaml", "configs/demo/opd.yaml"])
 def test_a_renamed_option_names_the_new_one(config, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -137,6 +159,17 @@ def test_console_script_help():
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--model.init_from" in result.stdout and "weights only" in result.stdout
+
+
+@pytest.mark.fast
+def test_help_lists_every_subcommand_with_study(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    listed = re.findall(r"^    (\w+) ", out, re.MULTILINE)
+    assert listed == ["fit", "validate", "test", "predict", "study"], out
+    assert re.search(r"study +Runs a whole warm-start study", out)
 
 
 @pytest.mark.fast

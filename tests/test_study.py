@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,9 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.study_fixtures import tiny_study
+from vlm_post.errors import ConfigError
 from vlm_post.metrics import paired_bootstrap_ci
+from vlm_post.study.plan import MARKER, Plan
 
 VLM_POST = str(Path(sys.executable).parent / "vlm_post")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -181,7 +184,9 @@ def _one_line_error(capsys, argv: list[str]) -> str:
         (lambda s: s["arms"][1].update(name="short"), "arms: short named twice"),
         (lambda s: s["arms"][0].update(stages=s["arms"][0]["stages"][:1]), "2 stages at least"),
         (lambda s: s["evaluation"]["datasets"][1].update(domain="sideways"), "domain"),
-        (lambda s: s["evaluation"].update(pass_k=[1, 32]), "evaluation.pass_k: 32 is not in [1, n=4]"),
+        (lambda s: s["evaluation"].update(pass_k=[1, 32]), "evaluation.pass_k: 32 is more than n=4"),
+        # one type says it: n samples need a temperature > 0 (it was typed >= 0, then refused at 0 by a second check)
+        (lambda s: s["evaluation"].update(temperature=0.0), "evaluation.temperature: Not of type PositiveFloat: 0.0"),
         (lambda s: s.update(seeds=[]), "seeds"),
         (lambda s: s["launcher"].update(kind="kubernetes"), "launcher.kind"),
     ],
@@ -300,6 +305,67 @@ def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False):
                 stage, {p: [bool(f), False] for p, f in zip(ids, flags)}, dict(zip(ids, map(bool, flags)))
             )
     return plan
+
+
+def _study_in_another_folder(tmp_path):
+    """A project folder holding a study config and its stage configs (relative paths), and a current directory that
+    is not it; the RL config's max_steps (30) decides the every-10-steps evaluation points."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "configs").mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("sft.yaml", "eval.yaml"):
+        shutil.copy(ROOT / "configs" / "demo" / name, project / "configs" / name)
+    rl = yaml.safe_load((ROOT / "configs" / "demo" / "rl.yaml").read_text())
+    rl["trainer"]["max_steps"] = 30
+    (project / "configs" / "rl.yaml").write_text(yaml.safe_dump(rl))
+    study = {"study_dir": "runs/study", "arms": [{"name": "a", "stages": [{"name": "sft", "config": "configs/sft.yaml"},
+                                                                         {"name": "rl", "config": "configs/rl.yaml"}]}],
+             "evaluation": {"config": "configs/eval.yaml", "n": 2, "every_k_steps": 10,
+                            "datasets": [{"name": "demo_test", "path": "data/test.parquet"}]}}  # fmt: skip
+    (project / "study.yaml").write_text(yaml.safe_dump(study))
+    return project, elsewhere
+
+
+@pytest.mark.fast
+def test_relative_paths_of_a_study_are_relative_to_its_working_directory(tmp_path, monkeypatch):
+    """One rule for every reader: the check, the step points (the RL config's max_steps), the run folders, the plan
+    file, and the SLURM job all take relative paths against base_dir, here not the current directory."""
+    from vlm_post.study import build_plan, load_study
+    from vlm_post.study.config import LauncherConfig
+    from vlm_post.study.launch import job_script
+
+    project, elsewhere = _study_in_another_folder(tmp_path)
+    monkeypatch.chdir(elsewhere)
+    study = load_study(project / "study.yaml", base_dir=project)
+    plan = build_plan(study, base_dir=project)
+    assert plan.workdir == str(project)
+    assert [s.point for s in plan.stages if s.arm == "a" and s.command == "test"] == [
+        "entry", "step_10", "step_20", "end"
+    ]  # fmt: skip
+    rl = plan.by_key()["a/seed0/rl"]
+    assert rl.run_dir == "runs/study/a/seed0/rl" and rl.marker == project / "runs/study/a/seed0/rl" / MARKER
+    assert "--config" in rl.arguments and "configs/rl.yaml" in rl.arguments  # the command keeps the path as written
+    assert plan.save() == project / "runs/study/study.json" and not (elsewhere / "runs").exists()
+    assert Plan.load(project / "runs/study").by_key()["a/seed0/rl"].marker == rl.marker
+    script = job_script(rl, LauncherConfig(kind="slurm"))
+    assert f"cd {project}\n" in script and f"#SBATCH --output={project / 'runs/study/a/seed0/rl/stage.log'}" in script
+    with pytest.raises(ConfigError, match="no such config file: configs/sft.yaml"):
+        load_study(project / "study.yaml")  # the current directory holds no configs/
+
+
+@pytest.mark.slow
+def test_a_local_stage_runs_in_the_studys_working_directory(tmp_path, monkeypatch):
+    from vlm_post.study import build_plan, load_study
+    from vlm_post.study.config import LauncherConfig
+    from vlm_post.study.launch import _start
+
+    project, elsewhere = _study_in_another_folder(tmp_path)
+    monkeypatch.chdir(elsewhere)
+    plan = build_plan(load_study(project / "study.yaml", base_dir=project), base_dir=project)
+    stage = plan.by_key()["a/seed0/sft"]
+    stage.arguments = [*stage.arguments, "--print_config"]  # parse configs/sft.yaml, relative to the project only
+    assert _start(stage, LauncherConfig()).wait(timeout=300) == 0, stage.log.read_text()[-2000:]
+    assert "default_root_dir: runs/study/a/seed0/sft" in stage.log.read_text()
 
 
 @pytest.mark.fast

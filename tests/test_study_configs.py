@@ -51,5 +51,7 @@ def test_real_size_study_dry_run_prints_its_slurm_plan():
     out = result.stdout
     assert "launcher slurm" in out and "sbatch --dependency=afterok:<sft_early/seed2/sft>" in out
     assert "--nodes=2 --ntasks-per-node=8 --gpus-per-node=8" in out  # the OPD stage's two nodes
-    assert "srun python -m vlm_post fit --config configs/geo3k/rl_qwen2_5_vl_7b.yaml" in out
+    # the exact command the job runs: the launcher's python (unset: the one running the study), not a guess
+    assert f"srun {sys.executable} -m vlm_post fit --config configs/geo3k/rl_qwen2_5_vl_7b.yaml" in out
+    assert f"every command runs in {ROOT}" in out
     assert out.count("eval_step_") >= 3 * 3 * 5  # every 40 of 240 RL steps, per arm and seed

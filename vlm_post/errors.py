@@ -7,6 +7,7 @@ raises ``RunStopped``: exit status 1, with what was kept and how to go on.
 """
 
 import re
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -21,13 +22,41 @@ DEMO_ARTIFACTS = "artifacts/"  # where tools/demo.py builds the demo's tiny mode
 
 
 def build_hint(path: object) -> str:
-    """For a missing path in the demo's artifacts folder: the command that builds it (else nothing)."""
+    """For a missing path that a command of this repository writes, that command (else nothing).
+
+    The demo's artifacts (``make artifacts``); a stage's run folder or export, by the config in ``configs/`` whose
+    ``trainer.default_root_dir`` holds it; a study's, by the study config whose ``study_dir`` holds it.
+    """
     name = str(path).removeprefix("./")
-    return (
-        " (the demo's tiny models and data sets: build them with 'make artifacts')"
-        if name.startswith(DEMO_ARTIFACTS)
-        else ""
-    )
+    if name.startswith(DEMO_ARTIFACTS):
+        return " (the demo's tiny models and data sets: build them with 'make artifacts')"
+    writer = _command_that_writes(Path(name))
+    return f" (written by '{writer}': run it first)" if writer else ""
+
+
+def _command_that_writes(path: Path) -> str | None:
+    """The ``vlm_post`` command of a config under ./configs whose output folder holds ``path``, if one does."""
+    import yaml
+
+    if path.is_absolute() or not Path("configs").is_dir():
+        return None
+    for config in sorted(Path("configs").rglob("*.yaml")):
+        try:
+            values = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(values, dict):
+            continue
+        study_dir = values.get("study_dir")
+        root = (
+            (values.get("trainer") or {}).get("default_root_dir") if isinstance(values.get("trainer"), dict) else None
+        )
+        for folder, command in ((study_dir, "vlm_post study"), (root, "vlm_post fit")):
+            if isinstance(folder, str) and path.is_relative_to(folder):
+                return f"{command} --config {config}" + (
+                    " (make demo runs it)" if config.match("study/demo.yaml") else ""
+                )
+    return None
 
 
 # Lines of jsonargparse's nested Union report that say nothing about the culprit.

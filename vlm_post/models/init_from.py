@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from vlm_post.errors import ConfigError
+from vlm_post.errors import ConfigError, build_hint
 from vlm_post.models.export import MANIFEST, verify_hf_folder
 
 POLICY_PREFIX = "policy."
@@ -37,7 +37,7 @@ def check_init_from(path: str) -> str:
         raise ConfigError(
             f"model.init_from {path!r} is neither an HF model folder nor a .ckpt file or sharded checkpoint folder"
         )
-    raise ConfigError(f"model.init_from not found: {path!r}")
+    raise ConfigError(f"model.init_from not found: {path!r}{build_hint(path)}")
 
 
 def is_checkpoint(path: str) -> bool:

@@ -12,9 +12,7 @@ interrupted ones from their last checkpoint.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from pathlib import Path
 
 from vlm_post.errors import ConfigError
 
@@ -30,10 +28,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def describe(plan, launcher) -> str:
-    """The stage graph and each stage's exact command (the SLURM job and its resources with ``slurm``)."""
-    from vlm_post.study.launch import job_script
+    """The stage graph and each stage's exact command, as its process runs it (the SLURM job and its resources
+    with ``slurm``)."""
+    from vlm_post.study.launch import job_script, stage_command
 
-    lines = [f"study {plan.study_dir}: {len(plan.stages)} stages, launcher {launcher.kind}"]
+    head = f"study {plan.study_dir}: {len(plan.stages)} stages, launcher {launcher.kind}"
+    lines = [f"{head}; every command runs in {plan.workdir}"]
     for number, stage in enumerate(plan.stages, 1):
         state = (
             "finished"
@@ -43,15 +43,13 @@ def describe(plan, launcher) -> str:
         after = f" after {', '.join(stage.needs)}" if stage.needs else ""
         lines.append(f"\n[{number}] {stage.key} ({state}){after}")
         if launcher.kind == "slurm":
-            sbatch = [
-                line for line in job_script(stage, launcher, Path.cwd()).splitlines() if line.startswith("#SBATCH")
-            ]
+            sbatch = [line for line in job_script(stage, launcher).splitlines() if line.startswith("#SBATCH")]
             dependency = f" --dependency=afterok:{':'.join('<' + k + '>' for k in stage.needs)}" if stage.needs else ""
-            lines.append(f"  sbatch{dependency} {stage.run_dir}/job.sbatch")
+            lines.append(f"  sbatch{dependency} {stage.run_path / 'job.sbatch'}")
             lines.append("    " + " ".join(line.removeprefix("#SBATCH ") for line in sbatch))
-            lines.append(f"    srun {shlex.join(['python', '-m', 'vlm_post', *stage.argv()])}")
+            lines.append(f"    srun {stage_command(stage, launcher)}")
         else:
-            lines.append(f"  {stage.shell()}")
+            lines.append(f"  {stage_command(stage, launcher)}")
     return "\n".join(lines)
 
 
@@ -71,15 +69,15 @@ def run(argv: list[str]) -> int:
     if not args.config:
         raise ConfigError("--config: vlm_post study needs a study config (see 'vlm_post study --help')")
     study = load_study(args.config, overrides)
-    plan = build_plan(study)
+    plan = build_plan(study)  # the current directory is the study's working directory (docs/study.md)
     if args.dry_run:
         print(describe(plan, study.launcher))
         return 0
-    with study_lock(study.study_dir):
+    with study_lock(plan.study_path):
         plan.save()
         failed = (run_slurm if study.launcher.kind == "slurm" else run_local)(plan, study.launcher)
         if study.launcher.kind == "local" or study.launcher.wait:
-            for path in build_report(study.study_dir).values():
+            for path in build_report(plan.study_path).values():
                 if path.suffix == ".md":
                     print("\n" + path.read_text())
             say(f"report in {study.study_dir}: results.json, results.md, differences.json, figures/")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from vlm_post.errors import ConfigError, one_line_parse_error
-from vlm_post.ranges import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
+from vlm_post.ranges import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check_ranges
 
 # A placeholder in an override: ${run_dir}, ${seed}, ${study_dir}, or ${<stage>}, the export of a shared stage or of
 # an earlier stage of the same arm. Not {name}: Lightning's own templates (ModelCheckpoint filenames) use that.
@@ -42,6 +42,9 @@ class SlurmResources:
     time: str | None = None
     partition: str | None = None
     extra: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # built in Python; a parsed config was checked against the same types
 
     def over(self, defaults: SlurmResources) -> SlurmResources:
         """These resources, with the unset ones taken from ``defaults`` (``extra`` lines add up)."""
@@ -125,6 +128,9 @@ class EvalSet:
     domain: Literal["in", "out"] = "in"
     limit: PositiveInt | None = None
 
+    def __post_init__(self) -> None:
+        check_ranges(self)  # built in Python; a parsed config was checked against the same types
+
     def source(self) -> dict:
         out = {"name": self.name, "path": self.path, "kind": self.kind}
         out.update({key: value for key, value in (("split", self.split), ("limit", self.limit)) if value is not None})
@@ -154,7 +160,7 @@ class EvalProtocol:
     config: str
     datasets: list[EvalSet]
     n: PositiveInt = 16
-    temperature: NonNegativeFloat = 1.0
+    temperature: PositiveFloat = 1.0  # n samples: 0 would draw one greedy answer n times
     max_new_tokens: PositiveInt | None = None
     pass_k: list[PositiveInt] | None = None
     bootstrap_resamples: PositiveInt = 1000
@@ -163,6 +169,9 @@ class EvalProtocol:
     every_k_steps: PositiveInt | None = None
     overrides: list[str] = field(default_factory=list)
     slurm: SlurmResources = field(default_factory=SlurmResources)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # built in Python; a parsed config was checked against the same types
 
     def domain_of(self, dataset: str) -> str:
         return next(item.domain for item in self.datasets if item.name == dataset)
@@ -190,6 +199,9 @@ class LauncherConfig:
     slurm: SlurmResources = field(default_factory=SlurmResources)
     wait: bool = False
     poll_s: PositiveFloat = 10.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # built in Python; a parsed config was checked against the same types
 
 
 @dataclass
@@ -240,25 +252,9 @@ class StudyConfig:
         if not protocol.datasets:
             raise ConfigError("evaluation.datasets: the protocol needs at least one data set")
         _names([item.name for item in protocol.datasets], "evaluation.datasets")
-        _positive(protocol.n, "evaluation.n", ">= 1")
-        _positive(protocol.bootstrap_resamples, "evaluation.bootstrap_resamples", ">= 1")
-        if not 0.0 < protocol.confidence < 1.0:
-            raise ConfigError(f"evaluation.confidence: {protocol.confidence} is not in (0, 1)")
-        if protocol.temperature <= 0:
-            raise ConfigError(f"evaluation.temperature: {protocol.temperature} must be > 0 (n samples)")
-        for k in protocol.pass_k or []:
-            if not 1 <= k <= protocol.n:
-                raise ConfigError(f"evaluation.pass_k: {k} is not in [1, n={protocol.n}]")
-        if protocol.every_k_steps is not None:
-            _positive(protocol.every_k_steps, "evaluation.every_k_steps", ">= 1")
-        if protocol.max_new_tokens is not None:
-            _positive(protocol.max_new_tokens, "evaluation.max_new_tokens", ">= 1")
-        _positive(self.launcher.max_parallel, "launcher.max_parallel", ">= 1")
-
-
-def _positive(value: int, key: str, expected: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{key}: {value!r} must be {expected}")
+        for k in protocol.pass_k or []:  # each k >= 1 is its type's; k <= n is not a type
+            if k > protocol.n:
+                raise ConfigError(f"evaluation.pass_k: {k} is more than n={protocol.n}")
 
 
 def _names(names: list[str], key: str, reserved: set[str] = frozenset()) -> None:

@@ -51,9 +51,9 @@ def scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 def read_curves(plan: Plan) -> Curves:
     curves = Curves()
     for stage in plan.stages:
-        if not stage.curves or not Path(stage.run_dir).is_dir():
+        if not stage.curves or not stage.run_path.is_dir():
             continue
-        logged = scalars(stage.run_dir)
+        logged = scalars(stage.run_path)
         if logged.get(ENTROPY_TAG):
             curves.entropy[(stage.arm, stage.seed)] = logged[ENTROPY_TAG]
         for tag, points in logged.items():  # every validation set the RL stage has, the protocol's or its own

@@ -45,6 +45,11 @@ def python_command(launcher: LauncherConfig) -> list[str]:
     return [launcher.python or sys.executable, "-m", "vlm_post"]
 
 
+def stage_command(stage: Stage, launcher: LauncherConfig) -> str:
+    """The exact command a stage's process runs (in ``stage.workdir``), as both launchers start it."""
+    return shlex.join([*python_command(launcher), *stage.argv()])
+
+
 def _die_with_parent() -> None:
     """In the child: receive SIGKILL when the study process dies, however it dies (no orphaned stage keeps training)."""
     PR_SET_PDEATHSIG = 1
@@ -99,10 +104,10 @@ def run_local(plan: Plan, launcher: LauncherConfig) -> list[str]:
 
 
 def _start(stage: Stage, launcher: LauncherConfig) -> subprocess.Popen:
-    Path(stage.run_dir).mkdir(parents=True, exist_ok=True)
+    stage.run_path.mkdir(parents=True, exist_ok=True)
     argv = [*python_command(launcher), *stage.argv()]
     log = open(stage.log, "a")  # noqa: SIM115 (the child writes it until it exits)
-    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage_command(stage, launcher)}\n")
     log.flush()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # preexec_fn is safe here: the study process runs no threads
@@ -112,6 +117,7 @@ def _start(stage: Stage, launcher: LauncherConfig) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env,
+        cwd=stage.workdir,  # the study's working directory: the stage's relative paths are relative to it
         preexec_fn=_die_with_parent,  # noqa: PLW1509
     )
     log.close()
@@ -121,12 +127,12 @@ def _start(stage: Stage, launcher: LauncherConfig) -> subprocess.Popen:
 # --- SLURM -----------------------------------------------------------------------------------------------------
 
 
-def job_script(stage: Stage, launcher: LauncherConfig, workdir: Path) -> str:
+def job_script(stage: Stage, launcher: LauncherConfig) -> str:
     """The stage's sbatch script: its resources, then ``srun`` of the stage command, then its marker."""
     resources = stage.slurm
     gpus = resources.gpus_per_node or 0
     tasks = gpus or resources.tasks_per_node or 1
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=vlm_post:{stage.key}", f"#SBATCH --output={workdir / stage.log}",
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=vlm_post:{stage.key}", f"#SBATCH --output={stage.log}",
              "#SBATCH --open-mode=append", f"#SBATCH --nodes={resources.nodes or 1}",
              f"#SBATCH --ntasks-per-node={tasks}"]  # fmt: skip
     if gpus:
@@ -139,9 +145,9 @@ def job_script(stage: Stage, launcher: LauncherConfig, workdir: Path) -> str:
         lines.append(f"#SBATCH --partition={resources.partition}")
     lines += [line if line.startswith("#SBATCH") else f"#SBATCH {line}" for line in resources.extra]
     marker = json.dumps({"key": stage.key, "command": stage.shell(), "slurm_job": "${SLURM_JOB_ID}"})
-    lines += ["set -euo pipefail", f"cd {shlex.quote(str(workdir))}", *launcher.setup,
+    lines += ["set -euo pipefail", f"cd {shlex.quote(stage.workdir)}", *launcher.setup,
               f"echo \"=== $(date '+%F %T') job $SLURM_JOB_ID: {stage.key}\"",
-              f"srun {shlex.join([*python_command(launcher), *stage.argv()])}",
+              f"srun {stage_command(stage, launcher)}",
               _check_outputs(stage),
               f"echo {shlex.quote(marker)} | sed \"s/\\${{SLURM_JOB_ID}}/$SLURM_JOB_ID/\" > {shlex.quote(str(stage.marker))}.tmp",
               f"mv {shlex.quote(str(stage.marker))}.tmp {shlex.quote(str(stage.marker))}"]  # fmt: skip
@@ -161,22 +167,21 @@ def run_slurm(plan: Plan, launcher: LauncherConfig) -> list[str]:
     A stage whose job from an earlier submission is still queued or running is not submitted again: later jobs
     depend on that job. With ``launcher.wait`` this waits for the queue and returns the failed stages.
     """
-    workdir = Path.cwd()
     live = _live_jobs()
     jobs: dict[str, str] = {}
     record = []
     for stage in plan.stages:
         if stage.finished():
             continue
-        job_file = Path(stage.run_dir) / "slurm_job_id"
+        job_file = stage.run_path / "slurm_job_id"
         earlier = job_file.read_text().strip() if job_file.is_file() else None
         if earlier in live:
             jobs[stage.key] = earlier
             say(f"{stage.key}: job {earlier} from an earlier submission is still queued or running")
             continue
-        Path(stage.run_dir).mkdir(parents=True, exist_ok=True)
-        script = Path(stage.run_dir) / "job.sbatch"
-        script.write_text(job_script(stage, launcher, workdir))
+        stage.run_path.mkdir(parents=True, exist_ok=True)
+        script = stage.run_path / "job.sbatch"
+        script.write_text(job_script(stage, launcher))
         parents = [jobs[key] for key in stage.needs if key in jobs]
         command = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes"]
         command += [f"--dependency=afterok:{':'.join(parents)}"] if parents else []
@@ -185,12 +190,12 @@ def run_slurm(plan: Plan, launcher: LauncherConfig) -> list[str]:
         record.append({"stage": stage.key, "job": jobs[stage.key], "command": [*command, str(script)]})
         say(f"submitted {stage.key} as job {jobs[stage.key]}" + (f" (after {', '.join(parents)})" if parents else ""))
     if jobs:
-        report = Path(plan.study_dir) / "report.sbatch"
-        report.write_text(_report_script(plan, launcher, workdir))
+        report = plan.study_path / "report.sbatch"
+        report.write_text(_report_script(plan, launcher))
         command = ["sbatch", "--parsable", f"--dependency=afterany:{':'.join(jobs.values())}", str(report)]
         record.append({"stage": "report", "job": _sbatch(command), "command": command})
         say(f"submitted the report as job {record[-1]['job']}, after every stage")
-    (Path(plan.study_dir) / "slurm_jobs.json").write_text(json.dumps(record, indent=2) + "\n")
+    (plan.study_path / "slurm_jobs.json").write_text(json.dumps(record, indent=2) + "\n")
     if not launcher.wait:
         return []
     waiting = {entry["job"] for entry in record}
@@ -202,12 +207,12 @@ def run_slurm(plan: Plan, launcher: LauncherConfig) -> list[str]:
     return failed
 
 
-def _report_script(plan: Plan, launcher: LauncherConfig, workdir: Path) -> str:
+def _report_script(plan: Plan, launcher: LauncherConfig) -> str:
     report = shlex.join([*python_command(launcher), "study", "report", "--dir", plan.study_dir])
-    lines = ["#!/bin/bash", "#SBATCH --job-name=vlm_post:report", f"#SBATCH --output={workdir / plan.study_dir / 'report.log'}",
+    lines = ["#!/bin/bash", "#SBATCH --job-name=vlm_post:report", f"#SBATCH --output={plan.study_path / 'report.log'}",
              "#SBATCH --ntasks=1", *[f"#SBATCH {line}" if not line.startswith("#SBATCH") else line for line in launcher.slurm.extra],
              *([f"#SBATCH --partition={launcher.slurm.partition}"] if launcher.slurm.partition else []),
-             f"cd {shlex.quote(str(workdir))}", *launcher.setup, report]  # fmt: skip
+             f"cd {shlex.quote(plan.workdir)}", *launcher.setup, report]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

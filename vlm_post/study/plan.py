@@ -42,26 +42,32 @@ class Stage:
     step: int | None = None
     curves: bool = False  # the arm's last stage: its logged entropy and accuracy are the RL curves
     slurm: SlurmResources = field(default_factory=SlurmResources)
+    workdir: str = "."  # where the command runs; ``run_dir`` and the paths in ``arguments`` are relative to it
+
+    @property
+    def run_path(self) -> Path:
+        """The run folder, for this process to read and write (``run_dir`` resolved against ``workdir``)."""
+        return Path(self.workdir) / self.run_dir
 
     @property
     def export_dir(self) -> Path:
-        return Path(self.run_dir) / "export"
+        return self.run_path / "export"
 
     @property
     def marker(self) -> Path:
-        return Path(self.run_dir) / MARKER
+        return self.run_path / MARKER
 
     @property
     def log(self) -> Path:
-        return Path(self.run_dir) / "stage.log"
+        return self.run_path / "stage.log"
 
     @property
     def eval_dir(self) -> Path:
-        return Path(self.run_dir) / "eval"
+        return self.run_path / "eval"
 
     def resume_checkpoint(self) -> Path | None:
         """An interrupted fit's ``last.ckpt``, which ``--ckpt_path`` resumes exactly (tests rerun from the start)."""
-        last = Path(self.run_dir) / "checkpoints" / "last.ckpt"
+        last = self.run_path / "checkpoints" / "last.ckpt"
         return last if self.command == "fit" and last.exists() else None
 
     def argv(self) -> list[str]:
@@ -114,6 +120,11 @@ class Plan:
     arms: list[str]
     seeds: list[int]
     evaluation: EvalProtocol
+    workdir: str = "."  # the study's working directory: every relative path of the study config is relative to it
+
+    @property
+    def study_path(self) -> Path:
+        return Path(self.workdir) / self.study_dir
 
     def by_key(self) -> dict[str, Stage]:
         return {stage.key: stage for stage in self.stages}
@@ -127,7 +138,7 @@ class Plan:
         return out
 
     def save(self) -> Path:
-        path = Path(self.study_dir) / "study.json"
+        path = self.study_path / "study.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
@@ -142,11 +153,17 @@ class Plan:
         protocol = raw["evaluation"]
         datasets = [EvalSet(**item) for item in protocol["datasets"]]
         protocol = EvalProtocol(**{**protocol, "datasets": datasets, "slurm": SlurmResources(**protocol["slurm"])})
-        return Plan(raw["study_dir"], stages, raw["arms"], raw["seeds"], protocol)
+        return Plan(raw["study_dir"], stages, raw["arms"], raw["seeds"], protocol, raw.get("workdir", "."))
 
 
-def build_plan(study: StudyConfig) -> Plan:
-    """Every stage of the study: shared stages once, each arm's chain per seed, then its evaluations."""
+def build_plan(study: StudyConfig, base_dir: Path | None = None) -> Plan:
+    """Every stage of the study: shared stages once, each arm's chain per seed, then its evaluations.
+
+    ``base_dir`` (default: the current directory) is the study's working directory: the relative paths of the
+    study config (its stage configs, the evaluation config, ``study_dir``) are relative to it, and every stage
+    runs in it, so the relative paths inside the stage configs are too. The commands keep the paths as written.
+    """
+    workdir = str(Path(base_dir or Path.cwd()).resolve())
     root = Path(study.study_dir)
     stages: list[Stage] = []
     shared: dict[tuple[str, int | None], Stage] = {}  # (name, seed, or None when run once for all seeds)
@@ -174,8 +191,15 @@ def build_plan(study: StudyConfig) -> Plan:
                 chain.append(_fit_stage(key, spec, root / key, seed, arm.name, named, study, previous, last=last))
                 named[spec.name] = chain[-1]
             stages.extend(chain)
-            stages.extend(_arm_evaluations(arm.name, seed, chain, arm.stages[-1], root, study))
-    return Plan(str(root), stages, [arm.name for arm in study.arms], list(study.seeds), study.evaluation)
+            stages.extend(_arm_evaluations(arm.name, seed, chain, arm.stages[-1], root, study, workdir))
+    for stage in stages:
+        stage.workdir = workdir
+    return Plan(str(root), stages, [arm.name for arm in study.arms], list(study.seeds), study.evaluation, workdir)
+
+
+def _export_argument(stage: Stage) -> str:
+    """A stage's export folder as the commands name it: relative to the working directory, like its run folder."""
+    return str(Path(stage.run_dir) / "export")
 
 
 def _fit_stage(
@@ -198,7 +222,7 @@ def _fit_stage(
     ]
     arguments += [f"--seed_everything={seed}", f"--data.seed={seed}"]
     if previous:
-        arguments.append(f"--model.init_args.init_from={previous.export_dir}")
+        arguments.append(f"--model.init_args.init_from={_export_argument(previous)}")
     every = study.evaluation.every_k_steps
     if last and every:  # keep a checkpoint every K steps for the step_<K> evaluation points
         arguments += [
@@ -214,7 +238,7 @@ def _fit_stage(
             f"shared: {spec.name} runs once for all seeds but names ${{{name}}}, which runs once per seed"
         )
     values = {"run_dir": str(run_dir), "seed": str(seed), "study_dir": study.study_dir}
-    values.update({name: str(stage.export_dir) for name, stage in named.items()})
+    values.update({name: _export_argument(stage) for name, stage in named.items()})
     arguments += [PLACEHOLDER.sub(lambda match: values[match[1]], item) for item in spec.arguments()]
     needs = ([previous.key] if previous else []) + [named[name].key for name in sorted(spec.references())]
     resources = spec.slurm.over(study.launcher.slurm)
@@ -224,29 +248,29 @@ def _fit_stage(
 
 
 def _arm_evaluations(
-    arm: str, seed: int, chain: list[Stage], rl: StageSpec, root: Path, study: StudyConfig
+    arm: str, seed: int, chain: list[Stage], rl: StageSpec, root: Path, study: StudyConfig, workdir: str
 ) -> list[Stage]:
     """RL entry (the warm start's export), every K RL steps (its checkpoints), RL end (its export)."""
     entry, end = chain[-2], chain[-1]
     folder = root / arm / f"seed{seed}"
     stages = [_eval_stage(f"{arm}/seed{seed}/eval_entry", arm, seed, "entry", 0, folder / "eval_entry", [entry], study,
-                          str(entry.export_dir))]  # fmt: skip
+                          _export_argument(entry))]  # fmt: skip
     every = study.evaluation.every_k_steps
-    for step in range(every, _max_steps(rl), every) if every else []:
+    for step in range(every, _max_steps(rl, workdir), every) if every else []:
         checkpoint = Path(end.run_dir) / STEP_CHECKPOINTS / f"step{step:06d}.ckpt"
         stages.append(_eval_stage(f"{arm}/seed{seed}/eval_step_{step}", arm, seed, f"step_{step}", step,
                                   folder / f"eval_step_{step}", [end], study, str(checkpoint)))  # fmt: skip
     stages.append(_eval_stage(f"{arm}/seed{seed}/eval_end", arm, seed, "end", None, folder / "eval_end", [end], study,
-                              str(end.export_dir)))  # fmt: skip
+                              _export_argument(end)))  # fmt: skip
     return stages
 
 
-def _max_steps(spec: StageSpec) -> int:
+def _max_steps(spec: StageSpec, workdir: str) -> int:
     """``trainer.max_steps`` of a stage: its last override, or its config's."""
     for item in reversed(spec.arguments()):
         if item.startswith("--trainer.max_steps="):
             return int(item.split("=", 1)[1])
-    config = yaml.safe_load(Path(spec.config).read_text()) or {}
+    config = yaml.safe_load((Path(workdir) / spec.config).read_text()) or {}
     steps = (config.get("trainer") or {}).get("max_steps")
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(
