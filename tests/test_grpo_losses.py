@@ -348,19 +348,6 @@ def test_max_response_length_is_taken_from_the_rollout():
         config.with_max_response_length(16)
 
 
-# ---------------------------------------------------------------- composition and KL modes
-
-
-def _rollout(seed=0):
-    torch.manual_seed(seed)
-    old = torch.randn(4, 5) - 2
-    logprobs = (old + 0.3 * torch.randn(4, 5)).requires_grad_()
-    ref = old + 0.5 * torch.randn(4, 5)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
-    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=2)
-    return logprobs, old, ref, mask, advantages
-
-
 @pytest.mark.parametrize(
     "config",
     [
