@@ -407,12 +407,13 @@ def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path,
     assert len(rows) == 1 + 2 * 2 * 2  # base; 2 arms x 2 seeds x (entry, end)
     difference = next(d for d in json.loads((tmp_path / "study/differences.json").read_text())
                       if (d["point"], d["metric"]) == ("entry", "accuracy"))  # fmt: skip
-    # Per seed: a - b = 3/4 - 1/4 = 0.5 (seed 0) and 2/4 - 1/4 = 0.25 (seed 1); pooled 0.375, spread 0.125.
+    # Per seed: a - b = 3/4 - 1/4 = 0.5 (seed 0) and 2/4 - 1/4 = 0.25 (seed 1); pooled 0.375. Their spread is the
+    # sample SD (n - 1): sqrt(((0.5 - 0.375)^2 + (0.25 - 0.375)^2) / 1) = 0.1768 (the population SD was 0.125).
     assert difference["seeds"] == [0, 1] and difference["difference"] == pytest.approx(0.375)
-    assert difference["seed_sd"] == pytest.approx(0.125)
+    assert difference["seed_sd"] == pytest.approx(0.125 * 2**0.5)
     pooled_a, pooled_b = torch.tensor([1.0, 0.5, 0.0, 1.0]), torch.tensor([0.5, 0.5, 0.0, 0.0])
     assert (difference["ci_low"], difference["ci_high"]) == pytest.approx(
         paired_bootstrap_ci(pooled_a, pooled_b, 300)[1:]
     )
     markdown = (tmp_path / "study/results.md").read_text()
-    assert "| a | 0.625 ±0.125 [" in markdown  # in-domain accuracy at entry: seeds 0.75 and 0.5
+    assert "| a | 0.625 ±0.177 [" in markdown  # in-domain accuracy at entry: seeds 0.75 and 0.5, sample SD

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, stdev
 
 import torch
 
@@ -136,7 +136,7 @@ def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], pro
                                                 protocol.confidence, protocol.bootstrap_seed)  # fmt: skip
     per_seed = [mean(pa[i] for i in problems) - mean(pb[i] for i in problems) for pa, pb in zip(per_a, per_b)]
     return {"metric": metric, "problems": len(problems), "difference": difference, "ci_low": low, "ci_high": high,
-            "seed_sd": pstdev(per_seed) if len(per_seed) > 1 else None, "reason": None}  # fmt: skip
+            "seed_sd": stdev(per_seed) if len(per_seed) > 1 else None, "reason": None}  # fmt: skip
 
 
 def _not_compared(metric: str, reason: str) -> dict:
@@ -188,7 +188,7 @@ def _cell(runs: list[Evaluation], metric: str, protocol, interval: bool = True) 
         return "–"
     text = f"{mean(values):.3f}"
     if len(values) > 1:
-        text += f" ±{pstdev(values):.3f}"
+        text += f" ±{stdev(values):.3f}"
     if interval and len(runs) == 1 and metric in runs[0].summary.get("ci", {}):
         low, high = runs[0].summary["ci"][metric]
         text += f" [{low:.3f}, {high:.3f}]"
