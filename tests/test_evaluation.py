@@ -87,6 +87,10 @@ def test_eval_config_validation():
     with pytest.raises(ValueError, match=r"EvalConfig.top_p: 0 does not conform to restriction v>0.0 and v<=1.0"):
         EvalConfig(top_p=0)  # built in Python, not parsed: the same range types apply
     assert EvalConfig(n=16).pass_k == [1, 2, 4, 8, 16]
+    # pass@n is always among the defaults, a power of two or not
+    assert EvalConfig(n=12).pass_k == [1, 2, 4, 8, 12]
+    assert EvalConfig(n=200).pass_k == [1, 2, 4, 8, 16, 32, 64, 128, 200]
+    assert EvalConfig(n=1).pass_k == [1] and EvalConfig(n=0).pass_k == []
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ class EvalConfig:
         top_k: top-k sampling (0: off).
         max_new_tokens: response budget.
         greedy: also decode one greedy answer per problem.
-        pass_k: the k of pass@k (default: 1, 2, 4, ... up to n).
+        pass_k: the k of pass@k (default: 1, 2, 4, ... below n, and n itself).
         entropy: measure the policy's token entropy on the samples (one extra forward pass).
         forward_batch_size: rows per entropy forward pass.
         bootstrap_resamples: resamples of problems for the confidence intervals (test only).
@@ -73,7 +73,8 @@ class EvalConfig:
         if self.n == 0 and not self.greedy:
             raise ConfigError("eval.n: 0 samples and greedy: false evaluate nothing; set n >= 1 or greedy: true")
         if self.pass_k is None:
-            self.pass_k = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= self.n]
+            # powers of two, and n itself, so pass@n is there whatever n is (n = 12: 1, 2, 4, 8, 12)
+            self.pass_k = sorted({2**i for i in range(self.n.bit_length()) if 2**i < self.n} | {self.n} - {0})
         bad = [k for k in self.pass_k if not 1 <= k <= self.n]
         if bad:
             raise ConfigError(f"eval.pass_k: {bad} must lie in [1, n={self.n}] (pass@k needs k of the n samples)")

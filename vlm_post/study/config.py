@@ -147,7 +147,7 @@ class EvalProtocol:
         n: sampled responses per problem.
         temperature: their sampling temperature.
         max_new_tokens: the response budget (unset: the config's).
-        pass_k: the k of pass@k (unset: 1, 2, 4, ..., n); the report's pass@k curve takes every k up to n.
+        pass_k: the k of pass@k (unset: 1, 2, 4, ... below n, and n); the report's pass@k curve takes every k up to n.
         bootstrap_resamples: resamples of problems for every interval, per arm and between arms.
         confidence: the intervals' level.
         bootstrap_seed: the resampling seed.
