@@ -14,8 +14,10 @@ from vlm_post.metrics import (
     PassAtK,
     TokenEntropy,
     bootstrap_ci,
+    paired_bootstrap_ci,
     pass_at_k,
     pass_at_k_per_problem,
+    seed_problem_bootstrap_ci,
 )
 
 pytestmark = pytest.mark.fast
@@ -188,3 +190,36 @@ def test_existing_eval_metrics_export_is_intact():
     from vlm_post.metrics import evaluation
 
     assert EvalMetrics is evaluation.EvalMetrics
+
+
+def test_the_seed_problem_bootstrap_with_one_seed_is_the_problem_bootstrap():
+
+    torch.manual_seed(0)
+    a, b = torch.rand(40), torch.rand(40)
+    value, low, high = seed_problem_bootstrap_ci([a[None]], num_resamples=500, seed=3)
+    assert (low, high) == bootstrap_ci(a, 500, seed=3) and value == pytest.approx(float(a.mean()))
+    assert seed_problem_bootstrap_ci([a[None], b[None]], [1.0, -1.0], 500, seed=3) == pytest.approx(
+        paired_bootstrap_ci(a, b, 500, seed=3), abs=1e-12
+    )
+
+
+def test_seeds_that_agree_add_nothing_and_seeds_that_differ_widen_the_interval():
+    """Three seeds of one arm: the same per-problem values, or the same shifted by a constant per seed."""
+
+    torch.manual_seed(0)
+    problems = (torch.rand(60) < 0.6).double()
+    agree = problems.repeat(3, 1)
+    _, *problem_only = paired_bootstrap_ci(agree.mean(0), torch.zeros(60), 2000, seed=1)
+    assert seed_problem_bootstrap_ci([agree], num_resamples=2000, seed=1)[1:] == pytest.approx(problem_only, abs=1e-12)
+    shifted = problems + torch.tensor([-0.1, 0.0, 0.1], dtype=torch.float64)[:, None]  # the seed effect: +-0.1
+    value, low, high = seed_problem_bootstrap_ci([shifted], num_resamples=2000, seed=1)
+    _, *problems_low_high = paired_bootstrap_ci(shifted.mean(0), torch.zeros(60), 2000, seed=1)
+    assert value == pytest.approx(float(problems.mean()))
+    assert high - low > 1.15 * (problems_low_high[1] - problems_low_high[0])  # the seeds' spread is in it
+    # a paired difference of two arms whose seeds shift: wider than problems alone, the same with one seed each
+    other = (torch.rand(60) < 0.4).double() + torch.tensor([0.05, -0.05, 0.0], dtype=torch.float64)[:, None]
+    _, d_low, d_high = seed_problem_bootstrap_ci([shifted, other], [1.0, -1.0], 2000, seed=1)
+    _, p_low, p_high = paired_bootstrap_ci(shifted.mean(0), other.mean(0), 2000, seed=1)
+    assert d_high - d_low > p_high - p_low
+    with pytest.raises(ValueError, match="same problems"):
+        seed_problem_bootstrap_ci([shifted, other[:, :10]], [1.0, -1.0])

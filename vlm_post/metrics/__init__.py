@@ -1,6 +1,6 @@
 """Metrics (torchmetrics, synced across ranks) and the pure functions behind them."""
 
-from vlm_post.metrics.bootstrap import bootstrap_ci, paired_bootstrap_ci
+from vlm_post.metrics.bootstrap import bootstrap_ci, paired_bootstrap_ci, seed_problem_bootstrap_ci
 from vlm_post.metrics.diversity import AnswerDiversity, distinct_answer_count
 from vlm_post.metrics.entropy import TokenEntropy
 from vlm_post.metrics.evaluation import EvalMetrics
@@ -16,4 +16,5 @@ __all__ = [
     "paired_bootstrap_ci",
     "pass_at_k",
     "pass_at_k_per_problem",
+    "seed_problem_bootstrap_ci",
 ]
