@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import ROOT
 from tests.study_fixtures import tiny_study
 from vlm_post.errors import ConfigError
-from vlm_post.metrics import paired_bootstrap_ci
+from vlm_post.metrics import paired_bootstrap_ci, seed_problem_bootstrap_ci
 from vlm_post.study.plan import MARKER, Plan
 
 VLM_POST = str(Path(sys.executable).parent / "vlm_post")
@@ -281,12 +281,17 @@ def _write_evaluation(stage, correct: dict[str, list[bool]], greedy: dict[str, b
     stage.mark_finished()
 
 
-def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False):
-    """Two arms, two seeds of hand-made evaluation files (no training): problems p0..p3, two samples each, the first
-    as correct as the greedy answer. ``skip(stage)`` leaves an evaluation unfinished."""
+GREEDY = {  # per (arm, seed): greedy correctness of problems p0..p3
+    ("a", 0): [1, 1, 0, 1], ("a", 1): [1, 0, 0, 1], ("b", 0): [0, 1, 0, 0], ("b", 1): [1, 0, 0, 0], (None, None): [0, 0, 0, 0]
+}  # fmt: skip
+
+
+def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False, greedy=GREEDY, seeds=(0, 1)):
+    """Two arms, two seeds of hand-made evaluation files (no training): problems p0.. (one per greedy flag), two
+    samples each, the first as correct as the greedy answer. ``skip(stage)`` leaves an evaluation unfinished."""
     from vlm_post.study import build_plan, load_study
 
-    config = {"study_dir": str(tmp_path / "study"), "seeds": [0, 1],
+    config = {"study_dir": str(tmp_path / "study"), "seeds": list(seeds),
               "arms": [{"name": n, "stages": [{"name": "sft", "config": "configs/demo/sft.yaml"},
                                                {"name": "rl", "config": "configs/demo/rl.yaml"}]} for n in ("a", "b")],
               "evaluation": {"config": "configs/demo/eval.yaml", "n": n, "bootstrap_resamples": 300,
@@ -294,13 +299,10 @@ def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     plan = build_plan(load_study(tmp_path / "study.yaml"))
     plan.save()
-    greedy = {  # per (arm, seed): greedy correctness of problems p0..p3
-        ("a", 0): [1, 1, 0, 1], ("a", 1): [1, 0, 0, 1], ("b", 0): [0, 1, 0, 0], ("b", 1): [1, 0, 0, 0], (None, None): [0, 0, 0, 0]
-    }  # fmt: skip
     for stage in plan.stages:
         if stage.command == "test" and not skip(stage):
             flags = greedy[(stage.arm, stage.seed)]
-            ids = [f"p{i}" for i in range(4)]
+            ids = [f"p{i}" for i in range(len(flags))]
             _write_evaluation(
                 stage, {p: [bool(f), False] for p, f in zip(ids, flags)}, dict(zip(ids, map(bool, flags)))
             )
@@ -396,6 +398,33 @@ def test_a_comparison_that_cannot_be_made_is_a_row_with_its_reason(tmp_path, mon
 
 
 @pytest.mark.fast
+def test_seeds_that_differ_widen_the_interval_and_seeds_that_agree_do_not(tmp_path, monkeypatch):
+    """Hand-made files with a known seed effect: arm a's three seeds answer alike, arm b's differ by a constant
+    (seed 1 solves 4 more of 16 problems than seed 0, seed 2 4 more again). Their intervals over seeds and problems:
+    a's is its problems-only interval, b's is wider; the table says which one it shows."""
+    from vlm_post.study.report import build_report
+
+    monkeypatch.chdir(ROOT)
+    base = [1, 0] * 4 + [0] * 8  # 4 of 16
+    shifted = {0: base, 1: [1] * 4 + base[4:], 2: [1] * 8 + base[8:]}  # a constant +4 problems a seed
+    greedy = {("a", s): [1, 1, 0, 1] * 4 for s in (0, 1, 2)} | {("b", s): shifted[s] for s in (0, 1, 2)}
+    plan = _hand_made_study(tmp_path, greedy={**greedy, (None, None): [0] * 16}, seeds=(0, 1, 2))
+    build_report(plan.study_dir)
+    pooled = {(r["arm"], r["point"]): r for r in json.loads((tmp_path / "study/results.json").read_text())
+              if "seeds" in r}  # fmt: skip
+    a, b = pooled[("a", "entry")], pooled[("b", "entry")]
+    assert a["seeds"] == b["seeds"] == [0, 1, 2] and a["problems"] == b["problems"] == 16
+    assert (a["accuracy_ci_low"], a["accuracy_ci_high"]) == (
+        a["accuracy_ci_problems_low"],
+        a["accuracy_ci_problems_high"],
+    )
+    width = lambda row, kind: row[f"accuracy_{kind}_high"] - row[f"accuracy_{kind}_low"]
+    assert width(b, "ci") > 1.2 * width(b, "ci_problems") > 0
+    markdown = (tmp_path / "study/results.md").read_text()
+    assert "over seeds and problems" in markdown
+
+
+@pytest.mark.fast
 def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path, monkeypatch):
     """Two arms, two seeds, hand-made evaluation files: the paired difference pools seeds per problem."""
     from vlm_post.study.report import build_report
@@ -404,7 +433,9 @@ def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path,
     plan = _hand_made_study(tmp_path)
     build_report(plan.study_dir)
     rows = json.loads((tmp_path / "study/results.json").read_text())
-    assert len(rows) == 1 + 2 * 2 * 2  # base; 2 arms x 2 seeds x (entry, end)
+    assert len([r for r in rows if "seeds" not in r]) == 1 + 2 * 2 * 2  # base; 2 arms x 2 seeds x (entry, end)
+    pooled = [r for r in rows if "seeds" in r]
+    assert len(pooled) == 2 * 2 and all(r["seeds"] == [0, 1] for r in pooled)  # 2 arms x (entry, end)
     difference = next(d for d in json.loads((tmp_path / "study/differences.json").read_text())
                       if (d["point"], d["metric"]) == ("entry", "accuracy"))  # fmt: skip
     # Per seed: a - b = 3/4 - 1/4 = 0.5 (seed 0) and 2/4 - 1/4 = 0.25 (seed 1); pooled 0.375. Their spread is the
@@ -412,8 +443,13 @@ def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path,
     assert difference["seeds"] == [0, 1] and difference["difference"] == pytest.approx(0.375)
     assert difference["seed_sd"] == pytest.approx(0.125 * 2**0.5)
     pooled_a, pooled_b = torch.tensor([1.0, 0.5, 0.0, 1.0]), torch.tensor([0.5, 0.5, 0.0, 0.0])
-    assert (difference["ci_low"], difference["ci_high"]) == pytest.approx(
+    assert (difference["ci_problems_low"], difference["ci_problems_high"]) == pytest.approx(
         paired_bootstrap_ci(pooled_a, pooled_b, 300)[1:]
+    )
+    seeds_a = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]])  # (seed, problem)
+    seeds_b = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert (difference["ci_low"], difference["ci_high"]) == pytest.approx(
+        seed_problem_bootstrap_ci([seeds_a, seeds_b], [1.0, -1.0], 300)[1:]
     )
     markdown = (tmp_path / "study/results.md").read_text()
     assert "| a | 0.625 ±0.177 [" in markdown  # in-domain accuracy at entry: seeds 0.75 and 0.5, sample SD

@@ -20,7 +20,12 @@ from statistics import mean, stdev
 
 import torch
 
-from vlm_post.metrics import bootstrap_ci, distinct_answer_count, paired_bootstrap_ci, pass_at_k_per_problem
+from vlm_post.metrics import (
+    distinct_answer_count,
+    paired_bootstrap_ci,
+    pass_at_k_per_problem,
+    seed_problem_bootstrap_ci,
+)
 from vlm_post.rewards import normalize_answer
 from vlm_post.study.curves import Curves, read_curves
 from vlm_post.study.plan import Plan, Stage
@@ -131,17 +136,20 @@ def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], pro
         reason = None if problems else "the arms share no problem"
     if reason is not None:
         return _not_compared(metric, reason)
-    seed_mean = lambda per: torch.tensor([mean(p[i] for p in per) for i in problems], dtype=torch.float64)
-    difference, low, high = paired_bootstrap_ci(seed_mean(per_a), seed_mean(per_b), protocol.bootstrap_resamples,
-                                                protocol.confidence, protocol.bootstrap_seed)  # fmt: skip
-    per_seed = [mean(pa[i] for i in problems) - mean(pb[i] for i in problems) for pa, pb in zip(per_a, per_b)]
+    table = lambda per: torch.tensor([[p[i] for i in problems] for p in per], dtype=torch.float64)  # (seeds, P)
+    a, b = table(per_a), table(per_b)
+    settings = (protocol.bootstrap_resamples, protocol.confidence, protocol.bootstrap_seed)
+    difference, low, high = seed_problem_bootstrap_ci([a, b], [1.0, -1.0], *settings)
+    _, problems_low, problems_high = paired_bootstrap_ci(a.mean(0), b.mean(0), *settings)
+    per_seed = (a.mean(1) - b.mean(1)).tolist()  # seeds in the order both arms ran them
     return {"metric": metric, "problems": len(problems), "difference": difference, "ci_low": low, "ci_high": high,
+            "ci_problems_low": problems_low, "ci_problems_high": problems_high,
             "seed_sd": stdev(per_seed) if len(per_seed) > 1 else None, "reason": None}  # fmt: skip
 
 
 def _not_compared(metric: str, reason: str) -> dict:
-    return {"metric": metric, "problems": 0, "difference": None, "ci_low": None, "ci_high": None, "seed_sd": None,
-            "reason": reason}  # fmt: skip
+    return {"metric": metric, "problems": 0, "difference": None, "ci_low": None, "ci_high": None,
+            "ci_problems_low": None, "ci_problems_high": None, "seed_sd": None, "reason": reason}  # fmt: skip
 
 
 def _why_not_comparable(metric: str, runs: list[Evaluation]) -> str | None:
@@ -168,6 +176,7 @@ def build_report(study_dir: str | Path) -> dict[str, Path]:
     for row in rows:
         if row["point"] == "end":
             row["rl_train_entropy_mean"] = curves.mean_entropy(row["arm"], row["seed"])
+    rows += pooled_rows(evaluations, plan.evaluation)
     differences = paired_differences(evaluations, plan)
     written = {"results.json": out / "results.json", "differences.json": out / "differences.json"}
     written["results.json"].write_text(json.dumps(rows, indent=2) + "\n")
@@ -182,7 +191,7 @@ def build_report(study_dir: str | Path) -> dict[str, Path]:
 
 
 def _cell(runs: list[Evaluation], metric: str, protocol, interval: bool = True) -> str:
-    """The metric's mean over seeds, ± its spread across seeds, [its problem-level interval]."""
+    """The metric's mean over seeds, ± its sample SD across seeds, [its interval over seeds and problems]."""
     values = [run.summary[metric] for run in runs if metric in run.summary]
     if not values:
         return "–"
@@ -193,12 +202,51 @@ def _cell(runs: list[Evaluation], metric: str, protocol, interval: bool = True) 
         low, high = runs[0].summary["ci"][metric]
         text += f" [{low:.3f}, {high:.3f}]"
     elif interval and len(runs) > 1:
-        per = [run.per_problem(metric) for run in runs]
-        problems = sorted(set.intersection(*(set(p) for p in per)))
-        pooled = torch.tensor([mean(p[i] for p in per) for i in problems], dtype=torch.float64)
-        low, high = bootstrap_ci(pooled, protocol.bootstrap_resamples, protocol.confidence, protocol.bootstrap_seed)
-        text += f" [{low:.3f}, {high:.3f}]"
+        pooled = pooled_over_seeds(runs, metric, protocol)
+        text += f" [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]" if pooled else ""
     return text
+
+
+def pooled_rows(evaluations: list[Evaluation], protocol) -> list[dict]:
+    """One row per arm, point and data set run with several seeds (``seed: null``, ``seeds``): each paired metric's
+    mean over the seeds, its interval over seeds and problems (``_ci_low``/``_ci_high``) and over problems only
+    (``_ci_problems_low``/``_ci_problems_high``)."""
+    groups: dict[tuple, list[Evaluation]] = {}
+    for evaluation in evaluations:
+        groups.setdefault((evaluation.arm, evaluation.point, evaluation.dataset), []).append(evaluation)
+    rows = []
+    for (arm, point, dataset), runs in groups.items():
+        if len(runs) < 2:
+            continue
+        row = {"arm": arm, "seed": None, "seeds": [run.seed for run in runs], "point": point, "step": runs[0].step,
+               "dataset": dataset, "domain": runs[0].domain}  # fmt: skip
+        for metric in [m.format(n=protocol.n) for m in PAIRED_METRICS]:
+            pooled = pooled_over_seeds(runs, metric, protocol)
+            if pooled is None:
+                row[metric] = None
+                continue
+            row[metric] = pooled.pop("value")
+            row["problems"] = pooled.pop("problems")
+            row.update({f"{metric}_{key}": value for key, value in pooled.items()})
+        rows.append(row)
+    return rows
+
+
+def pooled_over_seeds(runs: list[Evaluation], metric: str, protocol) -> dict | None:
+    """An arm's ``metric`` over its seeds' runs, on the problems every run has: the mean, the two-level (seeds and
+    problems) interval and the problems-only one; None where the metric cannot be computed (see ``_paired``)."""
+    if _why_not_comparable(metric, runs) is not None:
+        return None
+    per = [run.per_problem(metric) for run in runs]
+    problems = sorted(set.intersection(*(set(p) for p in per)))
+    if not problems:
+        return None
+    table = torch.tensor([[p[i] for i in problems] for p in per], dtype=torch.float64)  # (seeds, problems)
+    settings = (protocol.bootstrap_resamples, protocol.confidence, protocol.bootstrap_seed)
+    value, low, high = seed_problem_bootstrap_ci([table], [1.0], *settings)
+    _, problems_low, problems_high = paired_bootstrap_ci(table.mean(0), torch.zeros(len(problems)), *settings)
+    return {"value": value, "ci_low": low, "ci_high": high, "ci_problems_low": problems_low,
+            "ci_problems_high": problems_high, "problems": len(problems)}  # fmt: skip
 
 
 def _intro(plan: Plan, first: dict[str, str | None]) -> list[str]:
@@ -209,8 +257,10 @@ def _intro(plan: Plan, first: dict[str, str | None]) -> list[str]:
         f"Arms: {', '.join(plan.arms)}; seeds: {seeds}. Every model is evaluated on the same problems: greedy "
         f"accuracy, {protocol.n} samples at temperature {protocol.temperature} (pass@k, entropy, answer diversity). "
         f"In-domain: {first['in'] or '–'}; out-of-domain: {first['out'] or '–'}. Cells: the mean over seeds, "
-        f"± the standard deviation across seeds (several seeds), [the {level} problem-level bootstrap interval, "
-        f"{protocol.bootstrap_resamples} resamples]."
+        f"± the sample standard deviation across seeds (several seeds), [the {level} bootstrap interval over seeds "
+        f"and problems: each of {protocol.bootstrap_resamples} resamples draws the seeds, then the problems, so "
+        "the interval is about the recipe, not only these trained models; with one seed it is over problems only]. "
+        "results.json and differences.json also give the problems-only interval (`ci_problems`)."
     )
     points = (
         "`entry` is the warm start's export (RL entry), `end` the RL export. Entropy at entry: token-mean entropy of "
@@ -262,20 +312,23 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
                     ]
                     lines.append(f"| {arm} | {point} | {dataset.name} | {dataset.domain} | " + " | ".join(cells) + " |")
     paired = (
-        f"Arm a minus arm b on the same problems; the interval resamples problems jointly for both arms "
-        f"({protocol.confidence:.0%}, {protocol.bootstrap_resamples} resamples). With several seeds, each problem's "
-        "value is averaged over seeds first; `seed sd` is the spread of the difference across seeds."
+        f"Arm a minus arm b on the same problems ({protocol.confidence:.0%}, {protocol.bootstrap_resamples} "
+        "resamples). The interval is over seeds and problems: a resample draws each arm's seeds on their own, then "
+        "the problems once for both arms (paired); `problems only` draws the problems of the seed-averaged values. "
+        "`seed sd` is the sample standard deviation of the per-seed differences."
     )
     lines += ["", "## Paired differences between arms", "", paired, "",
-              "| a − b | point | data set | metric | difference | interval | seed sd |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| a − b | point | data set | metric | difference | interval | problems only | seed sd |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in differences:
         sd = f"{row['seed_sd']:.3f}" if row["seed_sd"] is not None else "–"
         if row["reason"] is None:
             value, interval = f"{row['difference']:+.3f}", f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+            problems_only = f"[{row['ci_problems_low']:+.3f}, {row['ci_problems_high']:+.3f}]"
         else:
-            value, interval = "–", f"not compared: {row['reason']}"
+            value, interval, problems_only = "–", f"not compared: {row['reason']}", "–"
         lines.append(f"| {row['arm_a']} − {row['arm_b']} | {row['point']} | {row['dataset']} | {row['metric']} | "
-                     f"{value} | {interval} | {sd} |")  # fmt: skip
+                     f"{value} | {interval} | {problems_only} | {sd} |")  # fmt: skip
     figures = "`figures/entropy_vs_step.png`, `figures/accuracy_vs_step.png`, `figures/pass_at_k.png`"
     lines += ["", f"Figures (each with its data as CSV beside it): {figures}.", ""]
     return "\n".join(lines)
