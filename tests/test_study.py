@@ -425,6 +425,36 @@ def test_seeds_that_differ_widen_the_interval_and_seeds_that_agree_do_not(tmp_pa
 
 
 @pytest.mark.fast
+def test_problems_or_seeds_one_run_lacks_are_warned_about_and_shown(tmp_path, monkeypatch, capsys):
+    """b's seed 1 lacks problem p3, a's seed 0 lists p1 twice, and only arm a ran seed 2 at entry: each is a warning
+    line naming the arm, set and count; results.md gives the problems and seeds of each row, and a cell's mean and
+    interval are over the same problems."""
+    from vlm_post.study.report import build_report
+
+    monkeypatch.chdir(ROOT)
+    greedy = {**GREEDY, ("b", 1): [1, 0, 0], ("a", 2): [1, 1, 1, 1], ("b", 2): [0, 0, 0, 0]}
+    plan = _hand_made_study(tmp_path, greedy=greedy, seeds=(0, 1, 2),
+                            skip=lambda stage: (stage.arm, stage.seed) == ("b", 2))  # fmt: skip
+    duplicated = plan.by_key()["a/seed0/eval_entry"].eval_dir / "demo_test.jsonl"
+    lines = duplicated.read_text().splitlines()
+    duplicated.write_text("\n".join([*lines, lines[1]]) + "\n")
+    capsys.readouterr()
+    build_report(plan.study_dir)
+    out = capsys.readouterr().out
+    assert "warning: a seed 0 entry demo_test: 1 duplicate problem ids (first 'p1')" in out
+    assert "warning: a − b entry demo_test: seed(s) 2 run by a only (not by b); compared on seeds 0, 1" in out
+    lacks = "b seed 1 entry demo_test lacks 1 problem(s) that other runs have; compared on the 3 all of them have"
+    assert f"warning: a − b entry demo_test: {lacks}" in out and out.count(lacks) == 2  # a − b, and b over seeds
+    differences = json.loads((tmp_path / "study/differences.json").read_text())
+    entry = next(d for d in differences if (d["point"], d["metric"]) == ("entry", "accuracy"))
+    assert entry["problems"] == 3 and entry["seeds"] == [0, 1]
+    markdown = (tmp_path / "study/results.md").read_text()
+    assert "| a − b | entry | demo_test | accuracy |" in markdown and "| 3 | 0, 1 |" in markdown
+    # b at entry: seeds 0 and 1 on the problems both have (p0..p2): [0, 1, 0] and [1, 0, 0], 1/3 each
+    assert "| b | entry | demo_test | in | 0.333 ±0.000 [" in markdown and "| 3 | 0, 1 |" in markdown
+
+
+@pytest.mark.fast
 def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path, monkeypatch):
     """Two arms, two seeds, hand-made evaluation files: the paired difference pools seeds per problem."""
     from vlm_post.study.report import build_report

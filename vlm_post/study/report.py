@@ -48,7 +48,7 @@ class Evaluation:
 
     def per_problem(self, metric: str) -> dict:
         """Problem id -> the problem's own value of ``metric``, whose mean over problems is the metric."""
-        ids = [str(record["id"]) for record in self.records]
+        ids = self.per_problem_ids()
         correct = [record.get("correct") or [] for record in self.records]
         if metric.startswith("pass@"):  # one vectorised call over every problem
             samples, hits = torch.tensor([len(c) for c in correct]), torch.tensor([sum(c) for c in correct])
@@ -63,6 +63,13 @@ class Evaluation:
             ]
             return {i: float(distinct_answer_count(answers)) for i, answers in zip(ids, normalized)}
         raise KeyError(metric)
+
+    def label(self) -> str:
+        seed = f" seed {self.seed}" if self.seed is not None else ""
+        return f"{self.arm}{seed} {self.point} {self.dataset}"
+
+    def per_problem_ids(self) -> list[str]:
+        return [str(record["id"]) for record in self.records]
 
     def row(self) -> dict:
         metrics = {k: v for k, v in self.summary.items() if k not in ("dataset", "ci")}
@@ -90,10 +97,32 @@ def collect(plan: Plan) -> list[Evaluation]:
             lines = (stage.eval_dir / f"{name}.jsonl").read_text().splitlines()
             records = [json.loads(line) for line in lines if line.strip()]
             arm = stage.arm or "base"
-            found.append(
-                Evaluation(arm, stage.seed, stage.point, step, name, plan.evaluation.domain_of(name), row, records)
+            evaluation = Evaluation(
+                arm, stage.seed, stage.point, step, name, plan.evaluation.domain_of(name), row, records
             )
+            ids = evaluation.per_problem_ids()
+            twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+            if twice:
+                _warn(f"{evaluation.label()}: {len(ids) - len(set(ids))} duplicate problem ids (first {twice[0]!r}); "
+                      "each id is compared once, by its last record")  # fmt: skip
+            found.append(evaluation)
     return found
+
+
+def _warn(message: str) -> None:
+    print(f"study report: warning: {message}", flush=True)
+
+
+def _check_alike(label: str, runs: list[Evaluation]) -> None:
+    """A warning line for each run that lacks problems another run has (the runs are compared on the shared ones)."""
+    sets = [set(run.per_problem_ids()) for run in runs]
+    if not sets:
+        return
+    every, shared = set.union(*sets), set.intersection(*sets)
+    for run, ids in zip(runs, sets):
+        if len(ids) < len(every):
+            _warn(f"{label}: {run.label()} lacks {len(every - ids)} problem(s) that other runs have; compared on the "
+                  f"{len(shared)} all of them have")  # fmt: skip
 
 
 def _final_step(rl: Stage) -> int | None:
@@ -104,9 +133,9 @@ def _final_step(rl: Stage) -> int | None:
 def paired_differences(evaluations: list[Evaluation], plan: Plan) -> list[dict]:
     """Arm a minus arm b, per point, data set and metric, on the problems both saw, over the seeds both ran.
 
-    With several seeds each problem's value is first averaged over the seeds, then problems are resampled; the
-    spread of the per-seed differences across seeds is given beside it (``seed_sd``), since a problem-level
-    interval does not show how much RL varies from seed to seed.
+    The interval resamples seeds, then problems (``_paired``); the sample SD of the per-seed differences is given
+    beside it (``seed_sd``). Seeds one arm ran and the other did not, and problems one run has and another lacks,
+    are each a warning line (never a silent drop).
     """
     protocol = plan.evaluation
     metrics = [m.format(n=protocol.n) for m in PAIRED_METRICS]
@@ -118,6 +147,13 @@ def paired_differences(evaluations: list[Evaluation], plan: Plan) -> list[dict]:
                 seeds = [s for s in plan.seeds if (a, s, point, dataset) in index and (b, s, point, dataset) in index]
                 runs_a = [index[(a, s, point, dataset)] for s in seeds]
                 runs_b = [index[(b, s, point, dataset)] for s in seeds]
+                label = f"{a} − {b} {point} {dataset}"
+                for arm, other in ((a, b), (b, a)):
+                    alone = [s for s in plan.seeds if (arm, s, point, dataset) in index and s not in seeds]
+                    if alone:
+                        _warn(f"{label}: seed(s) {', '.join(map(str, alone))} run by {arm} only (not by {other}); "
+                              f"compared on seeds {', '.join(map(str, seeds)) or 'none'}")  # fmt: skip
+                _check_alike(label, runs_a + runs_b)
                 for metric in metrics:
                     paired = (_paired(metric, runs_a, runs_b, protocol) if seeds else
                               _not_compared(metric, "no seed has both arms' evaluation finished"))  # fmt: skip
@@ -191,7 +227,12 @@ def build_report(study_dir: str | Path) -> dict[str, Path]:
 
 
 def _cell(runs: list[Evaluation], metric: str, protocol, interval: bool = True) -> str:
-    """The metric's mean over seeds, ± its sample SD across seeds, [its interval over seeds and problems]."""
+    """The metric's mean over seeds, ± its sample SD across seeds, [its interval over seeds and problems]; the mean,
+    the SD and the interval on the same problems (those every run has)."""
+    if interval and len(runs) > 1:
+        pooled = pooled_over_seeds(runs, metric, protocol)
+        if pooled is not None:
+            return f"{pooled['value']:.3f} ±{pooled['seed_sd']:.3f} [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]"
     values = [run.summary[metric] for run in runs if metric in run.summary]
     if not values:
         return "–"
@@ -199,11 +240,8 @@ def _cell(runs: list[Evaluation], metric: str, protocol, interval: bool = True) 
     if len(values) > 1:
         text += f" ±{stdev(values):.3f}"
     if interval and len(runs) == 1 and metric in runs[0].summary.get("ci", {}):
-        low, high = runs[0].summary["ci"][metric]
+        low, high = runs[0].summary["ci"][metric]  # the evaluation's own, over the problems its value is over
         text += f" [{low:.3f}, {high:.3f}]"
-    elif interval and len(runs) > 1:
-        pooled = pooled_over_seeds(runs, metric, protocol)
-        text += f" [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]" if pooled else ""
     return text
 
 
@@ -218,6 +256,7 @@ def pooled_rows(evaluations: list[Evaluation], protocol) -> list[dict]:
     for (arm, point, dataset), runs in groups.items():
         if len(runs) < 2:
             continue
+        _check_alike(f"{arm} {point} {dataset} over seeds", runs)
         row = {"arm": arm, "seed": None, "seeds": [run.seed for run in runs], "point": point, "step": runs[0].step,
                "dataset": dataset, "domain": runs[0].domain}  # fmt: skip
         for metric in [m.format(n=protocol.n) for m in PAIRED_METRICS]:
@@ -246,7 +285,8 @@ def pooled_over_seeds(runs: list[Evaluation], metric: str, protocol) -> dict | N
     value, low, high = seed_problem_bootstrap_ci([table], [1.0], *settings)
     _, problems_low, problems_high = paired_bootstrap_ci(table.mean(0), torch.zeros(len(problems)), *settings)
     return {"value": value, "ci_low": low, "ci_high": high, "ci_problems_low": problems_low,
-            "ci_problems_high": problems_high, "problems": len(problems)}  # fmt: skip
+            "ci_problems_high": problems_high, "seed_sd": stdev(table.mean(1).tolist()),
+            "problems": len(problems)}  # fmt: skip
 
 
 def _intro(plan: Plan, first: dict[str, str | None]) -> list[str]:
@@ -290,6 +330,10 @@ def _arm_row(arm: str, plan: Plan, evaluations: list[Evaluation], curves: Curves
             cell("entry", ind, top), cell("end", ind, top), cell("entry", ind, "mean_distinct_answers", False)]  # fmt: skip
 
 
+def _seeds(runs: list[Evaluation]) -> str:
+    return ", ".join(str(run.seed) for run in runs if run.seed is not None) or "–"
+
+
 def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differences: list[dict]) -> str:
     protocol = plan.evaluation
     first = {domain: next((d.name for d in protocol.datasets if d.domain == domain), None) for domain in ("in", "out")}
@@ -300,8 +344,9 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
               "distinct answers entry"]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_arm_row(arm, plan, evaluations, curves, first)) + " |" for arm in ["base", *plan.arms]]
-    lines += ["", "## Every data set", "", f"| arm | point | data set | domain | accuracy | mean@n | {top} | entropy |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## Every data set", "",
+              f"| arm | point | data set | domain | accuracy | mean@n | {top} | entropy | problems | seeds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm in ["base", *plan.arms]:
         for point in ("entry", "end"):
             for dataset in protocol.datasets:
@@ -310,6 +355,7 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
                     cells = [
                         _cell(found, m, protocol, m != "entropy") for m in ("accuracy", "mean_accuracy", top, "entropy")
                     ]
+                    cells += [str(len(set.intersection(*(set(e.per_problem_ids()) for e in found)))), _seeds(found)]
                     lines.append(f"| {arm} | {point} | {dataset.name} | {dataset.domain} | " + " | ".join(cells) + " |")
     paired = (
         f"Arm a minus arm b on the same problems ({protocol.confidence:.0%}, {protocol.bootstrap_resamples} "
@@ -318,8 +364,8 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
         "`seed sd` is the sample standard deviation of the per-seed differences."
     )
     lines += ["", "## Paired differences between arms", "", paired, "",
-              "| a − b | point | data set | metric | difference | interval | problems only | seed sd |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| a − b | point | data set | metric | difference | interval | problems only | seed sd | problems | seeds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in differences:
         sd = f"{row['seed_sd']:.3f}" if row["seed_sd"] is not None else "–"
         if row["reason"] is None:
@@ -328,7 +374,8 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
         else:
             value, interval, problems_only = "–", f"not compared: {row['reason']}", "–"
         lines.append(f"| {row['arm_a']} − {row['arm_b']} | {row['point']} | {row['dataset']} | {row['metric']} | "
-                     f"{value} | {interval} | {problems_only} | {sd} |")  # fmt: skip
+                     f"{value} | {interval} | {problems_only} | {sd} | {row['problems']} | "
+                     f"{', '.join(map(str, row['seeds'])) or '–'} |")  # fmt: skip
     figures = "`figures/entropy_vs_step.png`, `figures/accuracy_vs_step.png`, `figures/pass_at_k.png`"
     lines += ["", f"Figures (each with its data as CSV beside it): {figures}.", ""]
     return "\n".join(lines)
