@@ -268,11 +268,11 @@ def test_paired_bootstrap_against_a_hand_computation():
         paired_bootstrap_ci(a, b[:4])
 
 
-def _write_evaluation(stage, correct: dict[str, list[bool]], greedy: dict[str, bool]) -> None:
+def _write_evaluation(stage, correct: dict[str, list[bool]], greedy: dict[str, bool], entropy: float = 1.0) -> None:
     """The files a finished ``vlm_post test`` leaves, for one data set, and the stage's done marker."""
     stage.eval_dir.mkdir(parents=True, exist_ok=True)
-    records = [{"id": pid, "answer": "a", "greedy_correct": greedy[pid], "correct": c, "extracted": ["a" if ok else "b" for ok in c]}
-               for pid, c in correct.items()]  # fmt: skip
+    records = [{"id": pid, "answer": "a", "greedy_correct": greedy[pid], "correct": c, "extracted": ["a" if ok else "b" for ok in c],
+                "mean_token_entropy": entropy + 0.01 * index} for index, (pid, c) in enumerate(correct.items())]  # fmt: skip
     with open(stage.eval_dir / "demo_test.jsonl", "w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
     accuracy = sum(greedy.values()) / len(greedy)
@@ -286,7 +286,7 @@ GREEDY = {  # per (arm, seed): greedy correctness of problems p0..p3
 }  # fmt: skip
 
 
-def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False, greedy=GREEDY, seeds=(0, 1)):
+def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False, greedy=GREEDY, seeds=(0, 1), entropy=None):
     """Two arms, two seeds of hand-made evaluation files (no training): problems p0.. (one per greedy flag), two
     samples each, the first as correct as the greedy answer. ``skip(stage)`` leaves an evaluation unfinished."""
     from vlm_post.study import build_plan, load_study
@@ -304,7 +304,10 @@ def _hand_made_study(tmp_path, n: int = 2, skip=lambda stage: False, greedy=GREE
             flags = greedy[(stage.arm, stage.seed)]
             ids = [f"p{i}" for i in range(len(flags))]
             _write_evaluation(
-                stage, {p: [bool(f), False] for p, f in zip(ids, flags)}, dict(zip(ids, map(bool, flags)))
+                stage,
+                {p: [bool(f), False] for p, f in zip(ids, flags)},
+                dict(zip(ids, map(bool, flags))),
+                (entropy or {}).get((stage.arm, stage.seed), 1.0),
             )
     return plan
 
@@ -379,7 +382,7 @@ def test_a_comparison_that_cannot_be_made_is_a_row_with_its_reason(tmp_path, mon
     plan = _hand_made_study(tmp_path, n=4, skip=lambda stage: stage.arm == "b" and stage.point == "end")
     build_report(plan.study_dir)
     differences = json.loads((tmp_path / "study/differences.json").read_text())
-    assert len(differences) == 2 * 5  # (entry, end) x the five metrics: none dropped
+    assert len(differences) == 2 * 6  # (entry, end) x the six metrics: none dropped
     entry = {d["metric"]: d for d in differences if d["point"] == "entry"}
     assert entry["pass@4"]["difference"] is None and entry["pass@4"]["ci_low"] is None
     assert entry["pass@4"]["reason"] == "pass@4 needs 4 samples per problem; a seed 0 has 2 on some problem"
@@ -452,6 +455,27 @@ def test_problems_or_seeds_one_run_lacks_are_warned_about_and_shown(tmp_path, mo
     assert "| a − b | entry | demo_test | accuracy |" in markdown and "| 3 | 0, 1 |" in markdown
     # b at entry: seeds 0 and 1 on the problems both have (p0..p2): [0, 1, 0] and [1, 0, 0], 1/3 each
     assert "| b | entry | demo_test | in | 0.333 ±0.000 [" in markdown and "| 3 | 0, 1 |" in markdown
+
+
+@pytest.mark.fast
+def test_entropy_gets_a_paired_difference_and_intervals(tmp_path, monkeypatch):
+    """Per-problem token-mean entropy from the evaluation files: a's is b's + 0.4 on every problem at entry (and
+    seed 1 of a 0.2 higher still), so a − b is 0.5 over seeds, with an interval that holds it."""
+    from vlm_post.study.report import build_report
+
+    monkeypatch.chdir(ROOT)
+    entropy = {("a", 0): 1.4, ("a", 1): 1.6, ("b", 0): 1.0, ("b", 1): 1.0}
+    plan = _hand_made_study(tmp_path, entropy=entropy)
+    build_report(plan.study_dir)
+    differences = json.loads((tmp_path / "study/differences.json").read_text())
+    entry = next(d for d in differences if (d["point"], d["metric"]) == ("entry", "mean_token_entropy"))
+    assert entry["difference"] == pytest.approx(0.5) and entry["seed_sd"] == pytest.approx(0.2 * 2**-0.5)
+    assert entry["ci_problems_low"] == pytest.approx(0.5) == entry["ci_problems_high"]  # the same shift on each problem
+    assert entry["ci_low"] == pytest.approx(0.4) and entry["ci_high"] == pytest.approx(0.6)  # the seeds: 0.4 or 0.6
+    pooled = next(r for r in json.loads((tmp_path / "study/results.json").read_text())
+                  if "seeds" in r and (r["arm"], r["point"]) == ("a", "entry"))  # fmt: skip
+    assert pooled["mean_token_entropy"] == pytest.approx(1.5 + 0.015)  # problems p0..p3 add 0, .01, .02, .03
+    assert "| a − b | entry | demo_test | mean_token_entropy | +0.500 |" in (tmp_path / "study/results.md").read_text()
 
 
 @pytest.mark.fast

@@ -30,7 +30,9 @@ from vlm_post.rewards import normalize_answer
 from vlm_post.study.curves import Curves, read_curves
 from vlm_post.study.plan import Plan, Stage
 
-PAIRED_METRICS = ("accuracy", "mean_accuracy", "pass@1", "pass@{n}", "mean_distinct_answers")
+# mean_token_entropy: the mean over problems of each problem's token-mean entropy (problem-weighted, so that it has a
+# problem-level interval); the summary's ``entropy`` is token-weighted over the whole set.
+PAIRED_METRICS = ("accuracy", "mean_accuracy", "pass@1", "pass@{n}", "mean_distinct_answers", "mean_token_entropy")
 
 
 @dataclass
@@ -57,6 +59,10 @@ class Evaluation:
             return {i: float(record["greedy_correct"]) for i, record in zip(ids, self.records)}
         if metric in ("accuracy", "mean_accuracy"):
             return {i: sum(c) / len(c) for i, c in zip(ids, correct)}
+        if metric == "mean_token_entropy":  # a problem whose samples have no token has none
+            return {
+                i: r["mean_token_entropy"] for i, r in zip(ids, self.records) if r["mean_token_entropy"] is not None
+            }
         if metric == "mean_distinct_answers":
             normalized = [
                 [normalize_answer(a) if a is not None else None for a in r["extracted"]] for r in self.records
@@ -190,6 +196,10 @@ def _not_compared(metric: str, reason: str) -> dict:
 
 def _why_not_comparable(metric: str, runs: list[Evaluation]) -> str | None:
     """What an evaluation lacks for ``metric`` (too few samples per problem), or None when every run has it."""
+    if metric == "mean_token_entropy":
+        lacking = next((run for run in runs if any("mean_token_entropy" not in r for r in run.records)), None)
+        if lacking is not None:
+            return f"{lacking.label()} measured no entropy (eval.entropy: false)"
     greedy = metric == "accuracy" and all("greedy_correct" in r for run in runs for r in run.records)
     needed = 0 if greedy else int(metric[5:]) if metric.startswith("pass@") else 1
     for run in runs:
@@ -303,9 +313,13 @@ def _intro(plan: Plan, first: dict[str, str | None]) -> list[str]:
         "results.json and differences.json also give the problems-only interval (`ci_problems`)."
     )
     points = (
-        "`entry` is the warm start's export (RL entry), `end` the RL export. Entropy at entry: token-mean entropy of "
-        "the sampled responses at the evaluation temperature; over RL: the mean of the RL stage's logged "
-        "`train/entropy` (at the rollout temperature)."
+        "`entry` is the warm start's export (RL entry), `end` the RL export. Entropy at entry: the evaluation's, "
+        "token-weighted over every sampled token of the set, at the evaluation temperature (the paired differences "
+        "use `mean_token_entropy`, each problem's token mean averaged over problems, which has a problem-level "
+        "interval). RL train entropy: the mean over RL steps of the RL stage's logged `train/entropy`, a different "
+        "estimator: the loss's aggregation (`loss.aggregation`) over the rows the filters kept (dynamic sampling, "
+        "overlong filter), averaged over micro-batches and epochs, at the rollout temperature. Compare its course "
+        "across arms, not its level with the entry column."
     )
     return [f"# Study {plan.study_dir}", "", about, "", "## The warm starts compared", "", points, ""]
 
@@ -340,7 +354,7 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
     top = f"pass@{protocol.n}"
     lines = _intro(plan, first)
     header = ["arm", "in-domain acc entry", "in-domain acc end", "out-of-domain acc entry", "out-of-domain acc end",
-              "entropy entry", "entropy over RL", "pass@1 entry", "pass@1 end", f"{top} entry", f"{top} end",
+              "entropy entry", "RL train entropy", "pass@1 entry", "pass@1 end", f"{top} entry", f"{top} end",
               "distinct answers entry"]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_arm_row(arm, plan, evaluations, curves, first)) + " |" for arm in ["base", *plan.arms]]
