@@ -507,3 +507,14 @@ def test_report_over_seeds_averages_problems_and_gives_the_seed_spread(tmp_path,
     )
     markdown = (tmp_path / "study/results.md").read_text()
     assert "| a | 0.625 ±0.177 [" in markdown  # in-domain accuracy at entry: seeds 0.75 and 0.5, sample SD
+    # The figures' CSVs carry each point's interval: one per seed (problems), and the seeds pooled (`seed: all`).
+    for name, value in (("accuracy_vs_step", "accuracy"), ("pass_at_k", "pass_at_k")):
+        rows = _csv(tmp_path / "study/figures" / f"{name}.csv")
+        pooled = [r for r in rows if r["seed"] == "all"]
+        assert pooled and {r["seed"] for r in rows} >= {"0", "1", "all"}, name
+        assert all(r["ci_low"] != "" for r in pooled), name  # (these hand-made summaries carry no interval)
+        bounded = [r for r in rows if r["ci_low"] != ""]
+        assert all(float(r["ci_low"]) <= float(r[value]) <= float(r["ci_high"]) for r in bounded), name
+    entry = next(r for r in _csv(tmp_path / "study/figures/accuracy_vs_step.csv")
+                 if (r["arm"], r["seed"], r["step"]) == ("a", "all", "0"))  # fmt: skip
+    assert float(entry["accuracy"]) == pytest.approx(0.625)
