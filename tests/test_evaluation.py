@@ -93,6 +93,15 @@ def test_eval_config_validation():
     assert EvalConfig(n=1).pass_k == [1] and EvalConfig(n=0).pass_k == []
 
 
+@pytest.mark.fast
+def test_intervals_default_to_10000_resamples():
+    # 1,000 puts 25 draws in each tail of a 95% interval; 10,000 puts 250 (bench/study_report.py: the report's time)
+    from vlm_post.study.config import EvalProtocol
+
+    assert EvalConfig().bootstrap_resamples == 10_000
+    assert EvalProtocol(config="eval.yaml", datasets=[]).bootstrap_resamples == 10_000
+
+
 @pytest.mark.slow
 def test_test_writes_records_summary_and_intervals(tiny_model, demo_data, tmp_path):
     import json

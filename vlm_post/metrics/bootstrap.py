@@ -9,9 +9,11 @@ bootstrap of the seed-averaged values never sees (``seed_problem_bootstrap_ci``)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-# Resampled index matrices are built in blocks of at most this many entries (int64: 64 MiB).
+# Resamples are drawn in blocks of at most this many entries (their index and count matrices: 64 MiB each).
 _BLOCK_ENTRIES = 1 << 23
 
 
@@ -34,16 +36,41 @@ def bootstrap_ci(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     data = values.detach().to("cpu", torch.float64)
-    num_problems = data.numel()
+    means = [counts @ data / data.numel() for counts in _problem_draws(data.numel(), num_resamples, seed)]
+    return _percentiles(torch.cat(means), confidence)
+
+
+def _problem_draws(num_problems: int, num_resamples: int, seed: int):
+    """Blocks of resamples of P problems with replacement, as (rows, P) counts: how often each problem was drawn.
+
+    A resample's mean is then ``counts @ values / P``, one matrix product for every resample of a block (and every
+    seed of an arm at once). Every bootstrap here draws through this, so one ``seed`` gives one set of draws; a
+    study report takes hundreds of intervals over the same problems and seed, so draws that fit in one block are
+    made once and kept (the matrix product is then most of an interval's cost).
+    """
+    if num_problems * num_resamples <= _BLOCK_ENTRIES:
+        return _kept_draws(num_problems, num_resamples, seed)
+    return _draws(num_problems, num_resamples, seed)
+
+
+@functools.lru_cache(maxsize=4)  # at most 4 x 64 MiB
+def _kept_draws(num_problems: int, num_resamples: int, seed: int) -> tuple[torch.Tensor, ...]:
+    return tuple(_draws(num_problems, num_resamples, seed))
+
+
+def _draws(num_problems: int, num_resamples: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     block = max(1, _BLOCK_ENTRIES // num_problems)
-    means = []
     for start in range(0, num_resamples, block):
         rows = min(block, num_resamples - start)
         indices = torch.randint(num_problems, (rows, num_problems), generator=generator)
-        means.append(data[indices].mean(dim=1))
+        counts = torch.zeros(rows, num_problems, dtype=torch.float64)
+        yield counts.scatter_add_(1, indices, torch.ones(rows, num_problems, dtype=torch.float64))
+
+
+def _percentiles(statistics: torch.Tensor, confidence: float) -> tuple[float, float]:
     tail = (1.0 - confidence) / 2.0
-    low, high = torch.quantile(torch.cat(means), torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    low, high = torch.quantile(statistics, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return low, high
 
 
@@ -99,21 +126,15 @@ def seed_problem_bootstrap_ci(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     num_problems = data[0].shape[1]
-    problems_generator = torch.Generator().manual_seed(seed)  # the draws of bootstrap_ci
-    seeds_generator = torch.Generator().manual_seed(seed + 1)
-    block = max(1, _BLOCK_ENTRIES // num_problems)
+    seeds_generator = torch.Generator().manual_seed(seed + 1)  # the problem draws are bootstrap_ci's, of ``seed``
     statistics = []
-    for start in range(0, num_resamples, block):
-        rows = min(block, num_resamples - start)
-        problems = torch.randint(num_problems, (rows, num_problems), generator=problems_generator)
-        total = torch.zeros(rows, dtype=torch.float64)
+    for counts in _problem_draws(num_problems, num_resamples, seed):
+        total = torch.zeros(counts.shape[0], dtype=torch.float64)
         for arm, sign in zip(data, signs):
-            per_seed = arm[:, problems].mean(dim=-1).t()  # (rows, S): each seed's mean over the drawn problems
-            drawn = torch.randint(arm.shape[0], (rows, arm.shape[0]), generator=seeds_generator)
+            per_seed = counts @ arm.t() / num_problems  # (rows, S): each seed's mean over the drawn problems
+            drawn = torch.randint(arm.shape[0], (counts.shape[0], arm.shape[0]), generator=seeds_generator)
             total += sign * per_seed.gather(1, drawn).mean(dim=1)
         statistics.append(total)
-    tail = (1.0 - confidence) / 2.0
-    quantiles = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
-    low, high = torch.quantile(torch.cat(statistics), quantiles).tolist()
+    low, high = _percentiles(torch.cat(statistics), confidence)
     value = sum(sign * float(arm.mean()) for arm, sign in zip(data, signs))
     return value, low, high

@@ -62,7 +62,7 @@ class EvalConfig:
     pass_k: list[PositiveInt] | None = None
     entropy: bool = True
     forward_batch_size: PositiveInt = 16
-    bootstrap_resamples: PositiveInt = 1000
+    bootstrap_resamples: PositiveInt = 10_000
     confidence: OpenUnitInterval = 0.95
     seed: NonNegativeInt = 0
     output_dir: str | None = None

@@ -163,7 +163,7 @@ class EvalProtocol:
     temperature: PositiveFloat = 1.0  # n samples: 0 would draw one greedy answer n times
     max_new_tokens: PositiveInt | None = None
     pass_k: list[PositiveInt] | None = None
-    bootstrap_resamples: PositiveInt = 1000
+    bootstrap_resamples: PositiveInt = 10_000
     confidence: OpenUnitInterval = 0.95
     bootstrap_seed: NonNegativeInt = 0
     every_k_steps: PositiveInt | None = None
