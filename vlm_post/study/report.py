@@ -171,15 +171,10 @@ def paired_differences(evaluations: list[Evaluation], plan: Plan) -> list[dict]:
 def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], protocol) -> dict:
     """The paired difference of ``metric``, or, where it cannot be compared, a row of Nones with the ``reason``."""
     reason = _why_not_comparable(metric, runs_a + runs_b)
-    if reason is None:
-        per_a = [run.per_problem(metric) for run in runs_a]
-        per_b = [run.per_problem(metric) for run in runs_b]
-        problems = sorted(set.intersection(*(set(p) for p in per_a + per_b)))
-        reason = None if problems else "the arms share no problem"
-    if reason is not None:
-        return _not_compared(metric, reason)
-    table = lambda per: torch.tensor([[p[i] for i in problems] for p in per], dtype=torch.float64)  # (seeds, P)
-    a, b = table(per_a), table(per_b)
+    tables = _tables(metric, runs_a, runs_b) if reason is None else None
+    if tables is None:
+        return _not_compared(metric, reason or "the arms share no problem")
+    (a, b), problems = tables
     settings = (protocol.bootstrap_resamples, protocol.confidence, protocol.bootstrap_seed)
     difference, low, high = seed_problem_bootstrap_ci([a, b], [1.0, -1.0], *settings)
     _, problems_low, problems_high = paired_bootstrap_ci(a.mean(0), b.mean(0), *settings)
@@ -187,6 +182,16 @@ def _paired(metric: str, runs_a: list[Evaluation], runs_b: list[Evaluation], pro
     return {"metric": metric, "problems": len(problems), "difference": difference, "ci_low": low, "ci_high": high,
             "ci_problems_low": problems_low, "ci_problems_high": problems_high,
             "seed_sd": stdev(per_seed) if len(per_seed) > 1 else None, "reason": None}  # fmt: skip
+
+
+def _tables(metric: str, *groups: list[Evaluation]) -> tuple[list[torch.Tensor], list[str]] | None:
+    """Each group's (seeds, problems) table of ``metric`` on the problems every run of every group has, and those
+    problems; None when there is none."""
+    per = [[run.per_problem(metric) for run in runs] for runs in groups]
+    problems = sorted(set.intersection(*(set(p) for group in per for p in group)))
+    if not problems:
+        return None
+    return [torch.tensor([[p[i] for i in problems] for p in group], dtype=torch.float64) for group in per], problems
 
 
 def _not_compared(metric: str, reason: str) -> dict:
@@ -284,13 +289,10 @@ def pooled_rows(evaluations: list[Evaluation], protocol) -> list[dict]:
 def pooled_over_seeds(runs: list[Evaluation], metric: str, protocol) -> dict | None:
     """An arm's ``metric`` over its seeds' runs, on the problems every run has: the mean, the two-level (seeds and
     problems) interval and the problems-only one; None where the metric cannot be computed (see ``_paired``)."""
-    if _why_not_comparable(metric, runs) is not None:
+    tables = _tables(metric, runs) if _why_not_comparable(metric, runs) is None else None
+    if tables is None:
         return None
-    per = [run.per_problem(metric) for run in runs]
-    problems = sorted(set.intersection(*(set(p) for p in per)))
-    if not problems:
-        return None
-    table = torch.tensor([[p[i] for i in problems] for p in per], dtype=torch.float64)  # (seeds, problems)
+    (table,), problems = tables
     settings = (protocol.bootstrap_resamples, protocol.confidence, protocol.bootstrap_seed)
     value, low, high = seed_problem_bootstrap_ci([table], [1.0], *settings)
     _, problems_low, problems_high = paired_bootstrap_ci(table.mean(0), torch.zeros(len(problems)), *settings)
