@@ -72,13 +72,19 @@ def test_a_missing_stage_output_names_the_command_that_writes_it(config, overrid
 
 @pytest.mark.fast
 @pytest.mark.parametrize("config", ["configs/demo/rl.yaml", "configs/demo/opd.yaml"])
-def test_a_renamed_option_names_the_new_one(config, capsys, tmp_path, monkeypatch):
+def test_a_renamed_option_names_the_new_one(config, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     err = run_main(["fit", "--config", config, "--model.init_args.ppo_epochs", "2"], capsys)
     assert "model.init_args.ppo_epochs: renamed, use model.init_args.epochs" in err
 
+
+@pytest.mark.fast
+def test_a_config_file_with_a_renamed_option_names_the_new_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = Path("configs/demo/rl.yaml").read_text()
+    assert "    epochs: 1\n" in text
     old_config = tmp_path / "old_rl.yaml"  # an RL config file written before the rename
-    old_config.write_text(Path("configs/demo/rl.yaml").read_text().replace("    epochs: 1", "    ppo_epochs: 1"))
+    old_config.write_text(text.replace("    epochs: 1\n", "    ppo_epochs: 1\n"))
     err = run_main(["fit", "--config", str(old_config)], capsys)
     assert "model.init_args.ppo_epochs: renamed, use model.init_args.epochs" in err
 
