@@ -107,7 +107,7 @@ def _start(stage: Stage, launcher: LauncherConfig) -> subprocess.Popen:
     stage.run_path.mkdir(parents=True, exist_ok=True)
     argv = [*python_command(launcher), *stage.argv()]
     log = open(stage.log, "a")  # noqa: SIM115 (the child writes it until it exits)
-    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage_command(stage, launcher)}\n")
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
     log.flush()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # preexec_fn is safe here: the study process runs no threads
