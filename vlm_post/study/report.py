@@ -21,6 +21,7 @@ from statistics import mean, stdev
 import torch
 
 from vlm_post.metrics import (
+    bootstrap_ci,
     distinct_answer_count,
     paired_bootstrap_ci,
     pass_at_k_per_problem,
@@ -295,7 +296,7 @@ def pooled_over_seeds(runs: list[Evaluation], metric: str, protocol) -> dict | N
     (table,), problems = tables
     settings = (protocol.bootstrap_resamples, protocol.confidence, protocol.bootstrap_seed)
     value, low, high = seed_problem_bootstrap_ci([table], [1.0], *settings)
-    _, problems_low, problems_high = paired_bootstrap_ci(table.mean(0), torch.zeros(len(problems)), *settings)
+    problems_low, problems_high = bootstrap_ci(table.mean(0), *settings)
     return {"value": value, "ci_low": low, "ci_high": high, "ci_problems_low": problems_low,
             "ci_problems_high": problems_high, "seed_sd": stdev(table.mean(1).tolist()),
             "problems": len(problems)}  # fmt: skip
