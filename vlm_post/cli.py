@@ -226,6 +226,21 @@ def main(args: list[str] | None = None) -> None:
         if cause is None:
             raise
         _fail(str(cause), EXIT_RUN_STOPPED if isinstance(cause, RunStopped) else EXIT_CONFIG_ERROR)
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Tear down the process group Lightning started (its strategies never do) while the interpreter is whole.
+
+    Left to interpreter exit, gloo's worker threads can outlive the objects they hold and the rank dies of
+    SIGABRT ("terminate called without an active exception") after a run that succeeded: seen once in a
+    torchrun launch here, and pytorch/pytorch#190489. Destroying it is local to this rank (no collective).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _user_error_in_chain(error: BaseException | None) -> ConfigError | RunStopped | None:
