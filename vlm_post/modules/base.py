@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -57,7 +58,8 @@ from vlm_post.ranges import (
     plain_values,
 )
 from vlm_post.rewards import grading_stats
-from vlm_post.rollout import HFGenerateEngine
+from vlm_post.rollout import HFGenerateEngine, RolloutEngine
+from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine
 
 
 @dataclass
@@ -78,7 +80,7 @@ class OptimConfig:
 
 # Checkpoints keep the hyperparameters, these dataclasses included; let `--ckpt_path` resume
 # load them under torch.load(weights_only=True).
-torch.serialization.add_safe_globals([OptimConfig, EvalConfig, FSDPConfig])
+torch.serialization.add_safe_globals([OptimConfig, EvalConfig, FSDPConfig, VLLMConfig])
 
 
 def lr_lambda(config: OptimConfig, total_steps: int):
@@ -109,6 +111,7 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         logprob_chunk_size: PositiveInt = 1024,
         fsdp: FSDPConfig | None = None,
         max_consecutive_skips: PositiveInt = 3,
+        vllm: VLLMConfig | None = None,
     ) -> None:
         """
         Args:
@@ -130,11 +133,12 @@ class PolicyModule(NonFiniteGuard, LightningModule):
                 ModelParallelStrategy (ignored under any other strategy).
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped (the weights
                 stay as they were, the step counts); this many in a row stop the run (1: at the first).
+            vllm: the vLLM engine's settings, for ``eval.engine: vllm`` and ``val.engine: vllm``.
         """
         super().__init__()
         # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
         # evaluation protocol and the weights' origin belong to the command at hand, not to the checkpoint.
-        self.save_hyperparameters(ignore=["init_from", "eval", "val", "reward"])
+        self.save_hyperparameters(ignore=["init_from", "eval", "val", "reward", "vllm"])
         self.model_path = resolve_model_path(model_name_or_path)
         self.policy_config = check_image_text_to_text(self.model_path)
         self.init_from = check_init_from(init_from) if init_from else None
@@ -142,6 +146,8 @@ class PolicyModule(NonFiniteGuard, LightningModule):
             check_same_architecture(self.policy_config, check_image_text_to_text(self.init_from), self.init_from)
         self.processor = load_processor(self.model_path)
         self.engine = HFGenerateEngine(self.processor)
+        self.vllm_config = vllm or VLLMConfig()
+        self._vllm_engine: VLLMEngine | None = None
         self.dtype_name, self.attn_implementation = dtype, attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
         self.freeze = (freeze_vision_tower, freeze_projector)
@@ -318,6 +324,43 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         out_entropy = full.masked_scatter(mask, entropy) if with_entropy else None
         return out_logprobs, out_entropy
 
+    def evaluation_engine(self, config: EvalConfig) -> RolloutEngine:
+        """The engine ``config`` samples with: the HF engine, or the run's one vLLM engine (built on first use)."""
+        if config.engine == "hf":
+            return self.engine
+        if self._vllm_engine is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # the run's seed_everything, as the HF engine's RNG
+            self._vllm_engine = VLLMEngine(self.processor, self.model_path, self.vllm_config, seed)
+        return self._vllm_engine
+
+    def _sync_evaluation_engine(self, config: EvalConfig) -> None:
+        # vLLM holds its own copy of the weights: give it the policy's, which init_from or training changed.
+        if config.engine == "vllm":
+            self.evaluation_engine(config).sync(self.policy)
+
+    def _close_vllm_engine(self) -> None:
+        if self._vllm_engine is not None:
+            self._vllm_engine.close()
+            self._vllm_engine = None
+
+    def on_validation_start(self) -> None:
+        self._sync_evaluation_engine(self.val_config)
+
+    def on_test_start(self) -> None:
+        self._sync_evaluation_engine(self.eval_config)
+
+    def on_predict_start(self) -> None:
+        self._sync_evaluation_engine(self.eval_config)
+
+    def on_test_end(self) -> None:
+        self._close_vllm_engine()
+
+    def on_predict_end(self) -> None:
+        self._close_vllm_engine()
+
+    def on_fit_end(self) -> None:
+        self._close_vllm_engine()
+
     def _metrics(self, stage: str, name: str, config: EvalConfig) -> EvalMetrics:
         key = f"{stage}__{name}"
         if key not in self.eval_metrics:
@@ -350,8 +393,9 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         """One row per problem with its ``eval.n`` sampled responses (or the greedy one when n = 0)."""
         config = self.eval_config
         params = config.sampling() if config.n else config.greedy_sampling()
-        rollouts = self.engine.generate(self.policy, batch["prompt"], params)
         examples, n = batch["examples"], params.n
+        engine = self.evaluation_engine(config)
+        rollouts = engine.generate(self.policy, batch["prompt"], params, images=[e.images for e in examples])
         rows = [
             {"id": example.id, "dataset": example.source, "responses": rollouts.texts[i * n : (i + 1) * n]}
             for i, example in enumerate(examples)

@@ -217,6 +217,7 @@ class DistillModule(OnPolicyModule):
         return cache
 
     def on_fit_end(self) -> None:
+        super().on_fit_end()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

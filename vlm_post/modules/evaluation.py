@@ -15,6 +15,7 @@ problem-level bootstrap confidence intervals for accuracy and pass@k.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -31,6 +32,7 @@ from vlm_post.ranges import (
 from vlm_post.rewards import grade, normalize_answer
 from vlm_post.rollout import Rollouts, SamplingParams
 from vlm_post.rollout.sequences import policy_inputs, select_rows
+from vlm_post.rollout.vllm import require_vllm
 
 
 @dataclass
@@ -51,6 +53,8 @@ class EvalConfig:
         confidence: confidence level of the intervals.
         seed: seed of the bootstrap.
         output_dir: where ``test`` writes ``<set>.jsonl`` and ``summary.json`` (default ``<log_dir>/eval``).
+        engine: what samples: ``hf`` (``generate`` on the policy itself) or ``vllm`` (an engine given the
+            policy's weights; settings in ``model.vllm``). The entropy pass is a policy forward either way.
     """
 
     n: NonNegativeInt = 16
@@ -66,9 +70,12 @@ class EvalConfig:
     confidence: OpenUnitInterval = 0.95
     seed: NonNegativeInt = 0
     output_dir: str | None = None
+    engine: Literal["hf", "vllm"] = "hf"
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.engine == "vllm":
+            require_vllm("eval.engine")
         # "eval" stands for either key: model.init_args.eval (vlm_post test) or .val (validation in fit).
         if self.n == 0 and not self.greedy:
             raise ConfigError("eval.n: 0 samples and greedy: false evaluate nothing; set n >= 1 or greedy: true")
@@ -174,14 +181,15 @@ def evaluate_batch(module, batch: dict, config: EvalConfig) -> BatchEvaluation:
     """Sample, grade and measure one batch with ``module``'s policy and rollout engine."""
     examples, prompt = batch["examples"], batch["prompt"]
     greedy_texts = greedy_graded = greedy_lengths = None
+    engine, images = module.evaluation_engine(config), [example.images for example in examples]
     if config.greedy:
-        greedy = module.engine.generate(module.policy, prompt, config.greedy_sampling())
+        greedy = engine.generate(module.policy, prompt, config.greedy_sampling(), images=images)
         greedy_texts, greedy_lengths = greedy.texts, greedy.lengths
         greedy_graded = _grade_all(greedy_texts, examples)
     n = config.n
     entropy = mask = None
     if n:
-        samples = module.engine.generate(module.policy, prompt, config.sampling())
+        samples = engine.generate(module.policy, prompt, config.sampling(), images=images)
         sample_examples = [examples[int(i)] for i in samples.prompt_index]
         graded = _per_problem(_grade_all(samples.texts, sample_examples), n)
         texts = _per_problem(samples.texts, n)

@@ -56,13 +56,50 @@ class Rollouts:
         return self.response_mask.sum(-1)
 
 
+# Tokens that only the processor may place. A sampled one makes the next forward
+# fail ("Image features and image tokens do not match"), so no engine ever samples them.
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
 class RolloutEngine(ABC):
+    """What every engine shares: the tokens it stops at, never samples and pads with, and where a response ends."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        tokenizer = processor.tokenizer
+        vocab = tokenizer.get_vocab()
+        self.banned = [vocab[t] for t in VISION_SPECIAL_TOKENS if t in vocab]
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        stops = {tokenizer.eos_token_id} | {vocab.get(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        self.stop_ids = sorted(i for i in stops if i is not None)
+
     @abstractmethod
     def generate(
-        self, policy: torch.nn.Module, prompt: dict, params: SamplingParams, logprobs: bool = False
+        self,
+        policy: torch.nn.Module,
+        prompt: dict,
+        params: SamplingParams,
+        logprobs: bool = False,
+        images: list[list] | None = None,
     ) -> Rollouts:
         """Sample ``params.n`` responses for each prompt in ``prompt`` (left-padded processor outputs).
 
         ``logprobs``: also report the sampler's log-probs (``Rollouts.logprobs``). Off by default, as
         recording them costs every decode step a logsumexp over the vocabulary.
+        ``images``: each prompt's images as the processor got them (PIL), for an engine that processes
+        images itself (vLLM); the HF engine reads the processor's pixel values from ``prompt``.
         """
+
+    def rollouts(self, prompts: int, response: torch.Tensor, n: int, logprobs: torch.Tensor | None) -> Rollouts:
+        """``Rollouts`` of ``prompts`` x ``n`` right-padded responses (rows grouped by prompt).
+
+        A response ends at its first stop token, which is kept; everything after it is padding.
+        """
+        is_stop = torch.isin(response, torch.tensor(self.stop_ids, device=response.device))
+        mask = ~((is_stop.cumsum(-1) - is_stop.long()) > 0)
+        finished = is_stop.any(-1)
+        if logprobs is not None:
+            logprobs = logprobs.masked_fill(~mask, 0.0)
+        texts = self.processor.batch_decode(response.masked_fill(~mask, self.pad_token_id), skip_special_tokens=True)
+        prompt_index = torch.arange(prompts, device=response.device).repeat_interleave(n)
+        return Rollouts(prompt_index, response, mask.long(), finished, texts, logprobs)
