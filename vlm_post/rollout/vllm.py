@@ -45,21 +45,23 @@ def require_vllm(key: str) -> None:
 class VLLMConfig:
     """The vLLM engine's settings (used wherever an ``engine: vllm`` asks for it).
 
-    The defaults suit a 7B model on one 80 GB H100 for evaluation: bf16 weights (15 GB) and most of the rest as
-    KV cache. Inside ``fit`` the engine shares the GPU with training: lower ``gpu_memory_utilization`` to what
-    training leaves free.
+    The defaults suit a 7B model evaluated on one 80 GB H100: the policy stays on the GPU beside the engine (it
+    is the source of the engine's weights and runs the entropy pass), so the engine takes 60% (48 GB: bf16
+    weights, 15 GB, and the KV cache) and leaves the rest to the policy (15 GB) and its forward passes. Inside
+    ``fit`` the optimizer's state shares the GPU too: lower ``gpu_memory_utilization`` to what training leaves.
 
     Args:
         tensor_parallel_size: GPUs one engine spreads the model over.
         gpu_memory_utilization: fraction of the GPU's memory the engine may take (weights, activations, KV cache).
-        max_model_len: longest prompt + response, in tokens (the KV cache is sized for it).
-        dtype: the engine's weight dtype (``auto``: the checkpoint's, bf16 for Qwen2.5-VL).
+        max_model_len: longest prompt + response, in tokens (default: the model's own limit). Lowering it
+            to ``data.max_prompt_length + eval.max_new_tokens`` frees KV-cache memory.
+        dtype: the engine's weight dtype (``auto``: the model folder's, bf16 for Qwen2.5-VL).
         enforce_eager: no CUDA graphs (slower decoding, faster start, less memory).
     """
 
     tensor_parallel_size: PositiveInt = 1
-    gpu_memory_utilization: PositiveFraction = 0.85
-    max_model_len: PositiveInt = 8192
+    gpu_memory_utilization: PositiveFraction = 0.6
+    max_model_len: PositiveInt | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     enforce_eager: bool = False
 
