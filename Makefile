@@ -70,7 +70,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # Bench extras (the side-by-side baselines, e.g. TRL) go into .venv only here, never as runtime dependencies.
-bench: setup
+bench: setup setup-vllm  # bench/eval_engine.py runs itself in .venv-vllm
 	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[bench]'
 	@# bench/_*.py are helpers the scripts share, not scripts
 	@for script in bench/[!_]*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(PY) "$$script" || exit 1; done

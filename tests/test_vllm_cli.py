@@ -95,3 +95,58 @@ def test_a_model_vllm_cannot_load_is_one_line_naming_it(head64_export, demo_data
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vlm_post: error: vLLM cannot load the model") and str(model) in last, last
     assert "Traceback" not in result.stderr
+
+
+def test_a_study_whose_evaluations_use_vllm_runs_end_to_end(head64_export, demo_data, tmp_path):
+    """The tests' tiny study (one arm: SFT, then GRPO) with every evaluation stage on engine: vllm, then its report."""
+    import yaml
+
+    from tests.study_fixtures import tiny_study
+
+    model, _ = head64_export
+    path = tiny_study(model, demo_data, tmp_path / "configs", tmp_path / "study")
+    study = yaml.safe_load(path.read_text())
+    study["arms"] = study["arms"][:1]
+    study["evaluation"]["overrides"] = ["--model.init_args.eval.engine=vllm", *CPU_ENGINE]
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run([VLM_POST, "study", "--config", str(path)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=1800)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "study").rglob("summary.json")]
+    # base, and the arm at entry, step_2 and end
+    assert len(summaries) == 4 and all(s["eval"]["engine"] == "vllm" for s in summaries)
+    rows = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert {(r["arm"], r["point"]) for r in rows} == {
+        ("base", "entry"),
+        *(("short", p) for p in ("entry", "step_2", "end")),
+    }
+    assert all(r["accuracy_ci_low"] <= r["accuracy"] <= r["accuracy_ci_high"] and r["entropy"] > 0 for r in rows)
+    assert "| short |" in (tmp_path / "study" / "results.md").read_text()
+
+
+def test_validation_inside_fit_with_vllm_sees_the_trained_weights(head64_export, demo_data, tmp_path):
+    """SFT with val.engine hf, then vllm: the same greedy validation metrics at every check. The SFT learns the answer
+    format within its 8 steps, so an engine left on the starting weights (no sync after training) would differ."""
+    from vlm_post.study.curves import scalars
+
+    model, _ = head64_export
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    curves = {}
+    for engine in ("hf", "vllm"):
+        run = tmp_path / engine
+        command = [
+            VLM_POST, "fit", "--config", "configs/demo/sft.yaml", f"--model.init_args.model_name_or_path={model}",
+            f"--data.train.path={demo_data / 'train.parquet'}",
+            f"--data.val=[{{name: demo_val, path: {demo_data / 'validation.parquet'}, limit: 8}}]",
+            "--data.batch_size=4", "--model.init_args.optim.lr=5e-3", "--trainer.max_steps=8",
+            "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={run}",
+            f"--model.init_args.val.engine={engine}", *CPU_ENGINE,
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[engine] = {k: v for k, v in scalars(run).items() if k.startswith("val/demo_val/")}
+    hf, vllm = curves["hf"], curves["vllm"]
+    assert [step for step, _ in hf["val/demo_val/accuracy"]] == [3, 7]  # two checks, after 4 and 8 steps
+    assert hf["val/demo_val/format_rate"][-1][1] > 0, "8 steps did not change the answers: the test would not see it"
+    assert vllm == hf
