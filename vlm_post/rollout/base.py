@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_post.ranges import NonNegativeFloat, NonNegativeInt, PositiveFraction, PositiveInt, check_ranges
+from vlm_post.rollout.batch import RolloutBatch
 
 
 @dataclass
@@ -89,6 +90,14 @@ class RolloutEngine(ABC):
         ``images``: each prompt's images as the processor got them (PIL), for an engine that processes
         images itself (vLLM); the HF engine reads the processor's pixel values from ``prompt``.
         """
+
+    def sample(
+        self, policy: torch.nn.Module, batch: dict, params: SamplingParams, logprobs: bool = False
+    ) -> RolloutBatch:
+        """``generate`` over a collated batch (prompts, images, image counts), as one ``RolloutBatch``."""
+        images = [example.images for example in batch["examples"]]
+        rollouts = self.generate(policy, batch["prompt"], params, logprobs, images)
+        return RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, params.n)
 
     def rollouts(self, prompts: int, response: torch.Tensor, n: int, logprobs: torch.Tensor | None) -> Rollouts:
         """``Rollouts`` of ``prompts`` x ``n`` right-padded responses (rows grouped by prompt).
