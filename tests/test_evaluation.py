@@ -8,7 +8,6 @@ import torch
 from tests.helpers import demo_datamodule, sft_module, trainer
 from vlm_post.metrics import EvalMetrics, pass_at_k
 from vlm_post.modules.evaluation import EvalConfig, evaluate_batch, sampled_token_entropy
-from vlm_post.rollout.sequences import policy_inputs
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +27,9 @@ def test_sampled_token_entropy_matches_the_full_softmax(module_and_batch):
     module, batch = module_and_batch
     torch.manual_seed(0)
     config = EvalConfig(n=4, temperature=0.7, max_new_tokens=8, forward_batch_size=5)
-    samples = module.engine.generate(module.policy, batch["prompt"], config.sampling())
-    entropy = sampled_token_entropy(module, batch, samples, 4, config)
-    inputs = policy_inputs(batch["prompt"], batch["image_counts"], samples, 4)
+    samples = module.engine.sample(module.policy, batch, config.sampling())
+    entropy = sampled_token_entropy(module, samples, config)
+    inputs = samples.rows().inputs
     with torch.no_grad():
         logits = module.policy(**inputs).logits.float() / config.temperature
     width, length = batch["prompt"]["input_ids"].shape[1], samples.response_ids.shape[1]
@@ -40,7 +39,7 @@ def test_sampled_token_entropy_matches_the_full_softmax(module_and_batch):
     torch.testing.assert_close(entropy[mask], direct[mask], atol=1e-4, rtol=1e-4)
     assert (entropy[~mask] == 0).all()
     # Micro-batching the rows (5 of 12, images regrouped) must not change anything.
-    whole = sampled_token_entropy(module, batch, samples, 4, EvalConfig(n=4, temperature=0.7, forward_batch_size=64))
+    whole = sampled_token_entropy(module, samples, EvalConfig(n=4, temperature=0.7, forward_batch_size=64))
     torch.testing.assert_close(entropy, whole, atol=1e-5, rtol=1e-5)
 
 

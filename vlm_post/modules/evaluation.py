@@ -30,8 +30,7 @@ from vlm_post.ranges import (
     check_ranges,
 )
 from vlm_post.rewards import grade, normalize_answer
-from vlm_post.rollout import Rollouts, SamplingParams
-from vlm_post.rollout.sequences import policy_inputs, select_rows
+from vlm_post.rollout import RolloutBatch, SamplingParams
 from vlm_post.rollout.vllm import require_vllm
 
 
@@ -178,43 +177,41 @@ def _per_problem(values: list, n: int) -> list[list]:
 
 
 def evaluate_batch(module, batch: dict, config: EvalConfig) -> BatchEvaluation:
-    """Sample, grade and measure one batch with ``module``'s policy and rollout engine."""
-    examples, prompt = batch["examples"], batch["prompt"]
+    """Sample, grade and measure one batch with ``module``'s policy and the engine ``config`` names."""
+    examples = batch["examples"]
     greedy_texts = greedy_graded = greedy_lengths = None
-    engine, images = module.evaluation_engine(config), [example.images for example in examples]
+    engine = module.evaluation_engine(config)
     if config.greedy:
-        greedy = engine.generate(module.policy, prompt, config.greedy_sampling(), images=images)
+        greedy = engine.sample(module.policy, batch, config.greedy_sampling())
         greedy_texts, greedy_lengths = greedy.texts, greedy.lengths
         greedy_graded = _grade_all(greedy_texts, examples)
     n = config.n
     entropy = mask = None
     if n:
-        samples = engine.generate(module.policy, prompt, config.sampling(), images=images)
+        samples = engine.sample(module.policy, batch, config.sampling())
         sample_examples = [examples[int(i)] for i in samples.prompt_index]
         graded = _per_problem(_grade_all(samples.texts, sample_examples), n)
         texts = _per_problem(samples.texts, n)
         lengths = samples.lengths.view(len(examples), n)
         if config.entropy:
-            entropy, mask = sampled_token_entropy(module, batch, samples, n, config), samples.response_mask
+            entropy, mask = sampled_token_entropy(module, samples, config), samples.response_mask
     else:
         texts, graded, lengths = [[] for _ in examples], [[] for _ in examples], torch.zeros(len(examples), 0)
     return BatchEvaluation(greedy_texts, greedy_graded, greedy_lengths, texts, graded, lengths, entropy, mask)
 
 
 @torch.no_grad()
-def sampled_token_entropy(module, batch: dict, samples: Rollouts, n: int, config: EvalConfig) -> torch.Tensor:
+def sampled_token_entropy(module, samples: RolloutBatch, config: EvalConfig) -> torch.Tensor:
     """Per-token entropy (B*n, L) of the sampling distribution at the sampled positions, in row micro-batches."""
-    inputs = policy_inputs(batch["prompt"], batch["image_counts"], samples, n)
-    width = batch["prompt"]["input_ids"].shape[1]
     out = torch.zeros(samples.response_mask.shape, dtype=torch.float32, device=samples.response_mask.device)
-    rows = samples.response_mask.shape[0]
     step = max(1, config.forward_batch_size)
-    for start in range(0, rows, step):
-        chunk = slice(start, min(rows, start + step))
-        micro = select_rows(inputs, chunk, n, batch["image_counts"])
+    for start in range(0, samples.num_rows, step):
+        chunk = slice(start, min(samples.num_rows, start + step))
+        rows = samples.rows(chunk)
         _, entropy = module.response_logprobs(
-            micro, width, samples.response_mask[chunk], temperature=config.temperature, with_entropy=True
-        )
+            rows.forward_inputs(), rows.prompt_width, rows.response_mask, temperature=config.temperature,
+            with_entropy=True,
+        )  # fmt: skip
         out[chunk] = entropy
     return out
 

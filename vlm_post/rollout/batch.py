@@ -49,6 +49,15 @@ class ModelRows:
     def num_rows(self) -> int:
         return self.response_mask.shape[0]
 
+    def forward_inputs(self) -> dict:
+        """``inputs`` plus the image sources under the key today's forward reads them by (``models.forward``), so
+        that it encodes each distinct image once. Goes when the forward takes ``ModelRows`` itself."""
+        from vlm_post.models.forward import IMAGE_SOURCE
+
+        if self.image_source is None:
+            return dict(self.inputs)
+        return {**self.inputs, IMAGE_SOURCE: self.image_source}
+
 
 @dataclass
 class RolloutBatch:
