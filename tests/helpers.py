@@ -44,3 +44,28 @@ def trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
         num_sanity_val_steps=0,
         **kwargs,
     )
+
+
+def examples_with_0_1_2_images() -> list:
+    """Three problems with no image, one and two images (ids text, one, two): image offsets differ per prompt."""
+    from PIL import Image
+
+    from vlm_post.data.schema import Example
+
+    return [
+        Example(id="text", images=[], question="Find x if 2x = 6.", answer="3", source="s"),
+        Example(
+            id="one",
+            images=[Image.new("RGB", (112, 112), "red")],
+            question="<image>Which bar?",
+            answer="red",
+            source="s",
+        ),
+        Example(
+            id="two",
+            images=[Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (84, 56), "white")],
+            question="<image> and <image>: which is longer, the red one or the blue one?",
+            answer="blue",
+            source="s",
+        ),
+    ]

@@ -128,20 +128,22 @@ def test_a_skip_between_good_steps_does_not_stop_the_run(tiny_model, demo_data, 
 def test_overlong_penalty_and_filter_keep_truncated_rows_out_of_the_update(
     tiny_model, demo_data, tmp_path, monkeypatch
 ):
-    from vlm_post.modules import on_policy, rl
+    from vlm_post.modules import rl
+    from vlm_post.rollout import RolloutBatch
 
     events = []  # in call order: each step's finished flags, then the rows of each micro-batch it trained on
-    real_select, real_penalty = on_policy.select_rows, rl.overlong_penalty
+    real_rows, real_penalty = RolloutBatch.rows, rl.overlong_penalty
 
-    def select(inputs, rows, n, counts):
-        events.append(("rows", rows))
-        return real_select(inputs, rows, n, counts)
+    def select(batch, rows=None):
+        if isinstance(rows, list):  # the update's micro-batches (whole-batch forwards take slices)
+            events.append(("rows", rows))
+        return real_rows(batch, rows)
 
     def penalty(lengths, finished, *args):
         events.append(("finished", finished.clone()))
         return real_penalty(lengths, finished, *args)
 
-    monkeypatch.setattr(on_policy, "select_rows", select)
+    monkeypatch.setattr(RolloutBatch, "rows", select)
     monkeypatch.setattr(rl, "overlong_penalty", penalty)
     module = rl_module(tiny_model, max_new_tokens=3, overlong=rl.OverlongConfig(penalty=1.0, filter_truncated=True))
     real_generate = module.engine.generate
@@ -234,7 +236,7 @@ def test_old_logprobs_from_the_sampler_skip_the_extra_forward(tiny_model, demo_d
         old_logprobs="sampler",
     )
     calls = []
-    monkeypatch.setattr(module, "rows_logprobs", lambda *args: calls.append(args))
+    monkeypatch.setattr(module, "batch_logprobs", lambda *args: calls.append(args))
     record = Record()
     trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
     assert calls == [] and module.trainer.global_step == 4

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
+from tests.helpers import examples_with_0_1_2_images
 from vlm_post.data.collate import Collator
 from vlm_post.data.schema import Example
 from vlm_post.models.loading import load_policy
@@ -17,23 +17,8 @@ pytestmark = pytest.mark.fast
 
 def _examples() -> list[Example]:
     """Prompts with 2, 0 and 1 images, so image offsets differ from prompt to prompt."""
-    return [
-        Example(
-            id="two",
-            images=[Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (84, 56), "white")],
-            question="<image> and <image>: which is longer?",
-            answer="blue",
-            source="s",
-        ),
-        Example(id="none", images=[], question="Find x if 2x = 6.", answer="3", source="s"),
-        Example(
-            id="one",
-            images=[Image.new("RGB", (112, 112), "red")],
-            question="<image>Which bar?",
-            answer="red",
-            source="s",
-        ),
-    ]
+    text, one, two = examples_with_0_1_2_images()
+    return [two, text, one]
 
 
 def _batch(processor, n: int, seed: int = 0) -> tuple[dict, RolloutBatch]:

@@ -11,13 +11,12 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: make test-vllm runs these in .venv-vllm")
 
+from tests.helpers import examples_with_0_1_2_images  # noqa: E402
 from vlm_post.data.collate import Collator  # noqa: E402
-from vlm_post.data.schema import Example  # noqa: E402
 from vlm_post.models.loading import load_policy, load_processor  # noqa: E402
 from vlm_post.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
 from vlm_post.rollout.sequences import policy_inputs  # noqa: E402
@@ -54,23 +53,7 @@ def policy_and_engine(vllm_model):
 
 
 def _examples():
-    return [
-        Example(id="text", images=[], question="Find x if 2x = 6.", answer="3", source="s"),
-        Example(
-            id="one",
-            images=[Image.new("RGB", (112, 112), "red")],
-            question="<image>Which bar?",
-            answer="red",
-            source="s",
-        ),
-        Example(
-            id="two",
-            images=[Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (84, 56), "white")],
-            question="<image> and <image>: which is longer, the red one or the blue one?",
-            answer="blue",
-            source="s",
-        ),
-    ]
+    return examples_with_0_1_2_images()
 
 
 def _batch(processor, examples):

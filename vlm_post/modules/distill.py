@@ -345,7 +345,7 @@ class DistillModule(OnPolicyModule):
             loss = aggregate(per_token, micro_mask, config.aggregation, self.rollout.max_new_tokens)
             return loss, {"reverse_kl": kl.detach().mean(), "entropy": entropy.detach().mean()}
 
-        stats = self._update(inputs, mask, n, counts, list(range(mask.shape[0])), micro_loss)
+        stats = self._update_inputs(inputs, mask, n, counts, list(range(mask.shape[0])), micro_loss)
         elapsed = time.perf_counter() - started
         if not self.logs_this_step():
             return

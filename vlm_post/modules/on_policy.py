@@ -13,7 +13,7 @@ more optimizer updates over those rows:
 
 A NaN or inf loss or gradient never reaches the weights: the optimizer step is
 skipped but counted, as in every stage (vlm_post.modules.nonfinite).
-Subclasses give ``_update`` a ``micro_loss(rows, inputs) -> (loss, stats)``.
+Subclasses give ``_update`` the rollout batch and a ``micro_loss(rows, model_rows) -> (loss, stats)``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import torch
 from vlm_post.errors import ConfigError
 from vlm_post.modules.base import PolicyModule
 from vlm_post.ranges import PositiveFloat, PositiveInt
-from vlm_post.rollout import SamplingParams
+from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
 from vlm_post.rollout.sequences import select_rows
 
-MicroLoss = Callable[[list[int], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (the rows of a micro-batch, their model inputs) -> (loss, stats)
+MicroLoss = Callable[[list[int], ModelRows], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class OnPolicyModule(PolicyModule):
@@ -86,6 +87,18 @@ class OnPolicyModule(PolicyModule):
         return self.epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= num_prompts)
 
     @torch.no_grad()
+    def batch_logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        """Log-probs of every row of ``batch`` under ``model`` (the rollout policy or a frozen one), in micro-batches."""
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.response_mask.device)
+        for start in range(0, batch.num_rows, self.micro_batch_size):
+            chunk = slice(start, min(batch.num_rows, start + self.micro_batch_size))
+            rows = batch.rows(chunk)
+            out[chunk] = self.response_logprobs(
+                rows.forward_inputs(), rows.prompt_width, rows.response_mask, self.rollout.temperature, model=model
+            )[0]
+        return out
+
+    @torch.no_grad()
     def rows_logprobs(
         self, model: torch.nn.Module, inputs: dict, width: int, mask: torch.Tensor, n: int, counts
     ) -> torch.Tensor:
@@ -97,7 +110,15 @@ class OnPolicyModule(PolicyModule):
             out[rows] = self.response_logprobs(micro, width, mask[rows], self.rollout.temperature, model=model)[0]
         return out
 
-    def _update(self, inputs: dict, mask: torch.Tensor, n: int, counts, rows: list[int], micro_loss: MicroLoss) -> dict:
+    def _update(self, batch: RolloutBatch, rows: list[int], micro_loss: MicroLoss) -> dict:
+        """The optimizer steps over ``rows`` of ``batch`` (the rows the filters kept)."""
+        return self._optimize(batch.response_mask, batch.n, rows, lambda micro: micro_loss(micro, batch.rows(micro)))
+
+    def _update_inputs(self, inputs: dict, mask: torch.Tensor, n: int, counts, rows: list[int], micro_loss) -> dict:
+        """``_update`` over repeated inputs: OPD's path until it takes the rollout batch too (#26)."""
+        return self._optimize(mask, n, rows, lambda micro: micro_loss(micro, select_rows(inputs, micro, n, counts)))
+
+    def _optimize(self, mask: torch.Tensor, n: int, rows: list[int], loss_of: Callable) -> dict:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         # A mini-batch is the kept rows of ``mini_batch_size`` prompts (filters may have dropped some rows).
         prompts = sorted({row // n for row in rows})
@@ -121,7 +142,7 @@ class OnPolicyModule(PolicyModule):
                 optimizer.zero_grad()
                 for k in range(self._most_over_ranks(len(micros))):
                     micro = micros[k] if k < len(micros) else [0]
-                    loss, stats = micro_loss(micro, select_rows(inputs, micro, n, counts))
+                    loss, stats = loss_of(micro)
                     if k >= len(micros):  # a zero-weight pass, only to take part in the collectives
                         self.manual_backward(loss * 0.0)
                         continue

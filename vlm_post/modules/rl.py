@@ -41,8 +41,7 @@ from vlm_post.losses import (
 )
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.rewards import RewardFn, load_reward_fn
-from vlm_post.rollout import SamplingParams
-from vlm_post.rollout.sequences import policy_inputs
+from vlm_post.rollout import ModelRows, SamplingParams
 
 # Checkpoints keep these dataclasses in their hyperparameters (see base.py).
 torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig, OverlongConfig])
@@ -106,12 +105,9 @@ class RLModule(OnPolicyModule):
     # --- one training step -----------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        examples, prompt, counts = batch["examples"], batch["prompt"], batch["image_counts"]
-        n = self.rollout.n
+        examples, n = batch["examples"], self.rollout.n
         started = time.perf_counter()
-        samples = self.engine.generate(
-            self.policy, prompt, self.rollout, logprobs=self.old_logprobs_source == "sampler"
-        )
+        samples = self.engine.sample(self.policy, batch, self.rollout, logprobs=self.old_logprobs_source == "sampler")
         generated = time.perf_counter()
         rewarded = self.reward_fn(samples.texts, [examples[int(i)] for i in samples.prompt_index])
         task_rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
@@ -123,26 +119,23 @@ class RLModule(OnPolicyModule):
                 lengths, finished, self.rollout.max_new_tokens, self.overlong.buffer, self.overlong.penalty
             )
         rewards = task_rewards + sum(shaping.values(), torch.zeros_like(task_rewards))
-        inputs = policy_inputs(prompt, counts, samples, n)
-        width, mask = prompt["input_ids"].shape[1], samples.response_mask
+        mask = samples.response_mask
         config = self.loss_config
         # One update over the whole rollout batch is exactly on-policy: the old log-probs equal the current
         # ones (ratio 1), so the separate no-grad forward over every row is skipped. A KL reward penalty
         # still needs the policy's log-probs before the update.
-        ref_logprobs = (
-            self.rows_logprobs(self.reference, inputs, width, mask, n, counts) if self.reference is not None else None
-        )
+        ref_logprobs = self.batch_logprobs(self.reference, samples) if self.reference is not None else None
         kl_in_reward = config.kl_mode == "reward" and ref_logprobs is not None
         needs_old = not self.single_update(len(examples)) or kl_in_reward
         old_logprobs = None
         if needs_old and self.old_logprobs_source == "sampler":
-            if samples.logprobs is None:
+            if samples.sampler_logprobs is None:
                 raise ConfigError(
                     "model.old_logprobs: sampler, but the rollout engine reports no log-probs (use recompute)"
                 )
-            old_logprobs = samples.logprobs.to(self.device)
+            old_logprobs = samples.sampler_logprobs.to(self.device)
         elif needs_old:
-            old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts)
+            old_logprobs = self.batch_logprobs(self.policy, samples)
         signal = groups_with_signal(rewards, n)  # on the raw rewards: a KL penalty makes every group differ
         reward_kl = None
         if kl_in_reward:
@@ -158,10 +151,11 @@ class RLModule(OnPolicyModule):
             keep_rows = keep_rows & finished.bool()
         rows = torch.nonzero(keep_rows).flatten().tolist()
 
-        def micro_loss(micro: list[int], micro_inputs: dict) -> tuple[torch.Tensor, dict]:
+        def micro_loss(micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
             logprobs, entropy = self.response_logprobs(  # entropy: logged every step, a bonus if configured
-                micro_inputs, width, mask[micro], self.rollout.temperature, with_entropy=True
-            )
+                rows.forward_inputs(), rows.prompt_width, rows.response_mask, self.rollout.temperature,
+                with_entropy=True,
+            )  # fmt: skip
             return grpo_loss(
                 logprobs,
                 old_logprobs[micro] if old_logprobs is not None else logprobs.detach(),
@@ -172,7 +166,7 @@ class RLModule(OnPolicyModule):
                 entropy=entropy,
             )
 
-        stats = self._update(inputs, mask, n, counts, rows, micro_loss)
+        stats = self._update(samples, rows, micro_loss)
         elapsed = time.perf_counter() - started
         if not self.logs_this_step():
             return

@@ -96,7 +96,7 @@ class RolloutEngine(ABC):
     ) -> RolloutBatch:
         """``generate`` over a collated batch (prompts, images, image counts), as one ``RolloutBatch``."""
         images = [example.images for example in batch["examples"]]
-        rollouts = self.generate(policy, batch["prompt"], params, logprobs, images)
+        rollouts = self.generate(policy, batch["prompt"], params, logprobs=logprobs, images=images)
         return RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, params.n)
 
     def rollouts(self, prompts: int, response: torch.Tensor, n: int, logprobs: torch.Tensor | None) -> Rollouts:
