@@ -394,8 +394,7 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         config = self.eval_config
         params = config.sampling() if config.n else config.greedy_sampling()
         examples, n = batch["examples"], params.n
-        engine = self.evaluation_engine(config)
-        rollouts = engine.generate(self.policy, batch["prompt"], params, images=[e.images for e in examples])
+        rollouts = self.evaluation_engine(config).sample(self.policy, batch, params)
         rows = [
             {"id": example.id, "dataset": example.source, "responses": rollouts.texts[i * n : (i + 1) * n]}
             for i, example in enumerate(examples)

@@ -99,11 +99,20 @@ class RolloutEngine(ABC):
         rollouts = self.generate(policy, batch["prompt"], params, logprobs=logprobs, images=images)
         return RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, params.n)
 
+    @staticmethod
+    def draws(params: SamplingParams) -> int:
+        """Responses an engine draws per prompt: n greedy samples are one sample n times (``rollouts`` repeats it)."""
+        return 1 if params.greedy else params.n
+
     def rollouts(self, prompts: int, response: torch.Tensor, n: int, logprobs: torch.Tensor | None) -> Rollouts:
         """``Rollouts`` of ``prompts`` x ``n`` right-padded responses (rows grouped by prompt).
 
+        ``response`` holds ``n`` rows per prompt, or one (``draws`` of a greedy request), repeated here ``n`` times.
         A response ends at its first stop token, which is kept; everything after it is padding.
         """
+        if response.shape[0] == prompts and n > 1:
+            response = response.repeat_interleave(n, dim=0)
+            logprobs = logprobs.repeat_interleave(n, dim=0) if logprobs is not None else None
         is_stop = torch.isin(response, torch.tensor(self.stop_ids, device=response.device))
         mask = ~((is_stop.cumsum(-1) - is_stop.long()) > 0)
         finished = is_stop.any(-1)

@@ -49,15 +49,11 @@ class HFGenerateEngine(RolloutEngine):
                 if not params.greedy and params.n > 1 and self._can_share_prefill(policy, prompt):
                     output = self._generate_from_shared_prefill(policy, prompt, params.n, common)
                 else:
-                    output = policy.generate(**prompt, **common, num_return_sequences=1 if params.greedy else params.n)
+                    output = policy.generate(**prompt, **common, num_return_sequences=self.draws(params))
         finally:
             policy.train(was_training)
         response = output[:, prompt["input_ids"].shape[1] :]
         sampled_logprobs = recorder.finish(response) if recorder is not None else None
-        if params.greedy and params.n > 1:  # n greedy samples are one sample n times
-            response = response.repeat_interleave(params.n, dim=0)
-            if sampled_logprobs is not None:
-                sampled_logprobs = sampled_logprobs.repeat_interleave(params.n, dim=0)
         return self.rollouts(prompt["input_ids"].shape[0], response, params.n, sampled_logprobs)
 
     @staticmethod

@@ -135,9 +135,8 @@ class VLLMEngine(RolloutEngine):
             if images is not None and images[row]:
                 request["multi_modal_data"] = {"image": list(images[row])}
             prompts.append(request)
-        n = 1 if params.greedy else params.n  # n greedy samples are one sample n times
         sampling = VLLMSamplingParams(
-            n=n,
+            n=self.draws(params),
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
@@ -163,9 +162,6 @@ class VLLMEngine(RolloutEngine):
             if logprobs:
                 values = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
                 sampled_logprobs[row, : len(values)] = torch.tensor(values)
-        if n != params.n:
-            response = response.repeat_interleave(params.n, dim=0)
-            sampled_logprobs = sampled_logprobs.repeat_interleave(params.n, dim=0) if logprobs else None
         device = ids.device
         if sampled_logprobs is not None:
             sampled_logprobs = sampled_logprobs.to(device)
