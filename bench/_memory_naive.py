@@ -19,6 +19,7 @@ from vlm_post.losses.distill import topk_reverse_kl
 from vlm_post.losses.sft import IGNORE_INDEX
 from vlm_post.models.forward import IMAGE_SOURCE
 from vlm_post.modules import DistillModule, RLModule, SFTModule
+from vlm_post.rollout import ModelRows
 from vlm_post.teacher.scoring import HFTeacher
 
 
@@ -65,8 +66,9 @@ class NaiveRL(RLModule):
 
 class NaiveTeacher(HFTeacher):
     @torch.no_grad()
-    def score(self, inputs: dict, prompt_width: int, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        length, mask = response_mask.shape[1], response_mask.bool()
+    def score(self, rows: ModelRows) -> dict[str, torch.Tensor]:
+        inputs, prompt_width = rows.forward_inputs(), rows.prompt_width
+        length, mask = rows.response_mask.shape[1], rows.response_mask.bool()
         logprobs = torch.log_softmax(response_logits(self.model, inputs, prompt_width, length), dim=-1)
         top = logprobs.topk(self.top_k, dim=-1)
         targets = inputs["input_ids"][:, prompt_width : prompt_width + length]

@@ -13,8 +13,7 @@ from vlm_post.data.collate import Collator
 from vlm_post.data.datamodule import ExampleDataset
 from vlm_post.models import forward
 from vlm_post.models.forward import prompt_groups
-from vlm_post.rollout.base import Rollouts
-from vlm_post.rollout.sequences import policy_inputs, select_rows
+from vlm_post.rollout import ModelRows, RolloutBatch
 from vlm_post.teacher.scoring import HFTeacher
 
 pytestmark = pytest.mark.fast
@@ -30,11 +29,11 @@ def examples(demo_data, count: int):
     return [dataset[i] for i in range(count)]
 
 
-def full_forward_scores(teacher: HFTeacher, inputs: dict, width: int, mask: torch.Tensor) -> dict:
+def full_forward_scores(teacher: HFTeacher, rows: ModelRows) -> dict:
     plain = forward.prompt_groups
     forward.prompt_groups = lambda model, inputs, width: None
     try:
-        return teacher.score(inputs, width, mask)
+        return teacher.score(rows)
     finally:
         forward.prompt_groups = plain
 
@@ -53,13 +52,12 @@ def test_rows_sharing_a_prompt_score_as_the_full_forward(teacher, processor, dem
     lengths = torch.tensor([7, 3, 1, 7, 5, 2, 6, 7, 4])  # finished responses are right-padded
     mask = (torch.arange(length)[None] < lengths[:, None]).long()
     response = torch.randint(20, 250, (9, length), generator=torch.Generator().manual_seed(0))
-    rollouts = Rollouts(torch.arange(3).repeat_interleave(n), response, mask, lengths < length, [""] * 9)
-    inputs, width = policy_inputs(prompt, counts, rollouts, n), prompt["input_ids"].shape[1]
+    samples = RolloutBatch(prompt, counts, n, response, mask, lengths < length, [""] * 9)
     # all rows, then a micro-batch that cuts the first prompt's rows
     for rows, leaders in ([list(range(9)), [0, 3, 6]], [[2, 3, 4, 5, 6, 7, 8], [0, 1, 4]]):
-        micro = select_rows(inputs, rows, n, counts)
-        assert prompt_groups(teacher.model, micro, width)[0] == leaders
-        shared, full = teacher.score(micro, width, mask[rows]), full_forward_scores(teacher, micro, width, mask[rows])
+        micro = samples.rows(rows)
+        assert prompt_groups(teacher.model, micro.forward_inputs(), micro.prompt_width)[0] == leaders == micro.leaders
+        shared, full = teacher.score(micro), full_forward_scores(teacher, micro)
         assert torch.equal(shared["topk_ids"], full["topk_ids"])
         for key in ("topk_logprobs", "sampled_logprobs"):
             assert torch.allclose(shared[key], full[key], atol=1e-5), key
@@ -72,11 +70,9 @@ def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
     n, length = 2, 5
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     response = torch.randint(20, 250, (4, length), generator=torch.Generator().manual_seed(1))
-    rollouts = Rollouts(torch.arange(2).repeat_interleave(n), response, mask, mask[:, -1] == 0, [""] * 4)
-    inputs = policy_inputs(batch["prompt"], batch["image_counts"], rollouts, n)
-    width = batch["prompt"]["input_ids"].shape[1]
-    assert prompt_groups(teacher.model, inputs, width)[0] == [0, 2]
-    shared, full = teacher.score(inputs, width, mask), full_forward_scores(teacher, inputs, width, mask)
+    rows = RolloutBatch(batch["prompt"], batch["image_counts"], n, response, mask, mask[:, -1] == 0, [""] * 4).rows()
+    assert prompt_groups(teacher.model, rows.forward_inputs(), rows.prompt_width)[0] == [0, 2] == rows.leaders
+    shared, full = teacher.score(rows), full_forward_scores(teacher, rows)
     assert torch.equal(shared["topk_ids"], full["topk_ids"])
     assert torch.allclose(shared["topk_logprobs"], full["topk_logprobs"], atol=1e-5)
 

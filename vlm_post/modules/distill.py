@@ -40,8 +40,7 @@ from vlm_post.models.loading import Dtype
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.ranges import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_ranges
 from vlm_post.rewards import AccuracyReward
-from vlm_post.rollout import SamplingParams
-from vlm_post.rollout.sequences import policy_inputs, select_rows
+from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
 from vlm_post.teacher import (
     TeacherBatch,
     TeacherCache,
@@ -222,17 +221,18 @@ class DistillModule(OnPolicyModule):
             self._writer.close()
             self._writer = None
 
-    def _row_keys(self, prompt: dict, samples, n: int, examples) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        keys = []
-        for row in range(samples.response_ids.shape[0]):
-            p = row // n
+    def _row_keys(self, samples: RolloutBatch, examples) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Each row's cache key: its example id, its prompt's ids (padding removed) and its response's ids."""
+        prompt, keys = samples.prompt, []
+        for row, p in enumerate(samples.prompt_index.tolist()):
             prompt_ids = prompt["input_ids"][p][prompt["attention_mask"][p].bool()]
             response_ids = samples.response_ids[row][samples.response_mask[row].bool()]
             keys.append((examples[p].id, prompt_ids.cpu(), response_ids.cpu()))
         return keys
 
-    def teacher_scores(self, keys, inputs: dict, width: int, mask: torch.Tensor, n: int, counts) -> TeacherBatch:
+    def teacher_scores(self, keys, samples: RolloutBatch) -> TeacherBatch:
         """Scores of every row: from the cache where it has them, else from the in-process teacher."""
+        mask = samples.response_mask
         scores: list[TeacherScores | None] = [None] * len(keys)
         if self._cache is not None:
             if self.teacher is None:  # an external scorer appends shards while we train
@@ -253,10 +253,10 @@ class DistillModule(OnPolicyModule):
         ]
         for index in range(self._most_over_ranks(len(passes)) if self.sharded else len(passes)):
             if index >= len(passes):  # a sharded teacher's forwards are collectives: join the ranks still scoring
-                self.teacher.score(select_rows(inputs, [0], n, counts), width, mask[[0]])
+                self.teacher.score(samples.rows([0]))
                 continue
             rows = passes[index]
-            scored = self.teacher.score(select_rows(inputs, rows, n, counts), width, mask[rows])
+            scored = self.teacher.score(samples.rows(rows))
             dtype = getattr(torch, self.teacher_config.cache_dtype)
             for i, row in enumerate(rows):
                 valid = mask[row].bool()
@@ -299,25 +299,23 @@ class DistillModule(OnPolicyModule):
     # --- one training step -----------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        examples, prompt, counts = batch["examples"], batch["prompt"], batch["image_counts"]
-        n = self.rollout.n
+        examples = batch["examples"]
         started = time.perf_counter()
-        samples = self.engine.generate(self.policy, prompt, self.rollout)
+        samples = self.engine.sample(self.policy, batch, self.rollout)
         generated = time.perf_counter()
-        inputs = policy_inputs(prompt, counts, samples, n)
-        width, mask = prompt["input_ids"].shape[1], samples.response_mask
-        teacher = self.teacher_scores(self._row_keys(prompt, samples, n, examples), inputs, width, mask, n, counts)
+        mask = samples.response_mask
+        teacher = self.teacher_scores(self._row_keys(samples, examples), samples)
         scored = time.perf_counter()
         config = self.loss_config
         old_logprobs = None
         if config.kind == "sampled" and not self.single_update(len(examples)):
-            old_logprobs = self.rows_logprobs(self.policy, inputs, width, mask, n, counts)
+            old_logprobs = self.batch_logprobs(self.policy, samples)
 
-        def micro_loss(micro: list[int], micro_inputs: dict) -> tuple[torch.Tensor, dict]:
-            micro_mask = mask[micro]
+        def micro_loss(micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
+            micro_mask = rows.response_mask
             if config.kind == "sampled":
                 logprobs, entropy = self.response_logprobs(
-                    micro_inputs, width, micro_mask, self.rollout.temperature, with_entropy=True
+                    rows.forward_inputs(), rows.prompt_width, micro_mask, self.rollout.temperature, with_entropy=True
                 )
                 old = old_logprobs[micro] if old_logprobs is not None else logprobs.detach()
                 loss, stats = sampled_reverse_kl_loss(
@@ -332,7 +330,8 @@ class DistillModule(OnPolicyModule):
                 stats = {**stats, "entropy": entropy[micro_mask.bool()].mean()}
                 return loss, stats
             valid = micro_mask.bool()
-            predicting = response_hidden_states(self.policy, micro_inputs, width, micro_mask.shape[1])[valid]
+            hidden = response_hidden_states(self.policy, rows.forward_inputs(), rows.prompt_width, micro_mask.shape[1])
+            predicting = hidden[valid]
             kl, entropy = topk_reverse_kl_and_entropy_from_hidden(
                 predicting,
                 self.head_weight,
@@ -345,7 +344,7 @@ class DistillModule(OnPolicyModule):
             loss = aggregate(per_token, micro_mask, config.aggregation, self.rollout.max_new_tokens)
             return loss, {"reverse_kl": kl.detach().mean(), "entropy": entropy.detach().mean()}
 
-        stats = self._update_inputs(inputs, mask, n, counts, list(range(mask.shape[0])), micro_loss)
+        stats = self._update(samples, list(range(samples.num_rows)), micro_loss)
         elapsed = time.perf_counter() - started
         if not self.logs_this_step():
             return

@@ -19,8 +19,7 @@ import yaml
 from vlm_post.data import VLMDataModule
 from vlm_post.data.datamodule import ExampleDataset
 from vlm_post.errors import ConfigError
-from vlm_post.rollout.base import Rollouts
-from vlm_post.rollout.sequences import policy_inputs
+from vlm_post.rollout.batch import RolloutBatch
 from vlm_post.teacher.cache_format import _DTYPE_NAMES, TeacherScores, check_cache_teacher
 from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.rollout_files import mark_done, pending_rollout_files, read_rollout_file
@@ -100,13 +99,11 @@ class RolloutScorer:
         for row, record in enumerate(records):
             response[row, : len(record["response_ids"])] = torch.tensor(record["response_ids"])
             mask[row, : len(record["response_ids"])] = 1
-        rollouts = Rollouts(torch.arange(len(records)), response, mask, mask.new_ones(len(records)).bool(), [])
         device = next(self.teacher.model.parameters()).device
-        inputs = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in policy_inputs(prompt, counts, rollouts, 1).items()
-        }
-        scored = self.teacher.score(inputs, prompt["input_ids"].shape[1], mask.to(device))
+        prompt = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompt.items()}
+        mask = mask.to(device)
+        samples = RolloutBatch(prompt, counts, 1, response.to(device), mask, mask.new_ones(len(records)).bool(), [])
+        scored = self.teacher.score(samples.rows())
         added = 0
         for row, record in enumerate(records):
             length = len(record["response_ids"])

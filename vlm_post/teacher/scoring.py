@@ -28,6 +28,7 @@ from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE
 from vlm_post.models.forward import response_hidden_states
 from vlm_post.models.loading import Dtype, check_image_text_to_text, load_policy, load_processor, resolve_model_path
 from vlm_post.models.sharding import is_sharded
+from vlm_post.rollout.batch import ModelRows
 from vlm_post.teacher.fingerprint import TeacherFingerprint, fingerprint_teacher, local_model_dir
 
 # Image preprocessing settings that change the pixel rows or the number of image tokens.
@@ -113,16 +114,16 @@ class HFTeacher:
         return self
 
     @torch.no_grad()
-    def score(self, inputs: dict, prompt_width: int, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def score(self, rows: ModelRows) -> dict[str, torch.Tensor]:
         """Scores of the response positions of one (micro-)batch of prompt + response rows.
 
         Returns ``topk_ids`` (int32, [R, L, k]), ``topk_logprobs`` ([R, L, k]) and ``sampled_logprobs``
-        ([R, L]), fp32, zero where ``response_mask`` is 0.
+        ([R, L]), fp32, zero where ``rows.response_mask`` is 0.
         """
         if self.model is None:
             raise RuntimeError("HFTeacher.score before load()")
-        inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        length, mask = response_mask.shape[1], response_mask.bool()
+        inputs, prompt_width = rows.forward_inputs(), rows.prompt_width
+        length, mask = rows.response_mask.shape[1], rows.response_mask.bool()
         hidden = response_hidden_states(self.model, inputs, prompt_width, length)
         predicting = hidden[mask]
         targets = inputs["input_ids"][:, prompt_width : prompt_width + length][mask]
