@@ -9,7 +9,6 @@ from tests.test_rollout import _batch
 from vlm_post.models.forward import IMAGE_SOURCE, decoder_hidden_states
 from vlm_post.models.loading import load_policy
 from vlm_post.rollout import HFGenerateEngine, SamplingParams
-from vlm_post.rollout.sequences import policy_inputs, select_rows
 
 pytestmark = pytest.mark.fast
 
@@ -23,9 +22,8 @@ def test_each_image_is_encoded_once_with_the_same_values_and_gradients(arch, tin
     batch = _batch(processor)  # 2 prompts with 1 and 2 images
     n = 3
     torch.manual_seed(0)
-    samples = HFGenerateEngine(processor).generate(policy, batch["prompt"], SamplingParams(n=n, max_new_tokens=6))
-    inputs = select_rows(policy_inputs(batch["prompt"], batch["image_counts"], samples, n), [0, 2, 3, 5], n,
-                         batch["image_counts"])  # fmt: skip
+    samples = HFGenerateEngine(processor).sample(policy, batch, SamplingParams(n=n, max_new_tokens=6))
+    inputs = samples.rows([0, 2, 3, 5]).forward_inputs()
     assert inputs[IMAGE_SOURCE].tolist() == [0, 0, 1, 2, 1, 2]  # rows 0, 2 show image 0; rows 3, 5 images 1, 2
 
     patches = []
@@ -62,9 +60,8 @@ def test_rows_sharing_a_prompt_run_it_once_with_the_same_values_and_gradients(ar
     policy = load_policy(str(path))  # train mode, as in the update
     batch, n = _batch(processor), 3
     torch.manual_seed(0)
-    samples = HFGenerateEngine(processor).generate(policy, batch["prompt"], SamplingParams(n=n, max_new_tokens=6))
-    inputs = select_rows(policy_inputs(batch["prompt"], batch["image_counts"], samples, n), [1, 2, 3, 4, 5], n,
-                         batch["image_counts"])  # fmt: skip
+    samples = HFGenerateEngine(processor).sample(policy, batch, SamplingParams(n=n, max_new_tokens=6))
+    inputs = samples.rows([1, 2, 3, 4, 5]).forward_inputs()
     width, mask = batch["prompt"]["input_ids"].shape[1], samples.response_mask[[1, 2, 3, 4, 5]].bool()
     assert forward.prompt_groups(policy, inputs, width)[0] == [0, 2]
     results = []

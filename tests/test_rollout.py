@@ -9,8 +9,7 @@ from PIL import Image
 from vlm_post.data.collate import Collator
 from vlm_post.data.schema import Example
 from vlm_post.models.loading import load_policy
-from vlm_post.rollout import HFGenerateEngine, SamplingParams
-from vlm_post.rollout.sequences import policy_inputs, repeat_prompts
+from vlm_post.rollout import HFGenerateEngine, RolloutBatch, SamplingParams
 
 pytestmark = pytest.mark.fast
 
@@ -31,10 +30,13 @@ def _batch(processor):
     return Collator(processor)(examples)
 
 
-def test_repeat_prompts_groups_pixels_per_prompt(processor):
+def test_rows_repeat_each_prompts_pixels_per_row(processor):
     batch = _batch(processor)
-    prompt = batch["prompt"]
-    repeated = repeat_prompts(prompt, batch["image_counts"], n=3)
+    prompt, n = batch["prompt"], 3
+    response = torch.ones(2 * n, 1, dtype=torch.long)
+    repeated = (
+        RolloutBatch(prompt, batch["image_counts"], n, response, response, response[:, 0].bool(), []).rows().inputs
+    )
     assert repeated["input_ids"].shape[0] == 6
     patches = prompt["image_grid_thw"].prod(-1).tolist()  # [64, 16, 24]: one image, then two
     first, second = prompt["pixel_values"][: patches[0]], prompt["pixel_values"][patches[0] :]
@@ -57,7 +59,7 @@ def test_prompt_plus_response_forward_reproduces_the_sampler_logits(tiny_model, 
             eos_token_id=engine.stop_ids, pad_token_id=engine.pad_token_id, suppress_tokens=engine.banned,
         ).logits  # fmt: skip
         sampler_logits = torch.stack(steps, dim=1).repeat_interleave(n, dim=0)  # (B*n, L, V)
-        inputs = policy_inputs(batch["prompt"], batch["image_counts"], rollouts, n)
+        inputs = RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, n).rows().inputs
         logits = policy(**inputs).logits
     width, length = batch["prompt"]["input_ids"].shape[1], rollouts.response_ids.shape[1]
     rescored = logits[:, width - 1 : width - 1 + length]
@@ -150,7 +152,7 @@ def test_sampler_logprobs_equal_the_policy_forward(temperature, tiny_model, proc
     )
     assert samples.logprobs is not None and samples.logprobs.shape == samples.response_ids.shape
     policy.eval()
-    inputs = policy_inputs(batch["prompt"], batch["image_counts"], samples, 4)
+    inputs = RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], samples, 4).rows().forward_inputs()
     width, mask = batch["prompt"]["input_ids"].shape[1], samples.response_mask.bool()
     with torch.no_grad():
         hidden = decoder_hidden_states(policy, inputs)

@@ -9,8 +9,7 @@ from tests.helpers import examples_with_0_1_2_images
 from vlm_post.data.collate import Collator
 from vlm_post.data.schema import Example
 from vlm_post.models.loading import load_policy
-from vlm_post.rollout import HFGenerateEngine, RolloutBatch, Rollouts, SamplingParams
-from vlm_post.rollout.sequences import policy_inputs
+from vlm_post.rollout import HFGenerateEngine, RolloutBatch, SamplingParams
 
 pytestmark = pytest.mark.fast
 
@@ -81,16 +80,6 @@ def test_rows_state_the_structure_a_forward_may_share(processor):
     assert rows.image_source.tolist() == [0, 1, 0, 1, 2, 2]  # rows 1 and 2 copy images 0 and 1; 6 and 7 image 2
     assert rows.inputs["image_grid_thw"].shape[0] == 6
     assert rows.inputs["pixel_values"].shape[0] == int(rows.inputs["image_grid_thw"].prod(-1).sum())
-
-
-def test_rows_of_every_row_equal_the_old_repeated_inputs(processor):
-    collated, batch = _batch(processor, n=2)
-    rollouts = Rollouts(batch.prompt_index, batch.response_ids, batch.response_mask, batch.finished, batch.texts)
-    old = policy_inputs(collated["prompt"], collated["image_counts"], rollouts, 2)
-    new = batch.rows().inputs
-    assert set(new) == set(old) - {"image_source"}
-    for key, value in new.items():
-        assert torch.equal(value, old[key]), key
 
 
 def test_the_engine_builds_the_batch_once(tiny_model, processor):

@@ -18,8 +18,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: make test-vllm r
 from tests.helpers import examples_with_0_1_2_images  # noqa: E402
 from vlm_post.data.collate import Collator  # noqa: E402
 from vlm_post.models.loading import load_policy, load_processor  # noqa: E402
-from vlm_post.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
-from vlm_post.rollout.sequences import policy_inputs  # noqa: E402
+from vlm_post.rollout import HFGenerateEngine, RolloutBatch, SamplingParams  # noqa: E402
 from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -96,7 +95,7 @@ def test_sampled_tokens_logprobs_equal_an_hf_forward(policy_and_engine, temperat
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16)
     torch.manual_seed(0)
     rollouts = engine.generate(policy, batch["prompt"], params, logprobs=True, images=images)
-    inputs = policy_inputs(batch["prompt"], batch["image_counts"], rollouts, n)
+    inputs = RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, n).rows().inputs
     width = batch["prompt"]["input_ids"].shape[1]
     with torch.no_grad():
         logits = policy(**inputs).logits.float()[:, width - 1 : -1] / temperature

@@ -1,8 +1,8 @@
 """The decoder's last hidden states for a batch of prompt + response rows, with the work shared per prompt.
 
 After sampling, a batch holds n rows per prompt, each with its own copy of the prompt's images
-(``rollout.sequences``). Running the vision encoder on every copy repeats the same work n times, in the
-forward and in the backward. ``rollout.sequences`` marks each image copy with the index of its original
+(``RolloutBatch.rows``). Running the vision encoder on every copy repeats the same work n times, in the
+forward and in the backward. ``RolloutBatch.rows`` marks each image copy with the index of its original
 (``image_source``); for models that take precomputed encoder outputs (transformers' ``mm_encoder_outputs``:
 Qwen2-VL, Qwen2.5-VL) the encoder runs on one copy of each distinct image and its features are shared by
 every row that shows it. Autograd sums the rows' gradients into that one encoder pass, so values and

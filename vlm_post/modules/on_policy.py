@@ -26,7 +26,6 @@ from vlm_post.errors import ConfigError
 from vlm_post.modules.base import PolicyModule
 from vlm_post.ranges import PositiveFloat, PositiveInt
 from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
-from vlm_post.rollout.sequences import select_rows
 
 # (the rows of a micro-batch, their model inputs) -> (loss, stats)
 MicroLoss = Callable[[list[int], ModelRows], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -98,27 +97,9 @@ class OnPolicyModule(PolicyModule):
             )[0]
         return out
 
-    @torch.no_grad()
-    def rows_logprobs(
-        self, model: torch.nn.Module, inputs: dict, width: int, mask: torch.Tensor, n: int, counts
-    ) -> torch.Tensor:
-        """Log-probs of all rows under ``model`` (the rollout policy or a frozen one), in micro-batches."""
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        for start in range(0, mask.shape[0], self.micro_batch_size):
-            rows = slice(start, min(mask.shape[0], start + self.micro_batch_size))
-            micro = select_rows(inputs, rows, n, counts)
-            out[rows] = self.response_logprobs(micro, width, mask[rows], self.rollout.temperature, model=model)[0]
-        return out
-
     def _update(self, batch: RolloutBatch, rows: list[int], micro_loss: MicroLoss) -> dict:
         """The optimizer steps over ``rows`` of ``batch`` (the rows the filters kept)."""
-        return self._optimize(batch.response_mask, batch.n, rows, lambda micro: micro_loss(micro, batch.rows(micro)))
-
-    def _update_inputs(self, inputs: dict, mask: torch.Tensor, n: int, counts, rows: list[int], micro_loss) -> dict:
-        """``_update`` over repeated inputs: OPD's path until it takes the rollout batch too (#26)."""
-        return self._optimize(mask, n, rows, lambda micro: micro_loss(micro, select_rows(inputs, micro, n, counts)))
-
-    def _optimize(self, mask: torch.Tensor, n: int, rows: list[int], loss_of: Callable) -> dict:
+        mask, n = batch.response_mask, batch.n
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         # A mini-batch is the kept rows of ``mini_batch_size`` prompts (filters may have dropped some rows).
         prompts = sorted({row // n for row in rows})
@@ -142,7 +123,7 @@ class OnPolicyModule(PolicyModule):
                 optimizer.zero_grad()
                 for k in range(self._most_over_ranks(len(micros))):
                     micro = micros[k] if k < len(micros) else [0]
-                    loss, stats = loss_of(micro)
+                    loss, stats = micro_loss(micro, batch.rows(micro))
                     if k >= len(micros):  # a zero-weight pass, only to take part in the collectives
                         self.manual_backward(loss * 0.0)
                         continue
