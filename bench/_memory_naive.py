@@ -17,7 +17,6 @@ import torch
 import vlm_post.modules.distill as distill_module
 from vlm_post.losses.distill import topk_reverse_kl
 from vlm_post.losses.sft import IGNORE_INDEX
-from vlm_post.models.forward import IMAGE_SOURCE
 from vlm_post.modules import DistillModule, RLModule, SFTModule
 from vlm_post.rollout import ModelRows
 from vlm_post.teacher.scoring import HFTeacher
@@ -25,13 +24,14 @@ from vlm_post.teacher.scoring import HFTeacher
 
 def full_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """[rows, T, V]: the model's logits at every position (the vision encoder runs on every image copy)."""
-    inputs = {key: value for key, value in inputs.items() if key not in ("labels", IMAGE_SOURCE)}
+    inputs = {key: value for key, value in inputs.items() if key != "labels"}
     return model(**inputs, use_cache=False).logits.float()
 
 
-def response_logits(model: torch.nn.Module, inputs: dict, prompt_width: int, length: int) -> torch.Tensor:
+def response_logits(model: torch.nn.Module, rows: ModelRows) -> torch.Tensor:
     """[rows, length, V]: the logits that predict the response tokens (a view of the full logits)."""
-    return full_logits(model, inputs)[:, prompt_width - 1 : prompt_width - 1 + length]
+    width, length = rows.prompt_width, rows.response_mask.shape[1]
+    return full_logits(model, rows.inputs)[:, width - 1 : width - 1 + length]
 
 
 def full_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,11 +54,10 @@ class NaiveSFT(SFTModule):
 
 
 class NaiveRL(RLModule):
-    def response_logprobs(self, inputs, prompt_width, response_mask, temperature=1.0, with_entropy=False, model=None):
-        length, mask = response_mask.shape[1], response_mask.bool()
-        logits = response_logits(model or self.policy, inputs, prompt_width, length)
-        logprobs = full_log_softmax(logits, temperature)
-        targets = inputs["input_ids"][:, prompt_width : prompt_width + length]
+    def response_logprobs(self, rows, temperature=1.0, with_entropy=False, model=None):
+        mask = rows.response_mask.bool()
+        logprobs = full_log_softmax(response_logits(model or self.policy, rows), temperature)
+        targets = rows.response_ids
         token = logprobs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
         entropy = entropy_metric(logprobs).masked_fill(~mask, 0.0) if with_entropy else None
         return token, entropy
@@ -67,11 +66,10 @@ class NaiveRL(RLModule):
 class NaiveTeacher(HFTeacher):
     @torch.no_grad()
     def score(self, rows: ModelRows) -> dict[str, torch.Tensor]:
-        inputs, prompt_width = rows.forward_inputs(), rows.prompt_width
-        length, mask = rows.response_mask.shape[1], rows.response_mask.bool()
-        logprobs = torch.log_softmax(response_logits(self.model, inputs, prompt_width, length), dim=-1)
+        mask = rows.response_mask.bool()
+        logprobs = torch.log_softmax(response_logits(self.model, rows), dim=-1)
         top = logprobs.topk(self.top_k, dim=-1)
-        targets = inputs["input_ids"][:, prompt_width : prompt_width + length]
+        targets = rows.response_ids
         sampled = logprobs.gather(-1, targets[..., None]).squeeze(-1)
         return {
             "topk_ids": top.indices.to(torch.int32).masked_fill(~mask[..., None], 0),

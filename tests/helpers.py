@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from vlm_post.data import DataSource, VLMDataModule
 from vlm_post.modules import EvalConfig, OptimConfig, SFTModule
+from vlm_post.rollout import ModelRows
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every trainable parameter of ``model``, by name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def unmoved(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """The trainable parameters of ``model`` still equal to ``before`` (``trainable_weights`` taken earlier)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[name])]
+
+
+def unshared_prompts(rows: ModelRows) -> ModelRows:
+    """``rows`` stated as if no two rows shared a prompt: the forward then runs every row's prompt itself."""
+    return dataclasses.replace(rows, leaders=list(range(rows.num_rows)), group=torch.arange(rows.num_rows))
 
 
 def sft_module(model_dir: Path, **kwargs) -> SFTModule:

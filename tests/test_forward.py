@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import unshared_prompts
 from tests.test_rollout import _batch
-from vlm_post.models.forward import IMAGE_SOURCE, decoder_hidden_states
+from vlm_post.models.forward import decoder_hidden_states
 from vlm_post.models.loading import load_policy
 from vlm_post.rollout import HFGenerateEngine, SamplingParams
 
@@ -23,8 +24,8 @@ def test_each_image_is_encoded_once_with_the_same_values_and_gradients(arch, tin
     n = 3
     torch.manual_seed(0)
     samples = HFGenerateEngine(processor).sample(policy, batch, SamplingParams(n=n, max_new_tokens=6))
-    inputs = samples.rows([0, 2, 3, 5]).forward_inputs()
-    assert inputs[IMAGE_SOURCE].tolist() == [0, 0, 1, 2, 1, 2]  # rows 0, 2 show image 0; rows 3, 5 images 1, 2
+    rows = samples.rows([0, 2, 3, 5])
+    assert rows.image_source.tolist() == [0, 0, 1, 2, 1, 2]  # rows 0, 2 show image 0; rows 3, 5 images 1, 2
 
     patches = []
     handle = policy.model.visual.register_forward_pre_hook(lambda module, args: patches.append(args[0].shape[0]))
@@ -32,8 +33,7 @@ def test_each_image_is_encoded_once_with_the_same_values_and_gradients(arch, tin
     try:
         for shared in (True, False):
             policy.zero_grad()
-            rows = inputs if shared else {k: v for k, v in inputs.items() if k != IMAGE_SOURCE}
-            hidden = decoder_hidden_states(policy, rows)
+            hidden = decoder_hidden_states(policy, rows.inputs, rows.image_source if shared else None)
             (hidden.square().mean()).backward()
             grads = {name: p.grad.clone() for name, p in policy.model.visual.named_parameters() if p.grad is not None}
             results.append((hidden.detach(), grads))
@@ -61,20 +61,15 @@ def test_rows_sharing_a_prompt_run_it_once_with_the_same_values_and_gradients(ar
     batch, n = _batch(processor), 3
     torch.manual_seed(0)
     samples = HFGenerateEngine(processor).sample(policy, batch, SamplingParams(n=n, max_new_tokens=6))
-    inputs = samples.rows([1, 2, 3, 4, 5]).forward_inputs()
-    width, mask = batch["prompt"]["input_ids"].shape[1], samples.response_mask[[1, 2, 3, 4, 5]].bool()
-    assert forward.prompt_groups(policy, inputs, width)[0] == [0, 2]
+    rows = samples.rows([1, 2, 3, 4, 5])
+    mask = rows.response_mask.bool()
+    assert rows.leaders == [0, 2] and forward.shares_prompts(policy, rows.inputs, rows)
+    assert not forward.shares_prompts(policy, rows.inputs, unshared_prompts(rows))
     results = []
     for shared in (True, False):
         policy.zero_grad()
-        groups = forward.prompt_groups
-        if not shared:
-            forward.prompt_groups = lambda model, inputs, width: None
-        try:
-            hidden = forward.response_hidden_states(policy, inputs, width, mask.shape[1])
-        finally:
-            forward.prompt_groups = groups
-        targets = inputs["input_ids"][:, width : width + mask.shape[1]][mask]
+        hidden = forward.response_hidden_states(policy, rows if shared else unshared_prompts(rows))
+        targets = rows.response_ids[mask]
         logprobs = token_logprobs(hidden[mask], policy.get_output_embeddings().weight, targets)
         logprobs.sum().backward()
         results.append(

@@ -152,10 +152,11 @@ def test_sampler_logprobs_equal_the_policy_forward(temperature, tiny_model, proc
     )
     assert samples.logprobs is not None and samples.logprobs.shape == samples.response_ids.shape
     policy.eval()
-    inputs = RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], samples, 4).rows().forward_inputs()
+    rows = RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], samples, 4).rows()
+    inputs = rows.inputs
     width, mask = batch["prompt"]["input_ids"].shape[1], samples.response_mask.bool()
     with torch.no_grad():
-        hidden = decoder_hidden_states(policy, inputs)
+        hidden = decoder_hidden_states(policy, inputs, rows.image_source)
     predicting = hidden[:, width - 1 : width - 1 + mask.shape[1]][mask]
     targets = inputs["input_ids"][:, width : width + mask.shape[1]][mask]
     logits = (predicting @ policy.get_output_embeddings().weight.t()) / temperature

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
+from tests.helpers import unshared_prompts
 from vlm_post.data import DataSource
 from vlm_post.data.collate import Collator
 from vlm_post.data.datamodule import ExampleDataset
-from vlm_post.models import forward
-from vlm_post.models.forward import prompt_groups
+from vlm_post.models.forward import shares_prompts
 from vlm_post.rollout import ModelRows, RolloutBatch
 from vlm_post.teacher.scoring import HFTeacher
 
@@ -30,12 +30,7 @@ def examples(demo_data, count: int):
 
 
 def full_forward_scores(teacher: HFTeacher, rows: ModelRows) -> dict:
-    plain = forward.prompt_groups
-    forward.prompt_groups = lambda model, inputs, width: None
-    try:
-        return teacher.score(rows)
-    finally:
-        forward.prompt_groups = plain
+    return teacher.score(unshared_prompts(rows))
 
 
 def test_rows_sharing_a_prompt_score_as_the_full_forward(teacher, processor, demo_data):
@@ -56,7 +51,7 @@ def test_rows_sharing_a_prompt_score_as_the_full_forward(teacher, processor, dem
     # all rows, then a micro-batch that cuts the first prompt's rows
     for rows, leaders in ([list(range(9)), [0, 3, 6]], [[2, 3, 4, 5, 6, 7, 8], [0, 1, 4]]):
         micro = samples.rows(rows)
-        assert prompt_groups(teacher.model, micro.forward_inputs(), micro.prompt_width)[0] == leaders == micro.leaders
+        assert micro.leaders == leaders and shares_prompts(teacher.model, micro.inputs, micro)
         shared, full = teacher.score(micro), full_forward_scores(teacher, micro)
         assert torch.equal(shared["topk_ids"], full["topk_ids"])
         for key in ("topk_logprobs", "sampled_logprobs"):
@@ -71,7 +66,7 @@ def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     response = torch.randint(20, 250, (4, length), generator=torch.Generator().manual_seed(1))
     rows = RolloutBatch(batch["prompt"], batch["image_counts"], n, response, mask, mask[:, -1] == 0, [""] * 4).rows()
-    assert prompt_groups(teacher.model, rows.forward_inputs(), rows.prompt_width)[0] == [0, 2] == rows.leaders
+    assert rows.leaders == [0, 2] and shares_prompts(teacher.model, rows.inputs, rows)
     shared, full = teacher.score(rows), full_forward_scores(teacher, rows)
     assert torch.equal(shared["topk_ids"], full["topk_ids"])
     assert torch.allclose(shared["topk_logprobs"], full["topk_logprobs"], atol=1e-5)
@@ -80,7 +75,9 @@ def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
 def test_prompts_with_the_same_text_and_other_images_are_not_shared(teacher, processor, demo_data):
     batch = Collator(processor)(examples(demo_data, 4))
     assert len(set(Collator(processor).prompt_texts(batch["examples"]))) == 1
-    assert prompt_groups(teacher.model, batch["prompt"], batch["prompt"]["input_ids"].shape[1]) is None
+    response = torch.ones(4, 1, dtype=torch.long)
+    rows = RolloutBatch(batch["prompt"], batch["image_counts"], 1, response, response, response[:, 0].bool(), []).rows()
+    assert rows.leaders == [0, 1, 2, 3] and not shares_prompts(teacher.model, rows.inputs, rows)
 
 
 def test_topk_logprobs_equal_the_full_log_softmax():

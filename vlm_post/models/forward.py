@@ -8,8 +8,8 @@ Qwen2-VL, Qwen2.5-VL) the encoder runs on one copy of each distinct image and it
 every row that shows it. Autograd sums the rows' gradients into that one encoder pass, so values and
 gradients equal those of the repeated computation. Other models get the copies as before.
 
-``response_hidden_states`` goes further where the rows come as runs of copies of one prompt (n samples):
-for the models whose 3D positions we know how to carry over (Qwen2-VL, Qwen2.5-VL, as in the rollout
+``response_hidden_states`` goes further where rows share a prompt (n samples; ``ModelRows.leaders``, known since
+sampling): for the models whose 3D positions we know how to carry over (Qwen2-VL, Qwen2.5-VL, as in the rollout
 engine) it runs each distinct prompt once, repeats its KV cache over the prompt's rows and runs only the
 responses on top, with gradients through the shared prompt. Same values and gradients up to float rounding
 (tests/test_forward.py) for about n times less prompt work; anything else takes the full forward.
@@ -18,17 +18,26 @@ responses on top, with gradients through the shared prompt. Same values and grad
 from __future__ import annotations
 
 import inspect
+import itertools
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlm_post.models.sharding import as_root_forward, is_sharded
 
-IMAGE_SOURCE = "image_source"  # per image in the batch: the index of the original it copies (not a model input)
+if TYPE_CHECKING:
+    from vlm_post.rollout.batch import ModelRows
+
 # Models whose 3D (mrope) positions continue from a shared prompt: the base model keeps the prompt's
 # position offsets in ``rope_deltas`` (the rollout engine's shared prefill relies on the same).
 SHARED_PREFILL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 # Per-token processor outputs, cut to the prompt and repeated per row; the rest (pixels, grids) are per image.
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def patch_starts(image_grid_thw: torch.Tensor) -> list[int]:
+    """Where each image's rows start in ``pixel_values``, and one entry more: the end of the last image."""
+    return [0, *image_grid_thw.prod(-1).cumsum(0).tolist()]
 
 
 def _accepts_encoder_outputs(base: torch.nn.Module) -> bool:
@@ -41,13 +50,12 @@ def _accepts_encoder_outputs(base: torch.nn.Module) -> bool:
     return cached
 
 
-def shared_image_features(base: torch.nn.Module, inputs: dict) -> dict:
+def shared_image_features(base: torch.nn.Module, inputs: dict, image_source: torch.Tensor) -> dict:
     """``inputs`` with ``pixel_values`` replaced by features computed once per distinct image."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    sources = inputs[IMAGE_SOURCE].tolist()
-    grids = inputs["image_grid_thw"]
-    starts = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)]).tolist()
+    sources = image_source.tolist()
+    grids, starts = inputs["image_grid_thw"], patch_starts(inputs["image_grid_thw"])
     first: dict[int, int] = {}
     for position, source in enumerate(sources):
         first.setdefault(source, position)
@@ -56,45 +64,52 @@ def shared_image_features(base: torch.nn.Module, inputs: dict) -> dict:
     features = base.get_image_features(pixels, grids[distinct], return_dict=True).pooler_output
     slot = {source: k for k, source in enumerate(first)}
     per_image = tuple(features[slot[source]] for source in sources)
-    out = {k: v for k, v in inputs.items() if k not in (IMAGE_SOURCE, "pixel_values")}
+    out = {k: v for k, v in inputs.items() if k != "pixel_values"}
     out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_image)}
     return out
 
 
-def decoder_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """Last hidden states of an image-text-to-text model (its base ``model``), vocabulary projection left out."""
-    return as_root_forward(model, _decoder_hidden_states, model, inputs)
+def decoder_hidden_states(
+    model: torch.nn.Module, inputs: dict, image_source: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Last hidden states of an image-text-to-text model (its base ``model``), vocabulary projection left out.
+
+    ``image_source``: per image of ``inputs``, the index of the image it copies (``ModelRows.image_source``);
+    each distinct image is then encoded once. None: every image is encoded.
+    """
+    return as_root_forward(model, _decoder_hidden_states, model, inputs, image_source)
 
 
-def _decoder_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+def _decoder_hidden_states(model: torch.nn.Module, inputs: dict, image_source: torch.Tensor | None) -> torch.Tensor:
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     base = model.model
-    shareable = IMAGE_SOURCE in inputs and inputs.get("pixel_values") is not None and inputs["pixel_values"].numel()
     if (
-        shareable
+        image_source is not None
+        and inputs.get("pixel_values") is not None
+        and inputs["pixel_values"].numel()
         and _accepts_encoder_outputs(base)
-        and len(set(inputs[IMAGE_SOURCE].tolist())) < len(inputs[IMAGE_SOURCE])
+        and len(set(image_source.tolist())) < len(image_source)
     ):
-        inputs = shared_image_features(base, inputs)
-    else:
-        inputs.pop(IMAGE_SOURCE, None)
+        inputs = shared_image_features(base, inputs, image_source)
     return base(**inputs, use_cache=False).last_hidden_state
 
 
-def response_hidden_states(model: torch.nn.Module, inputs: dict, prompt_width: int, length: int) -> torch.Tensor:
-    """[R, length, H]: entry j is the hidden state that predicts response token j (at ``prompt_width + j - 1``)."""
-    return as_root_forward(model, _response_hidden_states, model, inputs, prompt_width, length)
+def response_hidden_states(model: torch.nn.Module, rows: ModelRows) -> torch.Tensor:
+    """[R, L, H]: entry j of a row is the hidden state that predicts its response token j (at
+    ``rows.prompt_width + j - 1``). Rows that share a prompt (``rows.leaders``) run it once where the model allows."""
+    # The inputs go through as_root_forward apart from the rows: FSDP casts a root forward's tensor arguments.
+    return as_root_forward(model, _response_hidden_states, model, rows.inputs, rows)
 
 
-def _response_hidden_states(model: torch.nn.Module, inputs: dict, prompt_width: int, length: int) -> torch.Tensor:
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    groups = None if _checkpointing(model) else prompt_groups(model, inputs, prompt_width)
-    if is_sharded(model) and not _all_ranks_agree(groups is not None, inputs["input_ids"].device):
-        groups = None  # FSDP gathers per forward call: every rank must take the same path (two calls or one)
-    if groups is not None:
-        return shared_prompt_hidden_states(model, inputs, prompt_width, length, *groups)
-    hidden = _decoder_hidden_states(model, inputs)
-    return hidden[:, prompt_width - 1 : prompt_width - 1 + length]
+def _response_hidden_states(model: torch.nn.Module, inputs: dict, rows: ModelRows) -> torch.Tensor:
+    width, length = rows.prompt_width, rows.response_mask.shape[1]
+    shared = not _checkpointing(model) and shares_prompts(model, inputs, rows)
+    if is_sharded(model) and not _all_ranks_agree(shared, inputs["input_ids"].device):
+        shared = False  # FSDP gathers per forward call: every rank must take the same path (two calls or one)
+    if shared:
+        return shared_prompt_hidden_states(model, inputs, rows)
+    hidden = _decoder_hidden_states(model, inputs, rows.image_source)
+    return hidden[:, width - 1 : width - 1 + length]
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
@@ -118,82 +133,40 @@ def _checkpointing(model: torch.nn.Module) -> bool:
     return bool(getattr(model, flag, False))
 
 
-def prompt_groups(model: torch.nn.Module, inputs: dict, prompt_width: int) -> tuple[list[int], torch.Tensor] | None:
-    """(first row of each distinct prompt, index of each row's prompt among them) when some consecutive rows
-    share their prompt (ids, per-token inputs and pixel rows) and the shared forward applies; else None."""
-    ids, base = inputs["input_ids"], getattr(model, "model", None)
+def shares_prompts(model: torch.nn.Module, inputs: dict, rows: ModelRows) -> bool:
+    """Whether the shared-prompt forward applies: some rows share a prompt (the batch knows which), and what the
+    batch cannot know holds: a model whose positions carry over, left-padded prompts, only inputs we can cut."""
+    base = getattr(model, "model", None)
+    if len(rows.leaders) == rows.num_rows or rows.prompt_width < 1:
+        return False
     if model.config.model_type not in SHARED_PREFILL_MODEL_TYPES or not hasattr(base, "rope_deltas"):
-        return None
-    rows = ids.shape[0]
-    if rows < 2 or prompt_width < 1 or not bool(inputs["attention_mask"][:, prompt_width - 1].all()):
-        return None  # the prompts must be left-padded: the prompt's last column is every row's last prompt token
-    known = set(PER_TOKEN_KEYS) | {"pixel_values", "image_grid_thw", IMAGE_SOURCE}
+        return False
+    width = rows.prompt_width
+    if not bool(inputs["attention_mask"][:, width - 1].all()):
+        return False  # the prompts must be left-padded: the prompt's last column is every row's last prompt token
+    known = set(PER_TOKEN_KEYS) | {"pixel_values", "image_grid_thw"}
     if any(key not in known for key, value in inputs.items() if isinstance(value, torch.Tensor)):
-        return None  # an input we would not know how to cut and repeat (videos, ...)
+        return False  # an input we would not know how to cut and repeat (videos, ...)
     token_types = inputs.get("mm_token_type_ids")
-    if token_types is not None and bool(token_types[:, prompt_width - 1].any()):
-        return None
-    pixels = _row_images(model, inputs, prompt_width)
-    if pixels is None:
-        return None
-    per_token = [inputs[key][:, :prompt_width] for key in PER_TOKEN_KEYS if key in inputs]
-    leaders, group = [0], [0]
-    for row in range(1, rows):
-        same = all(torch.equal(value[row], value[row - 1]) for value in per_token)
-        if not (same and _same_images(pixels[row], pixels[row - 1])):
-            leaders.append(row)
-        group.append(len(leaders) - 1)
-    if len(leaders) == rows:
-        return None
-    return leaders, torch.tensor(group, device=ids.device)
+    return token_types is None or not bool(token_types[:, width - 1].any())
 
 
-def _row_images(model: torch.nn.Module, inputs: dict, prompt_width: int) -> list[tuple] | None:
-    """Per row, its images' (grid, pixel rows), in order; None when the image tokens do not add up."""
-    rows = inputs["input_ids"].shape[0]
-    if "image_grid_thw" not in inputs:
-        return [() for _ in range(rows)]
-    config = model.config
-    merge = config.vision_config.spatial_merge_size
-    grids = inputs["image_grid_thw"]
-    tokens_per_image = (grids.prod(-1) // merge**2).tolist()
-    patch_starts = [0] + grids.prod(-1).cumsum(0).tolist()
-    tokens_per_row = (inputs["input_ids"][:, :prompt_width] == config.image_token_id).sum(-1).tolist()
-    out, image = [], 0
-    for wanted in tokens_per_row:
-        mine = []
-        while wanted > 0 and image < len(tokens_per_image):
-            wanted -= tokens_per_image[image]
-            mine.append(image)
-            image += 1
-        if wanted != 0:
-            return None
-        out.append(tuple(mine))
-    if image != len(tokens_per_image):
-        return None
-    pixel_values = inputs["pixel_values"]
-    return [tuple((grids[i], pixel_values[patch_starts[i] : patch_starts[i + 1]]) for i in images) for images in out]
-
-
-def _same_images(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(torch.equal(ga, gb) and torch.equal(pa, pb) for (ga, pa), (gb, pb) in zip(a, b))
-
-
-def shared_prompt_hidden_states(
-    model: torch.nn.Module, inputs: dict, prompt_width: int, length: int, leaders: list[int], group: torch.Tensor
-) -> torch.Tensor:
+def shared_prompt_hidden_states(model: torch.nn.Module, inputs: dict, rows: ModelRows) -> torch.Tensor:
     """``response_hidden_states`` with each distinct prompt run once: its KV cache is repeated over its rows
     (differentiably: the rows' gradients meet in the one prompt pass), then the responses run on top with
     the positions ``generate`` would give them."""
     from transformers import DynamicCache
 
     base = model.model
+    width, length, leaders, group = rows.prompt_width, rows.response_mask.shape[1], rows.leaders, rows.group
     cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    prompt = {key: inputs[key][leaders, :prompt_width] for key in PER_TOKEN_KEYS if key in inputs}
+    prompt = {key: inputs[key][leaders, :width] for key in PER_TOKEN_KEYS if key in inputs}
     if "image_grid_thw" in inputs:
-        images = [image for row in leaders for image in _row_images(model, inputs, prompt_width)[row]]
-        prompt["image_grid_thw"] = torch.stack([grid for grid, _ in images])
-        prompt["pixel_values"] = torch.cat([rows for _, rows in images])
+        first_image = [0, *itertools.accumulate(rows.image_counts)]
+        images = [i for row in leaders for i in range(first_image[row], first_image[row + 1])]
+        starts = patch_starts(inputs["image_grid_thw"])
+        prompt["image_grid_thw"] = inputs["image_grid_thw"][images]
+        prompt["pixel_values"] = torch.cat([inputs["pixel_values"][starts[i] : starts[i + 1]] for i in images])
     cache = DynamicCache(config=model.config)
     base.rope_deltas = None  # computed afresh by the prompt forward, for these prompts
     try:
@@ -205,14 +178,14 @@ def shared_prompt_hidden_states(
     if length == 1:
         return last
     cache.batch_select_indices(group)
-    end = prompt_width + length - 1  # the last response token predicts nothing we score
+    end = width + length - 1  # the last response token predicts nothing we score
     attention = inputs["attention_mask"][:, :end]
     positions = None
     if deltas is not None:
-        text_positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, prompt_width:]
+        text_positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, width:]
         positions = (text_positions + deltas[group].to(text_positions.device)).unsqueeze(0).expand(3, -1, -1)
     out = base(
-        input_ids=inputs["input_ids"][:, prompt_width:end],
+        input_ids=inputs["input_ids"][:, width:end],
         attention_mask=attention,
         position_ids=positions,
         use_cache=True,

@@ -58,7 +58,7 @@ from vlm_post.ranges import (
     plain_values,
 )
 from vlm_post.rewards import grading_stats
-from vlm_post.rollout import HFGenerateEngine, RolloutEngine
+from vlm_post.rollout import HFGenerateEngine, ModelRows, RolloutEngine
 from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine
 
 
@@ -291,24 +291,17 @@ class PolicyModule(NonFiniteGuard, LightningModule):
 
     def response_logprobs(
         self,
-        inputs: dict,
-        prompt_width: int,
-        response_mask: torch.Tensor,
+        rows: ModelRows,
         temperature: float = 1.0,
         with_entropy: bool = False,
         model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs (and entropy) of the response tokens, shaped like ``response_mask`` (rows, L).
-
-        The hidden state that predicts response token j sits at ``prompt_width + j - 1``;
-        only masked positions are projected onto the vocabulary, in chunks.
-        """
+        """Per-token log-probs (and entropy) of the response tokens of ``rows``, shaped like their
+        ``response_mask`` (rows, L); only masked positions are projected onto the vocabulary, in chunks."""
         model = model or self.policy
-        length = response_mask.shape[1]
-        mask = response_mask.bool()
-        hidden = response_hidden_states(model, inputs, prompt_width, length)  # each shared prompt runs once
-        predicting = hidden[mask]
-        targets = inputs["input_ids"][:, prompt_width : prompt_width + length][mask]
+        mask = rows.response_mask.bool()
+        predicting = response_hidden_states(model, rows)[mask]  # each shared prompt runs once
+        targets = rows.response_ids[mask]
         logprobs, entropy = token_logprobs_and_entropy(
             predicting,
             model.get_output_embeddings().weight,
@@ -319,7 +312,7 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         )
         if model is not self.policy and is_sharded(model):
             model.reshard()  # a frozen model's root stays gathered after forward (FSDP2 keeps it for a backward)
-        full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        full = torch.zeros(mask.shape, dtype=torch.float32, device=predicting.device)
         out_logprobs = full.masked_scatter(mask, logprobs)
         out_entropy = full.masked_scatter(mask, entropy) if with_entropy else None
         return out_logprobs, out_entropy

@@ -314,9 +314,7 @@ class DistillModule(OnPolicyModule):
         def micro_loss(micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
             micro_mask = rows.response_mask
             if config.kind == "sampled":
-                logprobs, entropy = self.response_logprobs(
-                    rows.forward_inputs(), rows.prompt_width, micro_mask, self.rollout.temperature, with_entropy=True
-                )
+                logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
                 old = old_logprobs[micro] if old_logprobs is not None else logprobs.detach()
                 loss, stats = sampled_reverse_kl_loss(
                     logprobs,
@@ -330,8 +328,7 @@ class DistillModule(OnPolicyModule):
                 stats = {**stats, "entropy": entropy[micro_mask.bool()].mean()}
                 return loss, stats
             valid = micro_mask.bool()
-            hidden = response_hidden_states(self.policy, rows.forward_inputs(), rows.prompt_width, micro_mask.shape[1])
-            predicting = hidden[valid]
+            predicting = response_hidden_states(self.policy, rows)[valid]
             kl, entropy = topk_reverse_kl_and_entropy_from_hidden(
                 predicting,
                 self.head_weight,

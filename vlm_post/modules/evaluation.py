@@ -207,11 +207,7 @@ def sampled_token_entropy(module, samples: RolloutBatch, config: EvalConfig) -> 
     step = max(1, config.forward_batch_size)
     for start in range(0, samples.num_rows, step):
         chunk = slice(start, min(samples.num_rows, start + step))
-        rows = samples.rows(chunk)
-        _, entropy = module.response_logprobs(
-            rows.forward_inputs(), rows.prompt_width, rows.response_mask, temperature=config.temperature,
-            with_entropy=True,
-        )  # fmt: skip
+        _, entropy = module.response_logprobs(samples.rows(chunk), temperature=config.temperature, with_entropy=True)
         out[chunk] = entropy
     return out
 

@@ -91,10 +91,7 @@ class OnPolicyModule(PolicyModule):
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.response_mask.device)
         for start in range(0, batch.num_rows, self.micro_batch_size):
             chunk = slice(start, min(batch.num_rows, start + self.micro_batch_size))
-            rows = batch.rows(chunk)
-            out[chunk] = self.response_logprobs(
-                rows.forward_inputs(), rows.prompt_width, rows.response_mask, self.rollout.temperature, model=model
-            )[0]
+            out[chunk] = self.response_logprobs(batch.rows(chunk), self.rollout.temperature, model=model)[0]
         return out
 
     def _update(self, batch: RolloutBatch, rows: list[int], micro_loss: MicroLoss) -> dict:

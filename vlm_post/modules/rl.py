@@ -152,10 +152,8 @@ class RLModule(OnPolicyModule):
         rows = torch.nonzero(keep_rows).flatten().tolist()
 
         def micro_loss(micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
-            logprobs, entropy = self.response_logprobs(  # entropy: logged every step, a bonus if configured
-                rows.forward_inputs(), rows.prompt_width, rows.response_mask, self.rollout.temperature,
-                with_entropy=True,
-            )  # fmt: skip
+            # entropy: logged every step, a bonus if configured
+            logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
             return grpo_loss(
                 logprobs,
                 old_logprobs[micro] if old_logprobs is not None else logprobs.detach(),

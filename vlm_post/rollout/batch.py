@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vlm_post.models.forward import patch_starts
+
 if TYPE_CHECKING:
     from vlm_post.rollout.base import Rollouts
 
@@ -22,18 +24,15 @@ IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 RowIndex = Sequence[int] | slice | torch.Tensor | None
 
 
-def patch_starts(image_grid_thw: torch.Tensor) -> list[int]:
-    """Where each image's rows start in ``pixel_values``, and one entry more: the end of the last image."""
-    return [0, *image_grid_thw.prod(-1).cumsum(0).tolist()]
-
-
 @dataclass
 class ModelRows:
     """Model inputs of R rows of prompt + response, and the structure a forward may share.
 
     ``inputs``: the (R, W + L) inputs of a plain forward, each row with its own copy of its prompt and images;
     the hidden state that predicts response token j of a row sits at position ``prompt_width + j - 1``.
-    ``image_source``: per image of ``inputs``, the index of the batch image it copies (None without images).
+    ``image_counts``: images per row (a row's images follow the previous rows' in ``inputs``).
+    ``image_source``: per image of ``inputs``, the index of the batch image it copies (None without images), so
+    that a forward encodes each distinct image once.
     ``leaders``: the first row of each run of consecutive rows that answer the same prompt; ``group[r]`` is
     row r's run. Rows of one prompt share the prompt's ids, per-token inputs and images exactly.
     """
@@ -41,6 +40,7 @@ class ModelRows:
     inputs: dict
     prompt_width: int
     response_mask: torch.Tensor
+    image_counts: list[int]
     image_source: torch.Tensor | None
     leaders: list[int]
     group: torch.Tensor
@@ -49,14 +49,10 @@ class ModelRows:
     def num_rows(self) -> int:
         return self.response_mask.shape[0]
 
-    def forward_inputs(self) -> dict:
-        """``inputs`` plus the image sources under the key today's forward reads them by (``models.forward``), so
-        that it encodes each distinct image once. Goes when the forward takes ``ModelRows`` itself."""
-        from vlm_post.models.forward import IMAGE_SOURCE
-
-        if self.image_source is None:
-            return dict(self.inputs)
-        return {**self.inputs, IMAGE_SOURCE: self.image_source}
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """(R, L) the response tokens (padding after a response's end is 0, masked out)."""
+        return self.inputs["input_ids"][:, self.prompt_width :]
 
 
 @dataclass
@@ -157,7 +153,8 @@ class RolloutBatch:
             image_source = torch.tensor(images, dtype=torch.long)
         leaders = [r for r in range(len(prompts)) if r == 0 or prompts[r] != prompts[r - 1]]
         group = torch.tensor(_runs(prompts), dtype=torch.long, device=response_ids.device)
-        return ModelRows(inputs, width, response_mask, image_source, leaders, group)
+        image_counts = [self.image_counts[p] for p in prompts]
+        return ModelRows(inputs, width, response_mask, image_counts, image_source, leaders, group)
 
     def _index(self, idx: RowIndex) -> torch.Tensor:
         every = torch.arange(self.num_rows)

@@ -122,11 +122,10 @@ class HFTeacher:
         """
         if self.model is None:
             raise RuntimeError("HFTeacher.score before load()")
-        inputs, prompt_width = rows.forward_inputs(), rows.prompt_width
         length, mask = rows.response_mask.shape[1], rows.response_mask.bool()
-        hidden = response_hidden_states(self.model, inputs, prompt_width, length)
+        hidden = response_hidden_states(self.model, rows)
         predicting = hidden[mask]
-        targets = inputs["input_ids"][:, prompt_width : prompt_width + length][mask]
+        targets = rows.response_ids[mask]
         weight = self.model.get_output_embeddings().weight
         ids, values, sampled = topk_logprobs(predicting, weight, targets, self.top_k, self.chunk_size)
         if is_sharded(self.model):
