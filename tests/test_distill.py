@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.helpers import demo_datamodule, trainer
+from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved
 from tests.test_teacher_cache import snapshot
 from vlm_post.errors import ConfigError
 from vlm_post.modules import DistillLossConfig, DistillModule, EvalConfig, OptimConfig, TeacherConfig
@@ -62,11 +62,13 @@ def test_opd_step_trains_the_student_and_logs(tiny_model, tiny_teacher, demo_dat
         mini_batch_size=2,
     )
     module.configure_model()
-    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    before = trainable_weights(module.policy)
     record = Record()
     trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
     assert module.trainer.global_step == 4  # 4 prompts, mini-batches of 2, 2 epochs: 4 updates per round
-    assert any(not torch.equal(v, before[k]) for k, v in module.policy.state_dict().items()), "no weight moved"
+    assert before and not unmoved(module.policy, before), (
+        f"trainable weights that did not move: {unmoved(module.policy, before)}"
+    )
     logged = record.metrics[-1]
     for key in (
         "train/reverse_kl",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.helpers import demo_datamodule, trainer
+from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved
 from vlm_post.errors import ConfigError, RunStopped
 from vlm_post.losses import GRPOLossConfig, OverlongConfig
 from vlm_post.modules import EvalConfig, OptimConfig, RLModule
@@ -54,13 +54,14 @@ def test_rl_step_updates_the_policy_and_logs(tiny_model, demo_data, tmp_path, kl
         epochs=2,
     )
     module.configure_model()
-    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    before = trainable_weights(module.policy)
     record = Record()
     trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
     # 4 prompts, mini-batches of 2 prompts, 2 epochs: 4 optimizer steps per rollout batch.
     assert module.trainer.global_step == 4
-    changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
-    assert changed, "no weight moved"
+    assert before and not unmoved(module.policy, before), (
+        f"trainable weights that did not move: {unmoved(module.policy, before)}"
+    )
     logged = record.metrics[-1]
     for key in (
         "train/reward_mean",
