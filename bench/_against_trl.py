@@ -82,6 +82,22 @@ class Probe:
 
         return wrapper
 
+    def timed_outside(self, key: str, fn, inner: str):
+        """``fn`` timed as ``key``, less what the hooks timed as ``inner`` during the call: e.g. a log-prob call less
+        its model forward is the head."""
+
+        def wrapper(*args, **kwargs):
+            start = self.now()
+            before = {clock: self.current.get(inner + clock, 0.0) for clock in CLOCKS}
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(key, start)
+                for clock in CLOCKS:
+                    self.current[key + clock] -= self.current.get(inner + clock, 0.0) - before[clock]
+
+        return wrapper
+
     def timed_generation(self, fn):
         """``fn`` timed as ``generate``; the student's forward calls inside it count as generation."""
         timed = self.timed("generate", fn)
@@ -130,17 +146,19 @@ class Probe:
         if processor_class is not None:
             processor_class.__call__ = self.timed("preprocess", processor_class.__call__)
 
-    def time_rollouts(self, engine) -> None:
-        """Our side: generation is the rollout engine's whole call (it may prefill outside model.generate), and
-        the step's tokens are counted from the prompt's attention mask and the rollouts' lengths."""
-        engine_generate = engine.generate
+    def timed_engine(self, engine_class: type) -> type:
+        """Our side: a subclass of the rollout engine class whose ``sample`` (the engine's whole call: it may
+        prefill outside model.generate) is timed as generation, and counts the step's tokens from the batch it
+        returns (the prompts' attention mask, n times, and the responses' lengths)."""
+        probe = self
 
-        def counting_generate(policy, prompt, params, **kwargs):
-            rollouts = engine_generate(policy, prompt, params, **kwargs)
-            self.tokens = (int(prompt["attention_mask"].sum()) * params.n, int(rollouts.lengths.sum()))
-            return rollouts
+        class TimedEngine(engine_class):
+            def sample(self, policy, batch, params, logprobs=False):
+                samples = probe.timed_generation(super().sample)(policy, batch, params, logprobs)
+                probe.tokens = (int(samples.prompt["attention_mask"].sum()) * samples.n, int(samples.lengths.sum()))
+                return samples
 
-        engine.generate = self.timed_generation(counting_generate)
+        return TimedEngine
 
     def start_step(self) -> None:
         self.step_started = time.perf_counter()

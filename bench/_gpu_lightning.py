@@ -100,7 +100,6 @@ def make_timer(stage: str, warmup: int, image_token_id: int, fail: bool = False)
             if self.first_batch_at is None:
                 self.first_batch_at = time.perf_counter()
             self.current = {"index": len(self.steps), "gen_s": 0.0, "reward_s": 0.0}
-            self.current["image_counts"] = [int(c) for c in batch.get("image_counts", [])]
             if "sft" in batch:
                 sft = batch["sft"]
                 self.current.update(
@@ -150,54 +149,61 @@ def make_timer(stage: str, warmup: int, image_token_id: int, fail: bool = False)
     return StepTimer()
 
 
-def instrument_rl(module, timer) -> None:
-    """Time the rollout engine's generate and the reward function, and keep what the FLOP model needs."""
-    engine, reward_fn = module.engine, module.reward_fn
-    generate = engine.generate
+def timed_rl_module(timer, **kwargs):
+    """An RLModule (``kwargs``: its options, the reward aside) whose rollout engine and reward are timed, keeping
+    what the FLOP model needs: subclasses of the project's engine and reward, nothing patched."""
+    from vlm_post.modules import RLModule
+    from vlm_post.rewards import MathReward
+    from vlm_post.rollout import HFGenerateEngine
 
-    def timed_generate(policy, prompt, params, **kwargs):  # kwargs: RLModule's own, e.g. logprobs=
-        share = getattr(engine, "_can_share_prefill", None)
-        shared = bool(share is not None and not params.greedy and params.n > 1 and share(policy, prompt))
-        synchronize()
-        started = time.perf_counter()
-        samples = generate(policy, prompt, params, **kwargs)
-        synchronize()
-        step = timer.current
-        step["gen_s"] = step.get("gen_s", 0.0) + time.perf_counter() - started
-        n = params.n
-        counts = timer.current.get("image_counts") or None
-        prompt_lens = [int(x) for x in prompt["attention_mask"].sum(-1).tolist()]
-        grids = prompt["image_grid_thw"].tolist() if "image_grid_thw" in prompt else []
-        # images per prompt: the grids in order, image_counts[i] of them for prompt i
-        per_prompt, start = [], 0
-        for count in counts or [len(grids) // max(1, len(prompt_lens))] * len(prompt_lens):
-            per_prompt.append(grids[start : start + count])
-            start += count
-        row_prompt_lens = [p for p in prompt_lens for _ in range(n)]  # each prompt's figures once per sample
-        row_grids = [g for images in per_prompt for _ in range(n) for g in images]
-        response = samples.response_mask
-        step.update(
-            rows=int(response.shape[0]),
-            decode_steps=int(response.shape[1]),
-            response_tokens=int(response.sum()),
-            response_lens=[int(x) for x in response.sum(-1).tolist()],
-            prompt_lens=row_prompt_lens,
-            grids=row_grids,
-            finished=int(samples.finished.sum()),
-            shared_prefill=shared,
-            prefill_lens=prompt_lens if shared else row_prompt_lens,
-            prefill_grids=grids if shared else row_grids,
-        )
-        return samples
+    class TimedReward(MathReward):
+        def __call__(self, responses, examples):
+            started = time.perf_counter()
+            try:
+                return super().__call__(responses, examples)
+            finally:
+                timer.current["reward_s"] = timer.current.get("reward_s", 0.0) + time.perf_counter() - started
 
-    def timed_reward(texts, examples):
-        started = time.perf_counter()
-        out = reward_fn(texts, examples)
-        timer.current["reward_s"] = timer.current.get("reward_s", 0.0) + time.perf_counter() - started
-        return out
+    class TimedEngine(HFGenerateEngine):
+        def sample(self, policy, batch, params, logprobs=False):
+            prompt = batch["prompt"]
+            shared = bool(not params.greedy and params.n > 1 and self._can_share_prefill(policy, prompt))
+            synchronize()
+            started = time.perf_counter()
+            samples = super().sample(policy, batch, params, logprobs)
+            synchronize()
+            step = timer.current
+            step["gen_s"] = step.get("gen_s", 0.0) + time.perf_counter() - started
+            n = samples.n
+            prompt_lens = [int(x) for x in samples.prompt["attention_mask"].sum(-1).tolist()]
+            grids = samples.prompt["image_grid_thw"].tolist() if "image_grid_thw" in samples.prompt else []
+            per_prompt, start = [], 0  # each prompt's image grids, in order
+            for count in samples.image_counts:
+                per_prompt.append(grids[start : start + count])
+                start += count
+            row_prompt_lens = [p for p in prompt_lens for _ in range(n)]  # each prompt's figures once per sample
+            row_grids = [g for images in per_prompt for _ in range(n) for g in images]
+            response = samples.response_mask
+            step.update(
+                rows=int(response.shape[0]),
+                decode_steps=int(response.shape[1]),
+                response_tokens=int(response.sum()),
+                response_lens=[int(x) for x in response.sum(-1).tolist()],
+                prompt_lens=row_prompt_lens,
+                grids=row_grids,
+                finished=int(samples.finished.sum()),
+                shared_prefill=shared,
+                prefill_lens=prompt_lens if shared else row_prompt_lens,
+                prefill_grids=grids if shared else row_grids,
+            )
+            return samples
 
-    engine.generate = timed_generate
-    module.reward_fn = timed_reward
+    class TimedRL(RLModule):
+        def __init__(self, **options) -> None:
+            super().__init__(**options, reward=TimedReward())
+            self.engine = TimedEngine(self.processor)
+
+    return TimedRL(**kwargs)
 
 
 def trainer_for(

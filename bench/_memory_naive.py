@@ -9,12 +9,8 @@ rewards, losses, clipping, the optimizer and the Lightning loop are the modules'
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import torch
 
-import vlm_post.modules.distill as distill_module
 from vlm_post.losses.distill import topk_reverse_kl
 from vlm_post.losses.sft import IGNORE_INDEX
 from vlm_post.modules import DistillModule, RLModule, SFTModule
@@ -78,15 +74,8 @@ class NaiveTeacher(HFTeacher):
         }
 
 
-def topk_kl_from_logits(logits, weight, topk_ids, teacher_topk_logprobs, chunk_size=None, temperature=1.0):
-    """Stands in for ``topk_reverse_kl_and_entropy_from_hidden`` when the "hidden states" are full logits."""
-    logprobs = full_log_softmax(logits, temperature)
-    return topk_reverse_kl(logprobs, topk_ids, teacher_topk_logprobs), entropy_metric(logprobs)
-
-
 class NaiveDistill(DistillModule):
-    """The student's top-k KL from full logits: DistillModule's step with its two head functions swapped, so
-    that the "hidden states" it selects the response positions of are the full forward's logits."""
+    """The student's top-k KL from full logits (DistillModule's ``topk_reverse_kl`` over the whole vocabulary)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -95,13 +84,10 @@ class NaiveDistill(DistillModule):
             config.model_name_or_path, self.processor, config.top_k, config.dtype, self.attn_implementation
         )
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        with contextlib.ExitStack() as patches:
-            patches.enter_context(mock.patch.object(distill_module, "response_hidden_states", response_logits))
-            patches.enter_context(
-                mock.patch.object(distill_module, "topk_reverse_kl_and_entropy_from_hidden", topk_kl_from_logits)
-            )
-            return super().training_step(batch, batch_idx)
+    def topk_reverse_kl(self, rows, teacher_ids, teacher_logprobs):
+        logits = response_logits(self.policy, rows)[rows.response_mask.bool()]
+        logprobs = full_log_softmax(logits, self.rollout.temperature)
+        return topk_reverse_kl(logprobs, teacher_ids, teacher_logprobs), entropy_metric(logprobs)
 
 
 NAIVE = {"sft": NaiveSFT, "rl": NaiveRL, "opd": NaiveDistill}

@@ -114,12 +114,12 @@ from _gpu_lightning import (
     STRATEGIES,
     free_memory,
     fsdp_config,
-    instrument_rl,
     make_timer,
     memory_figures,
     precision_for,
     release,
     synchronize,
+    timed_rl_module,
     trainer_for,
 )
 from _gpu_log import T0, log
@@ -172,7 +172,7 @@ def run_stage(
     from lightning.pytorch import seed_everything
 
     from vlm_post.losses import GRPOLossConfig
-    from vlm_post.modules import RLModule, SFTModule
+    from vlm_post.modules import SFTModule
     from vlm_post.modules.base import OptimConfig
     from vlm_post.rollout import SamplingParams
 
@@ -199,17 +199,16 @@ def run_stage(
     else:
         warmup, steps = args.rl_warmup, args.rl_steps
         timer = make_timer("rl", warmup, ids["image_token_id"], fail)
-        module = RLModule(
+        module = timed_rl_module(
+            timer,
             **common,
             optim=OptimConfig(lr=1e-6, weight_decay=1e-2, warmup_steps=0, schedule="constant"),
             rollout=SamplingParams(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens),
             loss=GRPOLossConfig(kl_mode=args.kl_mode, kl_kind="low_var_kl", kl_coef=1e-2),
-            reward="vlm_post.rewards.MathReward",
             micro_batch_size=args.micro_batch_size,
             epochs=1,
             grad_clip=1.0,
         )
-        instrument_rl(module, timer)
         dm = datamodule(args, data_path, args.rl_batch_size)
         clip = None  # RL steps the optimizer itself and clips with model.grad_clip
     fsdp_note = f" (fsdp {asdict(fsdp)})" if strategy_name == "fsdp2" else ""

@@ -51,12 +51,13 @@ Definitions:
   to tokenize for generation and once more to build the forward's pixel inputs); ``generate`` is
   the rollout (ours: the engine's call; TRL: ``model.generate``), with the student's vision
   encoder and decoder forwards inside it; ``teacher`` is the teacher's base-model forward (its
-  vision encoder also shown) plus, on ours, the top-k extraction from its hidden states (TRL
+  vision encoder also shown) plus, on ours, the top-k extraction from its hidden states (``teacher
+  head``: ``HFTeacher.score`` less the teacher's forward; TRL
   projects the teacher's hidden states onto the vocabulary inside its loss function, so that
   part of its teacher cost is in ``loss``); ``student forward`` is the student's base-model
   forward over prompt + response (vision encoder included, also shown); ``loss`` is the chunked
-  divergence from hidden states (ours: ``topk_reverse_kl_and_entropy_from_hidden``; TRL:
-  ``_chunked_divergence_loss``), forward only; ``backward``; ``optimizer`` (the AdamW step);
+  divergence from hidden states (ours: ``DistillModule.topk_reverse_kl`` less the student forward
+  inside it; TRL: ``_chunked_divergence_loss``), forward only; ``backward``; ``optimizer`` (the AdamW step);
   ``other`` = the rest (data loading, padding and masks, metrics such as our accuracy grading,
   gradient clipping, framework).
 - every figure is shown from wall time and from the process's CPU time; on an idle machine they
@@ -111,15 +112,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_ours(args: argparse.Namespace, work: Path) -> dict:
     import lightning as L
 
-    import vlm_post.modules.distill as distill_module
     from vlm_post.modules import DistillLossConfig, DistillModule, EvalConfig, OptimConfig, TeacherConfig
     from vlm_post.rollout import SamplingParams
-    from vlm_post.teacher import scoring
+    from vlm_post.teacher.scoring import HFTeacher
 
     L.seed_everything(args.seed, verbose=False)
     probe = harness.Probe()
     profiler = harness.StepProfiler(args.profile, args.warmup + args.steps - 1, rows=25)
-    module = DistillModule(
+
+    class TimedTeacher(HFTeacher):
+        def score(self, rows):
+            # teacher: the whole call; teacher_head: its top-k log-probs from the last hidden states (less the forward)
+            return probe.timed("teacher", probe.timed_outside("teacher_head", super().score, "teacher_model"))(rows)
+
+    class TimedDistill(DistillModule):
+        """DistillModule with its engine, teacher and top-k loss timed: subclasses, nothing patched."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.engine = probe.timed_engine(type(self.engine))(self.processor)
+            config = self.teacher_config
+            self.teacher = TimedTeacher(config.model_name_or_path, self.processor, config.top_k, config.dtype,
+                                        self.attn_implementation)  # fmt: skip
+
+        def topk_reverse_kl(self, *args, **kwargs):
+            # the loss: the top-k reverse KL and entropy from the last hidden states (the call less its forward)
+            return probe.timed_outside("loss", super().topk_reverse_kl, "model_train")(*args, **kwargs)
+
+    module = TimedDistill(
         str(work / "student"),
         teacher=TeacherConfig(model_name_or_path=str(work / "teacher"), top_k=args.top_k),
         loss=DistillLossConfig(kind="topk", aggregation="token-mean"),
@@ -133,13 +153,6 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
     module.configure_model()
     module.teacher.load("cpu")  # on_fit_start loads it again as a no-op
     probe.install(module.policy, module.teacher.model, type(module.processor))
-    probe.time_rollouts(module.engine)
-    # Looked up by name at call time in their modules.
-    distill_module.topk_reverse_kl_and_entropy_from_hidden = probe.timed(
-        "loss", distill_module.topk_reverse_kl_and_entropy_from_hidden
-    )
-    scoring.topk_logprobs = probe.timed("teacher_head", scoring.topk_logprobs)
-    module.teacher.score = probe.timed("teacher", module.teacher.score)
     return harness.fit_ours(module, args, work / "demo-data" / "train.parquet", PIXELS, probe, profiler)
 
 

@@ -33,7 +33,7 @@ Definitions:
   the language model's forward calls (prefill + one per new token). Outside generation:
   ``train forward`` is the base model's forward over prompt + response (vision encoder
   included, also shown alone), ``head`` the log-probs and entropy from the last hidden states
-  (ours: the chunked function; TRL: the rest of its top-level forward: lm_head, log-softmax,
+  (ours: ``response_logprobs`` less the forward inside it, i.e. the chunked function; TRL: the rest of its top-level forward: lm_head, log-softmax,
   entropy), ``backward``, ``optimizer`` (the AdamW step), ``reward``, and ``other`` = the rest
   (data loading, prompt processing, padding and masks, advantages, loss, clipping, framework).
 - every figure is shown from wall time and from the process's CPU time; on an idle machine
@@ -88,7 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_ours(args: argparse.Namespace, work: Path) -> dict:
     import lightning as L
 
-    import vlm_post.modules.base as base_module
     from vlm_post.losses import GRPOLossConfig
     from vlm_post.modules import EvalConfig, OptimConfig, RLModule
     from vlm_post.rewards import MathReward
@@ -97,7 +96,23 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
     L.seed_everything(args.seed, verbose=False)
     probe = harness.Probe()
     profiler = harness.StepProfiler(args.profile, args.warmup + args.steps - 1)
-    module = RLModule(
+
+    class TimedReward(MathReward):
+        def __call__(self, responses, examples):
+            return probe.timed("reward", super().__call__)(responses, examples)
+
+    class TimedRL(RLModule):
+        """RLModule with its engine, reward and log-prob head timed: subclasses, nothing patched."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.engine = probe.timed_engine(type(self.engine))(self.processor)
+
+        def response_logprobs(self, *args, **kwargs):
+            # the head: the chunked log-prob/entropy function over the last hidden states (the call less its forward)
+            return probe.timed_outside("head", super().response_logprobs, "model_train")(*args, **kwargs)
+
+    module = TimedRL(
         str(work / "tiny-qwen2.5-vl"),
         optim=OptimConfig(lr=LR, schedule="constant"),
         eval=EvalConfig(n=0, greedy=True, max_new_tokens=args.max_new_tokens),
@@ -105,17 +120,13 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         loss=GRPOLossConfig(
             clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None, aggregation="token-mean", kl_mode="off"
         ),
-        reward=MathReward(),
+        reward=TimedReward(),
         micro_batch_size=args.prompts * args.n,
         epochs=1,
         grad_clip=1.0,
     )
     module.configure_model()
     probe.install(module.policy)
-    probe.time_rollouts(module.engine)
-    module.reward_fn = probe.timed("reward", module.reward_fn)
-    # The chunked log-prob/entropy head, looked up by name in base.py at call time.
-    base_module.token_logprobs_and_entropy = probe.timed("head", base_module.token_logprobs_and_entropy)
     return harness.fit_ours(module, args, work / "demo-data" / "train.parquet", PIXELS, probe, profiler)
 
 

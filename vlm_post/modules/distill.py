@@ -298,6 +298,21 @@ class DistillModule(OnPolicyModule):
 
     # --- one training step -----------------------------------------------------------------------
 
+    def topk_reverse_kl(
+        self, rows: ModelRows, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per response token of ``rows`` (the masked positions, in order): the student's reverse KL to the
+        teacher's top-k (+ tail) distribution, and the student's entropy."""
+        predicting = response_hidden_states(self.policy, rows)[rows.response_mask.bool()]
+        return topk_reverse_kl_and_entropy_from_hidden(
+            predicting,
+            self.head_weight,
+            teacher_ids,
+            teacher_logprobs,
+            self.logprob_chunk_size,
+            temperature=self.rollout.temperature,
+        )
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples = batch["examples"]
         started = time.perf_counter()
@@ -328,14 +343,8 @@ class DistillModule(OnPolicyModule):
                 stats = {**stats, "entropy": entropy[micro_mask.bool()].mean()}
                 return loss, stats
             valid = micro_mask.bool()
-            predicting = response_hidden_states(self.policy, rows)[valid]
-            kl, entropy = topk_reverse_kl_and_entropy_from_hidden(
-                predicting,
-                self.head_weight,
-                teacher.topk_ids[micro][valid],
-                teacher.topk_logprobs[micro][valid],
-                self.logprob_chunk_size,
-                temperature=self.rollout.temperature,
+            kl, entropy = self.topk_reverse_kl(
+                rows, teacher.topk_ids[micro][valid], teacher.topk_logprobs[micro][valid]
             )
             per_token = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)
             loss = aggregate(per_token, micro_mask, config.aggregation, self.rollout.max_new_tokens)
