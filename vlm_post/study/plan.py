@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from vlm_post.errors import ConfigError
+from vlm_post.fs import atomic_path
 from vlm_post.study.config import PLACEHOLDER, EvalProtocol, EvalSet, SlurmResources, StageSpec, StudyConfig
 
 MARKER = "vlm_post_stage.json"  # written when a stage exited 0 (and, for fit, left its export)
@@ -106,9 +107,8 @@ class Stage:
 
     def mark_finished(self) -> None:
         record = {"key": self.key, "command": self.shell(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = self.marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(self.marker)
+        with atomic_path(self.marker) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 @dataclass

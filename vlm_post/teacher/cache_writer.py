@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vlm_post.fs import fsync_dir
+from vlm_post.fs import atomic_path
 from vlm_post.teacher.cache_format import (
     _DTYPE_NAMES,
     DEFAULT_SHARD_TOKENS,
@@ -55,17 +55,8 @@ _HOW = "write this teacher's scores to another cache folder, or open the writer 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``path`` so that a reader sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _claim_cache(cache_dir: Path, teacher: TeacherFingerprint) -> None:
@@ -74,19 +65,11 @@ def _claim_cache(cache_dir: Path, teacher: TeacherFingerprint) -> None:
     path = cache_dir / TEACHER_FILE
     if path.exists():
         return
-    tmp = cache_dir / f".{TEACHER_FILE}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(teacher.record(), indent=1).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
+        with atomic_path(path, exclusive=True) as tmp:
+            tmp.write_bytes(json.dumps(teacher.record(), indent=1).encode())
     except FileExistsError:
         pass  # another writer claimed it first
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(cache_dir)
 
 
 class TeacherCacheWriter:
@@ -206,7 +189,7 @@ class TeacherCacheWriter:
             return
         self._check_may_write()
         name = f"{self.writer_id}-{self._seq:06d}.safetensors"
-        path, tmp = self.cache_dir / name, self.cache_dir / f".{name}.{os.getpid()}.tmp"
+        path = self.cache_dir / name
         lengths = torch.tensor([len(p[3]) for p in self._pending], dtype=torch.int64)
         tensors = {
             "topk_ids": torch.cat([p[3].topk_ids for p in self._pending]),
@@ -218,17 +201,11 @@ class TeacherCacheWriter:
         metadata = {"format": FORMAT, "version": str(VERSION), "k": str(self.k), "writer": self.writer_id,
                     "dtype": _DTYPE_NAMES[self.dtype], "example_ids": json.dumps([p[0] for p in self._pending]),
                     "digests": json.dumps([p[1] for p in self._pending])}  # fmt: skip
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
             sha, header_sha = _hash_shard(tmp)
             shard = _Shard(name, tmp.stat().st_size, sha, header_sha, len(self._pending),
                            int(lengths.sum()), self._manifest_path)  # fmt: skip
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         self._seq += 1
         self._wrote = True
         self._shards.append(shard)

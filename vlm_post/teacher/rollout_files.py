@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from vlm_post.errors import ConfigError
+from vlm_post.fs import atomic_path
 
 ROLLOUTS_DIR = "rollouts"
 DONE_SUFFIX = ".done"
@@ -28,13 +29,9 @@ def write_rollout_file(cache_dir: str | os.PathLike, name: str, records: list[di
     folder = Path(cache_dir) / ROLLOUTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-        keys = ("example_id", "prompt_ids", "response_ids")
-        f.writelines(json.dumps({key: record[key] for key in keys}) + "\n" for record in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    keys = ("example_id", "prompt_ids", "response_ids")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps({key: record[key] for key in keys}) + "\n" for record in records))
     return path
 
 
