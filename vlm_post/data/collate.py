@@ -19,8 +19,7 @@ import torch
 
 from vlm_post.data.prompting import DEFAULT_ANSWER_TEMPLATE, DEFAULT_INSTRUCTION, build_messages, sft_target
 from vlm_post.data.schema import Example
-
-IGNORE_INDEX = -100
+from vlm_post.losses.sft import IGNORE_INDEX
 
 
 def end_of_turn_text(processor) -> str:

@@ -22,7 +22,7 @@ from vlm_post.losses.grpo import (
 )
 from vlm_post.losses.kl import kl_penalty
 from vlm_post.losses.logprobs import token_logprobs, token_logprobs_and_entropy
-from vlm_post.losses.overlong import OverlongConfig, overlong_penalty
+from vlm_post.losses.overlong import OverlongConfig, check_overlong_buffer, overlong_penalty
 from vlm_post.losses.sft import IGNORE_INDEX, sft_cross_entropy
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "GRPOLossConfig",
     "OverlongConfig",
     "aggregate",
+    "check_overlong_buffer",
     "coarsened_reverse_kl",
     "group_advantages",
     "groups_with_signal",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_post.errors import ConfigError
 from vlm_post.ranges import NonNegativeFloat, NonNegativeInt, check_ranges
 
 
@@ -42,12 +43,20 @@ class OverlongConfig:
         check_ranges(self)
 
 
+def check_overlong_buffer(buffer: int, max_new_tokens: int) -> None:
+    """The soft-punishment buffer lies inside the response budget."""
+    if buffer >= max_new_tokens:
+        raise ConfigError(
+            f"model.init_args.overlong.buffer ({buffer}) must be below model.init_args.rollout.max_new_tokens "
+            f"({max_new_tokens})"
+        )
+
+
 def overlong_penalty(
     lengths: torch.Tensor, finished: torch.Tensor, max_length: int, buffer: int, penalty: float
 ) -> torch.Tensor:
     """(rows,) non-positive reward shaping for responses of ``lengths`` tokens (``finished``: ended by EOS)."""
-    if buffer >= max_length:
-        raise ValueError(f"overlong buffer ({buffer}) must be shorter than the max length ({max_length})")
+    check_overlong_buffer(buffer, max_length)
     lengths = lengths.float()
     if buffer > 0:
         excess = (lengths - (max_length - buffer)).clamp(min=0) / buffer

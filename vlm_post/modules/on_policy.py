@@ -65,9 +65,6 @@ class OnPolicyModule(PolicyModule):
         self.micro_batch_size = micro_batch_size
         self.grad_clip = grad_clip
 
-    def batch_parts(self, split: str) -> set[str]:
-        return {"prompt"}
-
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 

@@ -32,6 +32,7 @@ from vlm_post.losses import (
     GRPOLossConfig,
     OverlongConfig,
     aggregate,
+    check_overlong_buffer,
     group_advantages,
     groups_with_signal,
     grpo_loss,
@@ -83,11 +84,7 @@ class RLModule(OnPolicyModule):
                 f"model.init_args.rollout.n: {self.rollout.n} sample per prompt has no group to compare with "
                 "(GRPO's advantage is a reward minus its group's mean); use n >= 2"
             )
-        if self.overlong.buffer >= self.rollout.max_new_tokens:
-            raise ConfigError(
-                f"model.init_args.overlong.buffer ({self.overlong.buffer}) must be below "
-                f"model.init_args.rollout.max_new_tokens ({self.rollout.max_new_tokens})"
-            )
+        check_overlong_buffer(self.overlong.buffer, self.rollout.max_new_tokens)
         self.dynamic_sampling = dynamic_sampling
         self.old_logprobs_source = old_logprobs
         self.reference: torch.nn.Module | None = None
