@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.fs import atomic_path
+from vlm_post.internals import load_fsdp1_full_checkpoints_with
 from vlm_post.models.export import discard, export_leftovers, restore_pointer
 
 
@@ -27,9 +28,7 @@ def read_fsdp_full_checkpoints_with_mmap() -> None:
     run with ``state_dict_type: full``. A memory-mapped load is just as lazy (pages are read when touched) and is
     what Lightning's own ModelParallelStrategy uses for the same files.
     """
-    import lightning.pytorch.strategies.fsdp as lightning_fsdp
-
-    lightning_fsdp._lazy_load = _mmap_load
+    load_fsdp1_full_checkpoints_with(_mmap_load)
 
 
 def _mmap_load(path) -> Any:

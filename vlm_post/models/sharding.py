@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from vlm_post.errors import ConfigError
+from vlm_post.internals import reshards_after_forward, settle_fsdp_root
 from vlm_post.ranges import PositiveInt, check_ranges
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -100,10 +101,9 @@ def shard_model(model: torch.nn.Module, mesh, config: FSDPConfig, frozen: bool =
     fully_shard(model, **{**options, "reshard_after_forward": None})
     # FSDP2 makes the first module to run forward its root. vlm_post also calls blocks outside the root's
     # forward (a shared-prompt prefill, generation), so settle the root now.
-    model._get_fsdp_state()._lazy_init()
+    settle_fsdp_root(model)
     for unit in _units(model):  # what ``gathered`` restores (the root, as FSDP2 sets it, does not reshard)
-        group = unit._get_fsdp_state()._fsdp_param_group
-        unit._vlm_post_reshard = bool(group is not None and group.post_forward_mesh_info is not None)
+        unit._vlm_post_reshard = reshards_after_forward(unit)
     return model
 
 

@@ -202,14 +202,14 @@ class PolicyModule(NonFiniteGuard, LightningModule):
     @property
     def sharded(self) -> bool:
         """Whether models are FSDP2-sharded: the trainer's strategy is ModelParallelStrategy."""
-        return getattr(self, "_device_mesh", None) is not None
+        return self.device_mesh is not None
 
     def shard(self, model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
         """``model`` sharded per layer as ``fsdp`` says under ModelParallelStrategy; as it is otherwise."""
         if not self.sharded:
             return model
         if self._fsdp_mesh is None:
-            self._fsdp_mesh = data_parallel_mesh(self._device_mesh, self.fsdp.replicas)
+            self._fsdp_mesh = data_parallel_mesh(self.device_mesh, self.fsdp.replicas)
         return shard_model(model, self._fsdp_mesh, self.fsdp, frozen=frozen)
 
     # --- exact resume: the global RNG streams (sampling, dropout) continue where the checkpoint left them --

@@ -318,43 +318,16 @@ class DistillModule(OnPolicyModule):
         started = time.perf_counter()
         samples = self.engine.sample(self.policy, batch, self.rollout)
         generated = time.perf_counter()
-        mask = samples.response_mask
         teacher = self.teacher_scores(self._row_keys(samples, examples), samples)
-        scored = time.perf_counter()
-        config = self.loss_config
+        scored_at = time.perf_counter()
         old_logprobs = None
-        if config.kind == "sampled" and not self.single_update(len(examples)):
+        if self.loss_config.kind == "sampled" and not self.single_update(len(examples)):
             old_logprobs = self.batch_logprobs(self.policy, samples)
-
-        def micro_loss(micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
-            micro_mask = rows.response_mask
-            if config.kind == "sampled":
-                logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
-                old = old_logprobs[micro] if old_logprobs is not None else logprobs.detach()
-                loss, stats = sampled_reverse_kl_loss(
-                    logprobs,
-                    old,
-                    teacher.sampled_logprobs[micro].float(),
-                    micro_mask,
-                    config.discount,
-                    config.aggregation,
-                    self.rollout.max_new_tokens,
-                )
-                stats = {**stats, "entropy": entropy[micro_mask.bool()].mean()}
-                return loss, stats
-            valid = micro_mask.bool()
-            kl, entropy = self.topk_reverse_kl(
-                rows, teacher.topk_ids[micro][valid], teacher.topk_logprobs[micro][valid]
-            )
-            per_token = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)
-            loss = aggregate(per_token, micro_mask, config.aggregation, self.rollout.max_new_tokens)
-            return loss, {"reverse_kl": kl.detach().mean(), "entropy": entropy.detach().mean()}
-
-        stats = self._update(samples, list(range(samples.num_rows)), micro_loss)
+        stats = self._update(samples, list(range(samples.num_rows)), ScoredSamples(teacher, old_logprobs))
         elapsed = time.perf_counter() - started
         if not self.logs_this_step():
             return
-        valid = mask.bool()
+        valid = samples.response_mask.bool()
         accuracy = self.accuracy.scores(samples.texts, [examples[int(i)] for i in samples.prompt_index])
         logged = {
             "train/accuracy": torch.tensor(accuracy).mean(),
@@ -363,12 +336,43 @@ class DistillModule(OnPolicyModule):
             "train/teacher_logprob": teacher.sampled_logprobs.float()[valid].mean(),
             "train/teacher_scored_rows": torch.tensor(float(self.teacher_scored_rows)),
             "train/time_generate_s": torch.tensor(generated - started),
-            "train/time_teacher_s": torch.tensor(scored - generated),
-            "train/time_train_s": torch.tensor(elapsed - (scored - started)),
+            "train/time_teacher_s": torch.tensor(scored_at - generated),
+            "train/time_train_s": torch.tensor(elapsed - (scored_at - started)),
             "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, elapsed),
         }
         logged.update({f"train/{name}": value for name, value in stats.items()})
         self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)
+
+    def micro_loss(self, scored: ScoredSamples, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
+        """The reverse KL to the teacher of rows ``micro`` of the batch (``rows``: their model inputs)."""
+        config, teacher, mask = self.loss_config, scored.teacher, rows.response_mask
+        if config.kind == "sampled":
+            logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
+            old = scored.old_logprobs[micro] if scored.old_logprobs is not None else logprobs.detach()
+            loss, stats = sampled_reverse_kl_loss(
+                logprobs,
+                old,
+                teacher.sampled_logprobs[micro].float(),
+                mask,
+                config.discount,
+                config.aggregation,
+                self.rollout.max_new_tokens,
+            )
+            return loss, {**stats, "entropy": entropy[mask.bool()].mean()}
+        valid = mask.bool()
+        kl, entropy = self.topk_reverse_kl(rows, teacher.topk_ids[micro][valid], teacher.topk_logprobs[micro][valid])
+        per_token = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)
+        loss = aggregate(per_token, mask, config.aggregation, self.rollout.max_new_tokens)
+        return loss, {"reverse_kl": kl.detach().mean(), "entropy": entropy.detach().mean()}
+
+
+@dataclass
+class ScoredSamples:
+    """What an OPD step computed per row before its update: the teacher's scores of every row and, for several
+    updates of the sampled-token loss, the rollout policy's log-probs (the ratio's denominator)."""
+
+    teacher: TeacherBatch
+    old_logprobs: torch.Tensor | None
 
 
 def _has_manifest(cache_dir: str | Path) -> bool:

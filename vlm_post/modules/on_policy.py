@@ -13,22 +13,19 @@ more optimizer updates over those rows:
 
 A NaN or inf loss or gradient never reaches the weights: the optimizer step is
 skipped but counted, as in every stage (vlm_post.modules.nonfinite).
-Subclasses give ``_update`` the rollout batch and a ``micro_loss(rows, model_rows) -> (loss, stats)``.
+Subclasses give ``_update`` the rollout batch and what their step computed per row, and define the
+micro-batch loss as a method, ``micro_loss(scored, micro, model_rows) -> (loss, stats)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from vlm_post.errors import ConfigError
+from vlm_post.internals import logger_writes_this_step
 from vlm_post.modules.base import PolicyModule
 from vlm_post.ranges import PositiveFloat, PositiveInt
 from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
-
-# (the rows of a micro-batch, their model inputs) -> (loss, stats)
-MicroLoss = Callable[[list[int], ModelRows], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class OnPolicyModule(PolicyModule):
@@ -91,8 +88,14 @@ class OnPolicyModule(PolicyModule):
             out[chunk] = self.response_logprobs(batch.rows(chunk), self.rollout.temperature, model=model)[0]
         return out
 
-    def _update(self, batch: RolloutBatch, rows: list[int], micro_loss: MicroLoss) -> dict:
-        """The optimizer steps over ``rows`` of ``batch`` (the rows the filters kept)."""
+    def micro_loss(self, scored, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of rows ``micro`` of the batch (``rows``: their model inputs) and its stats to log; ``scored``:
+        what the subclass's step computed per row (rewards and advantages, teacher scores, old log-probs)."""
+        raise NotImplementedError
+
+    def _update(self, batch: RolloutBatch, rows: list[int], scored) -> dict:
+        """The optimizer steps over ``rows`` of ``batch`` (the rows the filters kept), each micro-batch's loss from
+        ``micro_loss(scored, ...)``."""
         mask, n = batch.response_mask, batch.n
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         # A mini-batch is the kept rows of ``mini_batch_size`` prompts (filters may have dropped some rows).
@@ -117,7 +120,7 @@ class OnPolicyModule(PolicyModule):
                 optimizer.zero_grad()
                 for k in range(self._most_over_ranks(len(micros))):
                     micro = micros[k] if k < len(micros) else [0]
-                    loss, stats = micro_loss(micro, batch.rows(micro))
+                    loss, stats = self.micro_loss(scored, micro, batch.rows(micro))
                     if k >= len(micros):  # a zero-weight pass, only to take part in the collectives
                         self.manual_backward(loss * 0.0)
                         continue
@@ -153,6 +156,4 @@ class OnPolicyModule(PolicyModule):
         one, so these modules compute and log their per-step metrics (accuracy grading among them)
         only when it will be. Without a trainer (a module driven by hand) every step logs.
         """
-        trainer = self._trainer
-        connector = getattr(trainer, "_logger_connector", None) if trainer is not None else None
-        return True if connector is None else bool(connector.should_update_logs)
+        return self._trainer is None or logger_writes_this_step(self._trainer)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -42,7 +43,7 @@ from vlm_post.losses import (
 )
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.rewards import RewardFn, load_reward_fn
-from vlm_post.rollout import ModelRows, SamplingParams
+from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
 
 # Checkpoints keep these dataclasses in their hyperparameters (see base.py).
 torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig, OverlongConfig])
@@ -102,10 +103,20 @@ class RLModule(OnPolicyModule):
     # --- one training step -----------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        examples, n = batch["examples"], self.rollout.n
         started = time.perf_counter()
         samples = self.engine.sample(self.policy, batch, self.rollout, logprobs=self.old_logprobs_source == "sampler")
         generated = time.perf_counter()
+        scored = self.score(samples, batch["examples"])
+        stats = self._update(samples, scored.kept_rows, scored)
+        elapsed = time.perf_counter() - started
+        if self.logs_this_step():
+            times = {"time_generate_s": generated - started, "time_train_s": elapsed - (generated - started)}
+            self.log_step(scored, stats, times, elapsed)
+
+    def score(self, samples: RolloutBatch, examples: list) -> ScoredRollouts:
+        """Rewards (task reward plus shaping), old and reference log-probs, a KL reward penalty, advantages and
+        the rows the filters keep: everything the update reads, per row."""
+        n, config = samples.n, self.loss_config
         rewarded = self.reward_fn(samples.texts, [examples[int(i)] for i in samples.prompt_index])
         task_rewards = torch.tensor(rewarded.reward, dtype=torch.float32, device=self.device)
         finished = samples.finished.to(self.device)
@@ -117,7 +128,6 @@ class RLModule(OnPolicyModule):
             )
         rewards = task_rewards + sum(shaping.values(), torch.zeros_like(task_rewards))
         mask = samples.response_mask
-        config = self.loss_config
         # One update over the whole rollout batch is exactly on-policy: the old log-probs equal the current
         # ones (ratio 1), so the separate no-grad forward over every row is skipped. A KL reward penalty
         # still needs the policy's log-probs before the update.
@@ -146,41 +156,73 @@ class RLModule(OnPolicyModule):
         keep_rows = keep_groups.repeat_interleave(n)
         if self.overlong.filter_truncated:
             keep_rows = keep_rows & finished.bool()
-        rows = torch.nonzero(keep_rows).flatten().tolist()
+        return ScoredRollouts(
+            samples,
+            task_rewards,
+            {name: torch.tensor(values).float().mean() for name, values in rewarded.components.items()},
+            shaping,
+            rewards,
+            advantages,
+            old_logprobs,
+            ref_logprobs if config.kl_mode == "loss" else None,
+            reward_kl,
+            keep_groups,
+            torch.nonzero(keep_rows).flatten().tolist(),
+        )
 
-        def micro_loss(micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
-            # entropy: logged every step, a bonus if configured
-            logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
-            return grpo_loss(
-                logprobs,
-                old_logprobs[micro] if old_logprobs is not None else logprobs.detach(),
-                advantages[micro],
-                mask[micro],
-                config,
-                ref_logprobs=ref_logprobs[micro] if ref_logprobs is not None and config.kl_mode == "loss" else None,
-                entropy=entropy,
-            )
+    def micro_loss(self, scored: ScoredRollouts, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
+        """The GRPO-family loss of rows ``micro`` of the batch (``rows``: their model inputs)."""
+        # entropy: logged every step, a bonus if configured
+        logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
+        old, ref = scored.old_logprobs, scored.loss_ref_logprobs
+        return grpo_loss(
+            logprobs,
+            old[micro] if old is not None else logprobs.detach(),
+            scored.advantages[micro],
+            rows.response_mask,
+            self.loss_config,
+            ref_logprobs=ref[micro] if ref is not None else None,
+            entropy=entropy,
+        )
 
-        stats = self._update(samples, rows, micro_loss)
-        elapsed = time.perf_counter() - started
-        if not self.logs_this_step():
-            return
+    def log_step(self, scored: ScoredRollouts, stats: dict, times: dict[str, float], elapsed: float) -> None:
+        samples, task_rewards = scored.samples, scored.task_rewards
         logged = {
             "train/reward_mean": task_rewards.mean(),  # the reward function's, before any shaping
             "train/reward_std": task_rewards.std() if task_rewards.numel() > 1 else task_rewards.new_zeros(()),
-            "train/reward_shaped_mean": rewards.mean(),  # what the advantages were computed from
+            "train/reward_shaped_mean": scored.rewards.mean(),  # what the advantages were computed from
             "train/response_length": samples.lengths.float().mean(),
-            "train/groups_filtered": 1.0 - keep_groups.float().mean(),
-            "train/truncated_rate": 1.0 - finished.float().mean(),
-            "train/time_generate_s": torch.tensor(generated - started),
-            "train/time_train_s": torch.tensor(elapsed - (generated - started)),
+            "train/groups_filtered": 1.0 - scored.keep_groups.float().mean(),
+            "train/truncated_rate": 1.0 - samples.finished.float().mean(),
+            **{f"train/{name}": torch.tensor(value) for name, value in times.items()},
             "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, elapsed),
         }
-        logged.update(
-            {f"train/{name}": torch.tensor(values).float().mean() for name, values in rewarded.components.items()}
-        )
-        logged.update({f"train/{name}": value.mean() for name, value in shaping.items()})
+        logged.update({f"train/{name}": value for name, value in scored.reward_components.items()})
+        logged.update({f"train/{name}": value.mean() for name, value in scored.shaping.items()})
         logged.update({f"train/{name}": value for name, value in stats.items()})
-        if reward_kl is not None:  # kl_mode reward: the KL of the rollout policy, aggregated as the loss would
-            logged["train/kl"] = reward_kl
-        self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)
+        if scored.reward_kl is not None:  # kl_mode reward: the KL of the rollout policy, aggregated as the loss would
+            logged["train/kl"] = scored.reward_kl
+        self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(samples.image_counts), prog_bar=False)
+
+
+@dataclass
+class ScoredRollouts:
+    """A rollout batch with what the step computed per row: the one place the update and the logs read.
+
+    ``task_rewards``: the reward function's; ``shaping``: each term added to it (overlong, KL penalty);
+    ``rewards``: the shaped sum the ``advantages`` come from. ``old_logprobs``: the PPO ratio's denominator
+    (None: one update, ratio 1); ``loss_ref_logprobs``: the reference's, when the KL is a loss term;
+    ``kept_rows``: the rows the filters keep (dynamic sampling, overlong filter).
+    """
+
+    samples: RolloutBatch
+    task_rewards: torch.Tensor
+    reward_components: dict[str, torch.Tensor]
+    shaping: dict[str, torch.Tensor]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    loss_ref_logprobs: torch.Tensor | None
+    reward_kl: torch.Tensor | None
+    keep_groups: torch.Tensor
+    kept_rows: list[int]
