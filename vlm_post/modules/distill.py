@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.errors import ConfigError
 from vlm_post.losses.distill import sampled_reverse_kl_loss, topk_entropy, topk_reverse_kl_and_entropy_from_hidden
@@ -40,20 +38,13 @@ from vlm_post.models.loading import Dtype
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.ranges import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_ranges
 from vlm_post.rewards import AccuracyReward
-from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
+from vlm_post.rollout import ModelRows, SamplingParams
 from vlm_post.teacher import (
     TeacherBatch,
-    TeacherCache,
-    TeacherCacheWriter,
     TeacherFingerprint,
-    TeacherScores,
-    check_cache_teacher,
-    namespace_dir,
-    pad_scores,
-    rescore_dir,
 )
-from vlm_post.teacher.rollout_files import write_rollout_file
 from vlm_post.teacher.scoring import HFTeacher
+from vlm_post.teacher.source import TeacherScoreSource, row_keys
 
 
 @dataclass
@@ -153,11 +144,7 @@ class DistillModule(OnPolicyModule):
             else None
         )
         self.accuracy = AccuracyReward()
-        self.teacher_scored_rows = 0  # rows the in-process teacher scored (not found in the cache)
-        self._cache: TeacherCache | None = None
-        self._writer: TeacherCacheWriter | None = None
-        self._cache_dir = Path(teacher.cache_dir) if teacher.cache_dir else None  # the namespace, once rescoring
-        self.teacher_fingerprint: TeacherFingerprint | None = None  # the in-process teacher's, set at fit start
+        self.teacher_source = TeacherScoreSource(teacher)
 
     # --- teacher ---------------------------------------------------------------------------------
 
@@ -167,134 +154,21 @@ class DistillModule(OnPolicyModule):
             self.teacher.model = self.shard(self.teacher.load("cpu").model, frozen=True)
         elif self.teacher is not None:
             self.teacher.load(self.device)
-        if self.teacher_config.cache_dir:
-            self._cache_dir = self._scores_dir()
-            if self.teacher is not None:
-                self._writer = TeacherCacheWriter(
-                    self._cache_dir,
-                    k=self.teacher_config.top_k,
-                    dtype=self.teacher_config.cache_dtype,
-                    writer_id=f"rank{self.global_rank}",
-                    teacher=self.teacher_fingerprint,
-                )
-            self._cache = self._open_cache()
-
-    def _scores_dir(self) -> Path:
-        """Where this run's scores are: ``cache_dir``, or, rescoring, this teacher's namespace in a cache of
-        another. A cache of another teacher is refused (``on_mismatch: error``) before anything in it changes."""
-        root = Path(self.teacher_config.cache_dir)
-        if self.teacher is None:
-            return root  # cache-only: which teacher scored is the external scorer's to check
-        fingerprint = self.teacher_fingerprint = self.teacher.fingerprint(self.teacher_config.cache_dtype)
-        if self.teacher_config.on_mismatch == "rescore":
-            scores_dir = rescore_dir(root, fingerprint)
-            if scores_dir != root:
-                rank_zero_info(f"teacher cache {root} holds other scores than teacher {fingerprint.describe()}'s: "
-                               f"scoring anew into {scores_dir}")  # fmt: skip
-            return scores_dir
-        how = (
-            f"set model.teacher.on_mismatch: rescore to score anew into {namespace_dir(root, fingerprint)} (the "
-            "scores already there stay as they are), point model.teacher.cache_dir at another folder, or use the "
-            "teacher that scored it"
-        )
-        check_cache_teacher(root, fingerprint, how)
-        return root
-
-    def _open_cache(self) -> TeacherCache | None:
-        """The cache's reader once it has a manifest; one of another top-k or dtype than the config's is refused."""
-        if not _has_manifest(self._cache_dir):
-            return None
-        cache = TeacherCache(self._cache_dir)
-        top_k, dtype = self.teacher_config.top_k, self.teacher_config.cache_dtype
-        if (cache.k, cache.dtype) != (top_k, getattr(torch, dtype)):
-            cached = str(cache.dtype).removeprefix("torch.")
-            raise ConfigError(
-                f"teacher cache {self._cache_dir} holds top_k={cache.k} {cached} scores, model.teacher asks for "
-                f"top_k={top_k} {dtype}: set model.teacher.top_k and cache_dtype to the cache's, or use another "
-                "cache_dir"
-            )
-        return cache
+        self.teacher_source.open(self.teacher, writer_id=f"rank{self.global_rank}")
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.teacher_source.close()
 
-    def _row_keys(self, samples: RolloutBatch, examples) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """Each row's cache key: its example id, its prompt's ids (padding removed) and its response's ids."""
-        prompt, keys = samples.prompt, []
-        for row, p in enumerate(samples.prompt_index.tolist()):
-            prompt_ids = prompt["input_ids"][p][prompt["attention_mask"][p].bool()]
-            response_ids = samples.response_ids[row][samples.response_mask[row].bool()]
-            keys.append((examples[p].id, prompt_ids.cpu(), response_ids.cpu()))
-        return keys
+    @property
+    def teacher_scored_rows(self) -> int:
+        """Rows the in-process teacher scored (not found in the cache)."""
+        return self.teacher_source.scored_rows
 
-    def teacher_scores(self, keys, samples: RolloutBatch) -> TeacherBatch:
-        """Scores of every row: from the cache where it has them, else from the in-process teacher."""
-        mask = samples.response_mask
-        scores: list[TeacherScores | None] = [None] * len(keys)
-        if self._cache is not None:
-            if self.teacher is None:  # an external scorer appends shards while we train
-                self._cache.reload()
-            scores = [self._cache.get(*key) for key in keys]
-        missing = [row for row, s in enumerate(scores) if s is None]
-        if missing and self.teacher is None:
-            records = [
-                {"example_id": keys[row][0], "prompt_ids": keys[row][1].tolist(), "response_ids": keys[row][2].tolist()}
-                for row in missing
-            ]
-            name = f"rank{self.global_rank}-step{self.global_step:09d}"
-            write_rollout_file(self.teacher_config.cache_dir, name, records)
-            scores = self._wait_for_cache(keys, scores)
-            missing = []
-        passes = [
-            missing[start : start + self.micro_batch_size] for start in range(0, len(missing), self.micro_batch_size)
-        ]
-        for index in range(self._most_over_ranks(len(passes)) if self.sharded else len(passes)):
-            if index >= len(passes):  # a sharded teacher's forwards are collectives: join the ranks still scoring
-                self.teacher.score(samples.rows([0]))
-                continue
-            rows = passes[index]
-            scored = self.teacher.score(samples.rows(rows))
-            dtype = getattr(torch, self.teacher_config.cache_dtype)
-            for i, row in enumerate(rows):
-                valid = mask[row].bool()
-                entry = TeacherScores(
-                    scored["topk_ids"][i][valid].cpu(),
-                    scored["topk_logprobs"][i][valid].to(dtype).cpu(),
-                    scored["sampled_logprobs"][i][valid].to(dtype).cpu(),
-                )
-                scores[row] = entry
-                if self._writer is not None:
-                    self._writer.add(*keys[row], entry)
-        self.teacher_scored_rows += len(missing)
-        if self._writer is not None and missing:
-            # Each round's scores are on disk before its update, so a resumed run finds them. This run does not
-            # read them back: its later samples differ, and re-reading the growing index every step costs.
-            self._writer.flush()
-        return pad_scores(scores, length=mask.shape[1]).to(self.device)
-
-    def _wait_for_cache(self, keys, scores):
-        deadline = time.monotonic() + self.teacher_config.wait_s
-        while True:
-            missing = [row for row, s in enumerate(scores) if s is None]
-            if not missing:
-                return scores
-            if time.monotonic() >= deadline:
-                example_id = keys[missing[0]][0]
-                raise ConfigError(
-                    f"teacher cache {self.teacher_config.cache_dir}: no scores for {len(missing)} of {len(keys)} "
-                    f"responses (first: example {example_id!r}) after waiting {self.teacher_config.wait_s:.0f} s; "
-                    "set model.teacher.model_name_or_path to score in-process, or run tools/score_teacher.py "
-                    f"on {self.teacher_config.cache_dir}/rollouts (and raise model.teacher.wait_s)"
-                )
-            time.sleep(1.0)
-            if self._cache is None:
-                self._cache = self._open_cache()
-            if self._cache is not None:
-                self._cache.reload()
-                scores = [s if s is not None else self._cache.get(*key) for s, key in zip(scores, keys)]
+    @property
+    def teacher_fingerprint(self) -> TeacherFingerprint | None:
+        """The in-process teacher's fingerprint (set at fit start)."""
+        return self.teacher_source.fingerprint
 
     # --- one training step -----------------------------------------------------------------------
 
@@ -318,7 +192,15 @@ class DistillModule(OnPolicyModule):
         started = time.perf_counter()
         samples = self.engine.sample(self.policy, batch, self.rollout)
         generated = time.perf_counter()
-        teacher = self.teacher_scores(self._row_keys(samples, examples), samples)
+        teacher = self.teacher_source.scores(
+            row_keys(samples, examples),
+            samples,
+            self.micro_batch_size,
+            name=f"rank{self.global_rank}-step{self.global_step:09d}",
+            passes_to_run=self._most_over_ranks
+            if self.sharded
+            else None,  # a sharded teacher's forwards are collectives
+        ).to(self.device)
         scored_at = time.perf_counter()
         old_logprobs = None
         if self.loss_config.kind == "sampled" and not self.single_update(len(examples)):
@@ -373,7 +255,3 @@ class ScoredSamples:
 
     teacher: TeacherBatch
     old_logprobs: torch.Tensor | None
-
-
-def _has_manifest(cache_dir: str | Path) -> bool:
-    return any(Path(cache_dir).glob("manifest*.json"))

@@ -19,6 +19,7 @@ from vlm_post.teacher.cache_format import (
 from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.fingerprint import TeacherFingerprint, fingerprint_teacher
 from vlm_post.teacher.scoring import HFTeacher, check_teacher_compatible, topk_logprobs
+from vlm_post.teacher.source import TeacherScoreSource, row_keys
 
 __all__ = [
     "DEFAULT_SHARD_TOKENS",
@@ -32,6 +33,7 @@ __all__ = [
     "TeacherCacheWriter",
     "TeacherFingerprint",
     "TeacherFingerprintError",
+    "TeacherScoreSource",
     "TeacherScores",
     "check_cache_teacher",
     "check_teacher_compatible",
@@ -41,5 +43,6 @@ __all__ = [
     "pad_scores",
     "read_cache_teacher",
     "rescore_dir",
+    "row_keys",
     "topk_logprobs",
 ]
