@@ -72,7 +72,7 @@ def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
     assert torch.allclose(shared["topk_logprobs"], full["topk_logprobs"], atol=1e-5)
 
 
-def test_prompts_with_the_same_text_and_other_images_are_not_shared(teacher, processor, demo_data):
+def test_rows_of_other_prompts_with_the_same_text_are_not_shared(teacher, processor, demo_data):
     batch = Collator(processor)(examples(demo_data, 4))
     assert len(set(Collator(processor).prompt_texts(batch["examples"]))) == 1
     response = torch.ones(4, 1, dtype=torch.long)

@@ -44,7 +44,7 @@ from vlm_post.teacher import (
     TeacherFingerprint,
 )
 from vlm_post.teacher.scoring import HFTeacher
-from vlm_post.teacher.source import TeacherScoreSource, row_keys
+from vlm_post.teacher.source import TeacherScoreSource
 
 
 @dataclass
@@ -192,15 +192,11 @@ class DistillModule(OnPolicyModule):
         started = time.perf_counter()
         samples = self.engine.sample(self.policy, batch, self.rollout)
         generated = time.perf_counter()
-        teacher = self.teacher_source.scores(
-            row_keys(samples, examples),
-            samples,
-            self.micro_batch_size,
-            name=f"rank{self.global_rank}-step{self.global_step:09d}",
-            passes_to_run=self._most_over_ranks
-            if self.sharded
-            else None,  # a sharded teacher's forwards are collectives
-        ).to(self.device)
+        # A sharded teacher's forwards are collectives: every rank runs as many scoring passes as the busiest.
+        passes_to_run = self._most_over_ranks if self.sharded else None
+        name = f"rank{self.global_rank}-step{self.global_step:09d}"  # of the rollout file, cache-only
+        teacher = self.teacher_source.scores(samples, examples, self.micro_batch_size, name, passes_to_run)
+        teacher = teacher.to(self.device)
         scored_at = time.perf_counter()
         old_logprobs = None
         if self.loss_config.kind == "sampled" and not self.single_update(len(examples)):

@@ -159,7 +159,7 @@ class RLModule(OnPolicyModule):
         return ScoredRollouts(
             samples,
             task_rewards,
-            {name: torch.tensor(values).float().mean() for name, values in rewarded.components.items()},
+            rewarded.components,
             shaping,
             rewards,
             advantages,
@@ -197,7 +197,9 @@ class RLModule(OnPolicyModule):
             **{f"train/{name}": torch.tensor(value) for name, value in times.items()},
             "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, elapsed),
         }
-        logged.update({f"train/{name}": value for name, value in scored.reward_components.items()})
+        logged.update(
+            {f"train/{name}": torch.tensor(values).float().mean() for name, values in scored.reward_components.items()}
+        )
         logged.update({f"train/{name}": value.mean() for name, value in scored.shaping.items()})
         logged.update({f"train/{name}": value for name, value in stats.items()})
         if scored.reward_kl is not None:  # kl_mode reward: the KL of the rollout policy, aggregated as the loss would
@@ -209,7 +211,7 @@ class RLModule(OnPolicyModule):
 class ScoredRollouts:
     """A rollout batch with what the step computed per row: the one place the update and the logs read.
 
-    ``task_rewards``: the reward function's; ``shaping``: each term added to it (overlong, KL penalty);
+    ``task_rewards``: the reward function's, ``reward_components`` its terms per row (accuracy, format); ``shaping``: each term added to it (overlong, KL penalty);
     ``rewards``: the shaped sum the ``advantages`` come from. ``old_logprobs``: the PPO ratio's denominator
     (None: one update, ratio 1); ``loss_ref_logprobs``: the reference's, when the KL is a loss term;
     ``kept_rows``: the rows the filters keep (dynamic sampling, overlong filter).
@@ -217,7 +219,7 @@ class ScoredRollouts:
 
     samples: RolloutBatch
     task_rewards: torch.Tensor
-    reward_components: dict[str, torch.Tensor]
+    reward_components: dict[str, list[float]]
     shaping: dict[str, torch.Tensor]
     rewards: torch.Tensor
     advantages: torch.Tensor

@@ -9,6 +9,7 @@ refused, or with ``on_mismatch: rescore`` scored anew into a namespace of this t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,14 +117,22 @@ class TeacherScoreSource:
         return cache
 
     def scores(
-        self, keys: list[RowKey], samples: RolloutBatch, micro_batch_size: int, name: str, passes_to_run=None
+        self,
+        samples: RolloutBatch,
+        examples: list,
+        micro_batch_size: int,
+        name: str,
+        passes_to_run: Callable[[int], int] | None = None,
     ) -> TeacherBatch:
-        """Scores of every row of ``samples`` (``keys``: ``row_keys``): from the cache where it has them, else from
+        """Scores of every row of ``samples`` (answering ``examples``): from the cache where it has them, else from
         the in-process teacher in passes of ``micro_batch_size`` rows, or, cache-only, from an external scorer
         given the missing rows in rollout file ``name``. ``passes_to_run(count)``: the passes this process runs
         when its teacher's forwards are collectives (the most over the ranks; default ``count``)."""
         mask = samples.response_mask
-        scores: list[TeacherScores | None] = [None] * len(keys)
+        # Cache keys copy every row's ids to the host: only a run with a cache needs them.
+        uses_cache = self._cache is not None or self._writer is not None or self.teacher is None
+        keys = row_keys(samples, examples) if uses_cache else None
+        scores: list[TeacherScores | None] = [None] * samples.num_rows
         if self._cache is not None:
             if self.teacher is None:  # an external scorer appends shards while we train
                 self._cache.reload()
