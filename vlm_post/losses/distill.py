@@ -29,13 +29,7 @@ import torch
 
 from vlm_post.losses.grpo import Aggregation, aggregate
 from vlm_post.losses.kl import LOG_RATIO_CLAMP
-from vlm_post.losses.logprobs import (
-    DEFAULT_CHUNK_SIZE,
-    _check_chunking,
-    _check_hidden_and_head,
-    _ChunkedLogprobsEntropy,
-    _matmul_dtype,
-)
+from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE, _matmul_dtype, head_scores
 
 # Floor of the teacher's tail mass. The tail is 1 - sum(exp(top-k log-probs)),
 # and with fp16/bf16 log-probs that sum is only good to ~1e-3, so a tail of 0 (or
@@ -139,20 +133,15 @@ def topk_reverse_kl_and_entropy_from_hidden(
     are fp32 (fp64 for fp64 inputs); under autocast the projection runs in
     autocast's dtype, as in ``token_logprobs_and_entropy``.
     """
-    _check_hidden_and_head(hidden, weight)
     _check_topk(topk_ids, teacher_topk_logprobs, mask)
     if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"expected topk_ids of shape ({hidden.shape[0]}, k), got {tuple(topk_ids.shape)}")
-    _check_chunking(chunk_size, temperature)
     ids = topk_ids.long()
     if mask is not None:
         ids = torch.where(mask.bool()[:, None], ids, 0)
-    matmul_dtype = _matmul_dtype(hidden, weight)
-    student_topk, entropy = _ChunkedLogprobsEntropy.apply(
-        hidden, weight, ids, chunk_size, float(temperature), with_entropy, matmul_dtype, _compute_dtype(matmul_dtype)
-    )
-    kl = coarsened_reverse_kl(student_topk, teacher_topk_logprobs, mask)
-    return kl, (entropy if with_entropy else None)
+    dtype = _compute_dtype(_matmul_dtype(hidden, weight))
+    student = head_scores(hidden, weight, ids, chunk_size, temperature, with_entropy, dtype=dtype)
+    return coarsened_reverse_kl(student.logprobs, teacher_topk_logprobs, mask), student.entropy
 
 
 def topk_reverse_kl_from_hidden(

@@ -20,6 +20,7 @@ version's time (bench/logprob_entropy.py measures both).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -102,7 +103,8 @@ def _logit_blocks(
 
 
 class _ChunkedLogprobsEntropy(torch.autograd.Function):
-    """log p(ids[n, j]) for k ids per token, and the entropy H(p) per token, p = softmax(hidden @ weight.T / T).
+    """log p(ids[n, j]) for k ids per token, the entropy H(p) per token, p = softmax(hidden @ weight.T / T), and
+    optionally p's own ``top_k`` ids and log-probs per token (no gradient: a teacher's scores).
 
     ``token_logprobs_and_entropy`` takes one id per token (the target), the
     distillation loss the teacher's top k. Saved for backward: the inputs, the
@@ -123,13 +125,16 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
         with_entropy: bool,
         matmul_dtype: torch.dtype,
         dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        top_k: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(hidden.device.type, enabled=False):
             num_tokens = hidden.shape[0]
             head = weight.to(matmul_dtype)  # cast once, not per chunk
             logprobs = torch.empty(ids.shape, dtype=dtype, device=hidden.device)
             log_normaliser = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
             entropy = torch.empty(num_tokens if with_entropy else 0, dtype=dtype, device=hidden.device)
+            topk_ids = torch.empty(num_tokens if top_k else 0, top_k, dtype=torch.int32, device=hidden.device)
+            topk_logprobs = torch.empty(topk_ids.shape, dtype=dtype, device=hidden.device)
             for _, _, _, blocks in _logit_chunks(hidden, head, chunk_size, temperature, dtype):
                 for rows, shifted, exps in blocks:
                     # Work relative to the row max: exp cannot overflow, and the entropy
@@ -143,19 +148,24 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
                     logprobs[rows] = shifted.gather(-1, ids[rows]) - log_sum[:, None]
                     if with_entropy:
                         entropy[rows] = log_sum - torch.linalg.vecdot(unnormalised, shifted) / sum_exp
+                    if top_k:
+                        top = shifted.topk(top_k, dim=-1)
+                        topk_ids[rows] = top.indices.to(torch.int32)
+                        topk_logprobs[rows] = top.values - log_sum[:, None]
         ctx.save_for_backward(hidden, weight, ids, log_normaliser, entropy)
         ctx.chunk_size, ctx.temperature, ctx.with_entropy = chunk_size, temperature, with_entropy
         ctx.matmul_dtype, ctx.device_type = matmul_dtype, hidden.device.type
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) arrives as None: skip its work
-        return logprobs, entropy
+        ctx.mark_non_differentiable(topk_ids, topk_logprobs)
+        return logprobs, entropy, topk_ids, topk_logprobs
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: FunctionCtx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
+        ctx: FunctionCtx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_topk
     ) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, ids, log_normaliser, entropy = ctx.saved_tensors
-        nothing = (None,) * 8  # one per input of forward
+        nothing = (None,) * 9  # one per input of forward
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not ctx.with_entropy:
             grad_entropy = None  # the (0,) placeholder output carries no gradient
@@ -216,6 +226,49 @@ def _check_chunking(chunk_size: int, temperature: float) -> None:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
+class HeadScores(NamedTuple):
+    """What one chunked pass over the vocabulary gives per token (see ``head_scores``)."""
+
+    logprobs: torch.Tensor  # (N, m): log p of each token's m ids
+    entropy: torch.Tensor | None  # (N,) full-vocabulary entropy
+    topk_ids: torch.Tensor | None  # int32 (N, k): p's own most likely ids, in descending order
+    topk_logprobs: torch.Tensor | None  # (N, k): their log-probs
+
+
+def head_scores(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    top_k: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> HeadScores:
+    """Everything the project reads off p = softmax(hidden @ weight.T / temperature), in one chunked pass.
+
+    ``hidden`` (N, H), the head ``weight`` (V, H), ``ids`` (N, m): the ids whose log-probs to return (the sampled
+    token, m = 1; a teacher's top k). ``with_entropy``: the exact full-vocabulary entropy per token. ``top_k``:
+    also p's own k most likely ids and their log-probs (no gradient). The log-probs and the entropy are
+    differentiable w.r.t. ``hidden`` and ``weight``; logits are held for at most ``chunk_size`` tokens and
+    recomputed chunk by chunk in backward. Under autocast the projection runs in autocast's dtype; the rest in
+    ``dtype`` (fp32; fp64 for references and gradcheck).
+    """
+    _check_hidden_and_head(hidden, weight)
+    if ids.dim() != 2 or ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"expected ids of shape ({hidden.shape[0]}, m), got {tuple(ids.shape)}")
+    _check_chunking(chunk_size, temperature)
+    if not 0 <= top_k <= weight.shape[0]:
+        raise ValueError(f"top_k must be in [0, {weight.shape[0]}] (the vocabulary), got {top_k}")
+    logprobs, entropy, topk_ids, topk_logprobs = _ChunkedLogprobsEntropy.apply(
+        hidden, weight, ids.long(), chunk_size, float(temperature), with_entropy, _matmul_dtype(hidden, weight), dtype,
+        top_k,
+    )  # fmt: skip
+    if not top_k:
+        topk_ids = topk_logprobs = None
+    return HeadScores(logprobs, entropy if with_entropy else None, topk_ids, topk_logprobs)
+
+
 def token_logprobs_and_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -244,16 +297,10 @@ def token_logprobs_and_entropy(
     pass recomputes them chunk by chunk. The result does not depend on
     ``chunk_size`` beyond float rounding.
     """
-    _check_hidden_and_head(hidden, weight)
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected targets of shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
-    _check_chunking(chunk_size, temperature)
-    ids = targets.long()[:, None]  # one id per token
-    matmul_dtype = _matmul_dtype(hidden, weight)
-    logprobs, entropy = _ChunkedLogprobsEntropy.apply(
-        hidden, weight, ids, chunk_size, float(temperature), with_entropy, matmul_dtype, torch.float32
-    )
-    return logprobs.squeeze(-1), (entropy if with_entropy else None)
+    scores = head_scores(hidden, weight, targets[:, None], chunk_size, temperature, with_entropy)
+    return scores.logprobs.squeeze(-1), scores.entropy
 
 
 def token_logprobs(
