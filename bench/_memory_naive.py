@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from vlm_post.losses.distill import topk_reverse_kl
 from vlm_post.losses.sft import IGNORE_INDEX
+from vlm_post.models.logprobs import ResponseScores
 from vlm_post.modules import DistillModule, RLModule, SFTModule
 from vlm_post.rollout import ModelRows
 from vlm_post.teacher.scoring import HFTeacher
@@ -49,33 +49,37 @@ class NaiveSFT(SFTModule):
         return -(token * mask).sum() / max(count, 1), count
 
 
+def naive_scores(model, rows, ids=None, temperature=1.0, with_entropy=False, top_k=0) -> ResponseScores:
+    """``batch_logprobs`` from the full log-softmax over every response position."""
+    mask = rows.response_mask.bool()
+    logprobs = full_log_softmax(response_logits(model, rows), temperature)
+    if ids is None:
+        picked = logprobs.gather(-1, rows.response_ids[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+    else:
+        picked = logprobs.gather(-1, ids.long()).masked_fill(~mask[..., None], 0.0)
+    entropy = entropy_metric(logprobs).masked_fill(~mask, 0.0) if with_entropy else None
+    topk_ids = topk_logprobs = None
+    if top_k:
+        top = logprobs.topk(top_k, dim=-1)
+        topk_ids = top.indices.to(torch.int32).masked_fill(~mask[..., None], 0)
+        topk_logprobs = top.values.masked_fill(~mask[..., None], 0.0)
+    return ResponseScores(picked, entropy, topk_ids, topk_logprobs)
+
+
 class NaiveRL(RLModule):
-    def response_logprobs(self, rows, temperature=1.0, with_entropy=False, model=None):
-        mask = rows.response_mask.bool()
-        logprobs = full_log_softmax(response_logits(model or self.policy, rows), temperature)
-        targets = rows.response_ids
-        token = logprobs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
-        entropy = entropy_metric(logprobs).masked_fill(~mask, 0.0) if with_entropy else None
-        return token, entropy
+    def response_scores(self, rows, model=None, **options):
+        return naive_scores(model or self.policy, rows, **options)
 
 
 class NaiveTeacher(HFTeacher):
     @torch.no_grad()
     def score(self, rows: ModelRows) -> dict[str, torch.Tensor]:
-        mask = rows.response_mask.bool()
-        logprobs = torch.log_softmax(response_logits(self.model, rows), dim=-1)
-        top = logprobs.topk(self.top_k, dim=-1)
-        targets = rows.response_ids
-        sampled = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-        return {
-            "topk_ids": top.indices.to(torch.int32).masked_fill(~mask[..., None], 0),
-            "topk_logprobs": top.values.masked_fill(~mask[..., None], 0.0),
-            "sampled_logprobs": sampled.masked_fill(~mask, 0.0),
-        }
+        scores = naive_scores(self.model, rows, top_k=self.top_k)
+        return {"topk_ids": scores.topk_ids, "topk_logprobs": scores.topk_logprobs, "sampled_logprobs": scores.logprobs}
 
 
 class NaiveDistill(DistillModule):
-    """The student's top-k KL from full logits (DistillModule's ``topk_reverse_kl`` over the whole vocabulary)."""
+    """The student's top-k KL from full logits (DistillModule's ``response_scores`` over the whole vocabulary)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -84,10 +88,8 @@ class NaiveDistill(DistillModule):
             config.model_name_or_path, self.processor, config.top_k, config.dtype, self.attn_implementation
         )
 
-    def topk_reverse_kl(self, rows, teacher_ids, teacher_logprobs):
-        logits = response_logits(self.policy, rows)[rows.response_mask.bool()]
-        logprobs = full_log_softmax(logits, self.rollout.temperature)
-        return topk_reverse_kl(logprobs, teacher_ids, teacher_logprobs), entropy_metric(logprobs)
+    def response_scores(self, rows, model=None, **options):
+        return naive_scores(model or self.policy, rows, **options)
 
 
 NAIVE = {"sft": NaiveSFT, "rl": NaiveRL, "opd": NaiveDistill}

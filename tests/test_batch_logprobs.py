@@ -10,7 +10,7 @@ from tests.test_rollout import _batch
 from vlm_post.models.forward import shares_prompts
 from vlm_post.models.loading import load_policy
 from vlm_post.models.logprobs import batch_logprobs
-from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
+from vlm_post.rollout import ModelRows, RolloutBatch
 
 pytestmark = pytest.mark.fast
 
@@ -98,47 +98,3 @@ def test_the_models_own_top_k_equals_the_full_log_softmax(policy, rows):
     assert torch.equal(scores.topk_ids[mask].long(), top.indices[mask])
     torch.testing.assert_close(scores.topk_logprobs[mask], top.values[mask], rtol=1e-5, atol=1e-5)
     assert bool((scores.topk_logprobs[~mask] == 0).all()) and bool((scores.topk_ids[~mask] == 0).all())
-
-
-# --- the paths batch_logprobs replaces: equal values and gradients (fp32, 1e-6) before they go ------------------
-
-
-def test_batch_logprobs_equals_the_policy_reference_and_teacher_paths_it_replaces(policy, rows, tiny_model, processor):
-    from types import SimpleNamespace
-
-    from vlm_post.modules.base import PolicyModule
-    from vlm_post.modules.distill import DistillModule
-    from vlm_post.teacher.scoring import HFTeacher
-
-    mask = rows.response_mask.bool()
-    module = SimpleNamespace(policy=policy, logprob_chunk_size=4, head_weight=policy.get_output_embeddings().weight,
-                             rollout=SamplingParams(temperature=TEMPERATURE))  # fmt: skip
-    old_logprobs, old_entropy = PolicyModule.response_logprobs(module, rows, TEMPERATURE, with_entropy=True)
-    old = gradients(policy, weighted(old_logprobs, mask, 0) + weighted(old_entropy, mask, 1))
-    new_scores = batch_logprobs(policy, rows, temperature=TEMPERATURE, with_entropy=True, chunk_size=4)
-    new = gradients(policy, weighted(new_scores.logprobs, mask, 0) + weighted(new_scores.entropy, mask, 1))
-    torch.testing.assert_close(new_scores.logprobs, old_logprobs, rtol=0, atol=1e-6)
-    torch.testing.assert_close(new_scores.entropy, old_entropy, rtol=0, atol=1e-6)
-    for name in old:
-        torch.testing.assert_close(new[name], old[name], rtol=0, atol=1e-6, msg=name)
-
-    teacher = HFTeacher(str(tiny_model), processor, top_k=8, chunk_size=3).load("cpu")
-    old_teacher = teacher.score(rows)
-    with torch.no_grad():
-        new_teacher = batch_logprobs(teacher.model, rows, top_k=8, chunk_size=3)
-    assert torch.equal(new_teacher.topk_ids, old_teacher["topk_ids"])
-    torch.testing.assert_close(new_teacher.topk_logprobs, old_teacher["topk_logprobs"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(new_teacher.logprobs, old_teacher["sampled_logprobs"], rtol=0, atol=1e-6)
-
-    from vlm_post.losses.distill import coarsened_reverse_kl
-
-    ids, values = old_teacher["topk_ids"], old_teacher["topk_logprobs"].half()
-    old_kl, old_kl_entropy = DistillModule.topk_reverse_kl(module, rows, ids[mask], values[mask])
-    old = gradients(policy, weighted(old_kl, torch.ones(1), 3) + weighted(old_kl_entropy, torch.ones(1), 4))
-    student = batch_logprobs(policy, rows, ids=ids, temperature=TEMPERATURE, with_entropy=True, chunk_size=4)
-    kl = coarsened_reverse_kl(student.logprobs, values, mask)
-    new = gradients(policy, weighted(kl[mask], torch.ones(1), 3) + weighted(student.entropy[mask], torch.ones(1), 4))
-    torch.testing.assert_close(kl[mask], old_kl, rtol=0, atol=1e-6)
-    torch.testing.assert_close(student.entropy[mask], old_kl_entropy, rtol=0, atol=1e-6)
-    for name in old:
-        torch.testing.assert_close(new[name], old[name], rtol=0, atol=1e-6, msg=name)

@@ -237,7 +237,7 @@ def test_old_logprobs_from_the_sampler_skip_the_extra_forward(tiny_model, demo_d
         old_logprobs="sampler",
     )
     calls = []
-    monkeypatch.setattr(module, "batch_logprobs", lambda *args: calls.append(args))
+    monkeypatch.setattr(module, "rollout_logprobs", lambda *args: calls.append(args))
     record = Record()
     trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=4))
     assert calls == [] and module.trainer.global_step == 4

@@ -80,14 +80,15 @@ def test_rows_of_other_prompts_with_the_same_text_are_not_shared(teacher, proces
     assert rows.leaders == [0, 1, 2, 3] and not shares_prompts(teacher.model, rows.inputs, rows)
 
 
-def test_topk_logprobs_equal_the_full_log_softmax():
-    """Chunked (3 tokens a chunk) with the normaliser taken in place: the full log-softmax's top-k and targets."""
-    from vlm_post.teacher.scoring import topk_logprobs
+def test_the_top_k_of_the_chunked_pass_equals_the_full_log_softmax():
+    """Chunked (3 tokens a chunk), in blocks of rows: the full log-softmax's top-k and targets."""
+    from vlm_post.losses.logprobs import head_scores
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(10, 16), torch.randn(50, 16)
     targets = torch.randint(0, 50, (10,))
-    ids, values, sampled = topk_logprobs(hidden, weight, targets, k=5, chunk_size=3)
+    sampled, _, ids, values = head_scores(hidden, weight, targets[:, None], chunk_size=3, top_k=5)
+    sampled = sampled.squeeze(-1)
     full = torch.log_softmax(hidden @ weight.t(), dim=-1)
     top = full.topk(5, dim=-1)
     assert ids.dtype == torch.int32 and torch.equal(ids.long(), top.indices)

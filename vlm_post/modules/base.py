@@ -25,9 +25,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.checkpoint_io import read_fsdp_full_checkpoints_with_mmap
-from vlm_post.losses import token_logprobs_and_entropy
 from vlm_post.metrics import EvalMetrics
-from vlm_post.models.forward import decoder_hidden_states, response_hidden_states
+from vlm_post.models.forward import decoder_hidden_states
 from vlm_post.models.init_from import (
     check_init_from,
     check_same_architecture,
@@ -43,7 +42,8 @@ from vlm_post.models.loading import (
     load_processor,
     resolve_model_path,
 )
-from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, is_sharded, shard_model
+from vlm_post.models.logprobs import ResponseScores, batch_logprobs
+from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, shard_model
 from vlm_post.modules.evaluation import EvalConfig, confidence_intervals, evaluate_batch, format_table
 from vlm_post.modules.nonfinite import NonFiniteGuard, SkippedSteps
 from vlm_post.modules.rng import restore_rng_states, rng_states
@@ -289,33 +289,10 @@ class PolicyModule(NonFiniteGuard, LightningModule):
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    def response_logprobs(
-        self,
-        rows: ModelRows,
-        temperature: float = 1.0,
-        with_entropy: bool = False,
-        model: torch.nn.Module | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs (and entropy) of the response tokens of ``rows``, shaped like their
-        ``response_mask`` (rows, L); only masked positions are projected onto the vocabulary, in chunks."""
-        model = model or self.policy
-        mask = rows.response_mask.bool()
-        predicting = response_hidden_states(model, rows)[mask]  # each shared prompt runs once
-        targets = rows.response_ids[mask]
-        logprobs, entropy = token_logprobs_and_entropy(
-            predicting,
-            model.get_output_embeddings().weight,
-            targets,
-            self.logprob_chunk_size,
-            with_entropy=with_entropy,
-            temperature=temperature,
-        )
-        if model is not self.policy and is_sharded(model):
-            model.reshard()  # a frozen model's root stays gathered after forward (FSDP2 keeps it for a backward)
-        full = torch.zeros(mask.shape, dtype=torch.float32, device=predicting.device)
-        out_logprobs = full.masked_scatter(mask, logprobs)
-        out_entropy = full.masked_scatter(mask, entropy) if with_entropy else None
-        return out_logprobs, out_entropy
+    def response_scores(self, rows: ModelRows, model: torch.nn.Module | None = None, **options) -> ResponseScores:
+        """``batch_logprobs`` of ``rows`` under the policy (or ``model``, e.g. a frozen reference), at this module's
+        chunk size; ``options``: ``ids``, ``temperature``, ``with_entropy``, ``top_k``."""
+        return batch_logprobs(model or self.policy, rows, chunk_size=self.logprob_chunk_size, **options)
 
     def evaluation_engine(self, config: EvalConfig) -> RolloutEngine:
         """The engine ``config`` samples with: the HF engine, or the run's one vLLM engine (built on first use)."""

@@ -31,9 +31,8 @@ from typing import Literal
 import torch
 
 from vlm_post.errors import ConfigError
-from vlm_post.losses.distill import sampled_reverse_kl_loss, topk_entropy, topk_reverse_kl_and_entropy_from_hidden
+from vlm_post.losses.distill import coarsened_reverse_kl, sampled_reverse_kl_loss, topk_entropy
 from vlm_post.losses.grpo import Aggregation, aggregate
-from vlm_post.models.forward import response_hidden_states
 from vlm_post.models.loading import Dtype
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.ranges import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_ranges
@@ -172,21 +171,6 @@ class DistillModule(OnPolicyModule):
 
     # --- one training step -----------------------------------------------------------------------
 
-    def topk_reverse_kl(
-        self, rows: ModelRows, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per response token of ``rows`` (the masked positions, in order): the student's reverse KL to the
-        teacher's top-k (+ tail) distribution, and the student's entropy."""
-        predicting = response_hidden_states(self.policy, rows)[rows.response_mask.bool()]
-        return topk_reverse_kl_and_entropy_from_hidden(
-            predicting,
-            self.head_weight,
-            teacher_ids,
-            teacher_logprobs,
-            self.logprob_chunk_size,
-            temperature=self.rollout.temperature,
-        )
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples = batch["examples"]
         started = time.perf_counter()
@@ -200,7 +184,7 @@ class DistillModule(OnPolicyModule):
         scored_at = time.perf_counter()
         old_logprobs = None
         if self.loss_config.kind == "sampled" and not self.single_update(len(examples)):
-            old_logprobs = self.batch_logprobs(self.policy, samples)
+            old_logprobs = self.rollout_logprobs(self.policy, samples)
         stats = self._update(samples, list(range(samples.num_rows)), ScoredSamples(teacher, old_logprobs))
         elapsed = time.perf_counter() - started
         if not self.logs_this_step():
@@ -225,7 +209,8 @@ class DistillModule(OnPolicyModule):
         """The reverse KL to the teacher of rows ``micro`` of the batch (``rows``: their model inputs)."""
         config, teacher, mask = self.loss_config, scored.teacher, rows.response_mask
         if config.kind == "sampled":
-            logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
+            student = self.response_scores(rows, temperature=self.rollout.temperature, with_entropy=True)
+            logprobs, entropy = student.logprobs, student.entropy
             old = scored.old_logprobs[micro] if scored.old_logprobs is not None else logprobs.detach()
             loss, stats = sampled_reverse_kl_loss(
                 logprobs,
@@ -237,11 +222,13 @@ class DistillModule(OnPolicyModule):
                 self.rollout.max_new_tokens,
             )
             return loss, {**stats, "entropy": entropy[mask.bool()].mean()}
-        valid = mask.bool()
-        kl, entropy = self.topk_reverse_kl(rows, teacher.topk_ids[micro][valid], teacher.topk_logprobs[micro][valid])
-        per_token = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)
+        # the student's log-probs at the teacher's top-k ids, and its full entropy (logged), in one pass
+        ids = teacher.topk_ids[micro]
+        student = self.response_scores(rows, ids=ids, temperature=self.rollout.temperature, with_entropy=True)
+        per_token = coarsened_reverse_kl(student.logprobs, teacher.topk_logprobs[micro], mask)
         loss = aggregate(per_token, mask, config.aggregation, self.rollout.max_new_tokens)
-        return loss, {"reverse_kl": kl.detach().mean(), "entropy": entropy.detach().mean()}
+        valid = mask.bool()
+        return loss, {"reverse_kl": per_token.detach()[valid].mean(), "entropy": student.entropy.detach()[valid].mean()}
 
 
 @dataclass

@@ -207,8 +207,9 @@ def sampled_token_entropy(module, samples: RolloutBatch, config: EvalConfig) -> 
     step = max(1, config.forward_batch_size)
     for start in range(0, samples.num_rows, step):
         chunk = slice(start, min(samples.num_rows, start + step))
-        _, entropy = module.response_logprobs(samples.rows(chunk), temperature=config.temperature, with_entropy=True)
-        out[chunk] = entropy
+        out[chunk] = module.response_scores(
+            samples.rows(chunk), temperature=config.temperature, with_entropy=True
+        ).entropy
     return out
 
 

@@ -80,12 +80,12 @@ class OnPolicyModule(PolicyModule):
         return self.epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= num_prompts)
 
     @torch.no_grad()
-    def batch_logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    def rollout_logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         """Log-probs of every row of ``batch`` under ``model`` (the rollout policy or a frozen one), in micro-batches."""
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.response_mask.device)
         for start in range(0, batch.num_rows, self.micro_batch_size):
             chunk = slice(start, min(batch.num_rows, start + self.micro_batch_size))
-            out[chunk] = self.response_logprobs(batch.rows(chunk), self.rollout.temperature, model=model)[0]
+            out[chunk] = self.response_scores(batch.rows(chunk), model, temperature=self.rollout.temperature).logprobs
         return out
 
     def micro_loss(self, scored, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

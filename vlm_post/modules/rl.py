@@ -131,7 +131,7 @@ class RLModule(OnPolicyModule):
         # One update over the whole rollout batch is exactly on-policy: the old log-probs equal the current
         # ones (ratio 1), so the separate no-grad forward over every row is skipped. A KL reward penalty
         # still needs the policy's log-probs before the update.
-        ref_logprobs = self.batch_logprobs(self.reference, samples) if self.reference is not None else None
+        ref_logprobs = self.rollout_logprobs(self.reference, samples) if self.reference is not None else None
         kl_in_reward = config.kl_mode == "reward" and ref_logprobs is not None
         needs_old = not self.single_update(len(examples)) or kl_in_reward
         old_logprobs = None
@@ -142,7 +142,7 @@ class RLModule(OnPolicyModule):
                 )
             old_logprobs = samples.sampler_logprobs.to(self.device)
         elif needs_old:
-            old_logprobs = self.batch_logprobs(self.policy, samples)
+            old_logprobs = self.rollout_logprobs(self.policy, samples)
         signal = groups_with_signal(rewards, n)  # on the raw rewards: a KL penalty makes every group differ
         reward_kl = None
         if kl_in_reward:
@@ -173,7 +173,8 @@ class RLModule(OnPolicyModule):
     def micro_loss(self, scored: ScoredRollouts, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
         """The GRPO-family loss of rows ``micro`` of the batch (``rows``: their model inputs)."""
         # entropy: logged every step, a bonus if configured
-        logprobs, entropy = self.response_logprobs(rows, self.rollout.temperature, with_entropy=True)
+        scores = self.response_scores(rows, temperature=self.rollout.temperature, with_entropy=True)
+        logprobs, entropy = scores.logprobs, scores.entropy
         old, ref = scored.old_logprobs, scored.loss_ref_logprobs
         return grpo_loss(
             logprobs,

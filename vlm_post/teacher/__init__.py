@@ -18,7 +18,7 @@ from vlm_post.teacher.cache_format import (
 )
 from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.fingerprint import TeacherFingerprint, fingerprint_teacher
-from vlm_post.teacher.scoring import HFTeacher, check_teacher_compatible, topk_logprobs
+from vlm_post.teacher.scoring import HFTeacher, check_teacher_compatible
 from vlm_post.teacher.source import TeacherScoreSource, row_keys
 
 __all__ = [
@@ -44,5 +44,4 @@ __all__ = [
     "read_cache_teacher",
     "rescore_dir",
     "row_keys",
-    "topk_logprobs",
 ]

@@ -25,41 +25,13 @@ import torch
 
 from vlm_post.errors import ConfigError
 from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE
-from vlm_post.models.forward import response_hidden_states
 from vlm_post.models.loading import Dtype, check_image_text_to_text, load_policy, load_processor, resolve_model_path
-from vlm_post.models.sharding import is_sharded
+from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.rollout.batch import ModelRows
 from vlm_post.teacher.fingerprint import TeacherFingerprint, fingerprint_teacher, local_model_dir
 
 # Image preprocessing settings that change the pixel rows or the number of image tokens.
 _IMAGE_SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
-
-
-@torch.no_grad()
-def topk_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids (int32, [N, k]), their log-probs and the targets' log-probs (fp32) from hidden states [N, H].
-
-    Chunked over tokens, like the training losses: one chunk's fp32 logits at a time, and no second tensor of
-    that size (the ids and values are read off the raw logits, then the normaliser is taken in place).
-    """
-    if not 1 <= k <= weight.shape[0]:
-        raise ValueError(f"top_k must be in [1, {weight.shape[0]}] (the vocabulary), got {k}")
-    ids = torch.empty(hidden.shape[0], k, dtype=torch.int32, device=hidden.device)
-    values = torch.empty(hidden.shape[0], k, dtype=torch.float32, device=hidden.device)
-    sampled = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        end = min(hidden.shape[0], start + chunk_size)
-        logits = (hidden[start:end] @ weight.t()).float()
-        top = logits.topk(k, dim=-1)
-        picked = logits.gather(-1, targets[start:end, None].long()).squeeze(-1)
-        peak = logits.amax(-1, keepdim=True)
-        normaliser = logits.sub_(peak).exp_().sum(-1).log_() + peak.squeeze(-1)  # logsumexp, in place
-        ids[start:end] = top.indices.to(torch.int32)
-        values[start:end] = top.values - normaliser[:, None]
-        sampled[start:end] = picked - normaliser
-    return ids, values, sampled
 
 
 def check_teacher_compatible(student_processor, teacher_processor, teacher_path: str) -> None:
@@ -122,17 +94,5 @@ class HFTeacher:
         """
         if self.model is None:
             raise RuntimeError("HFTeacher.score before load()")
-        length, mask = rows.response_mask.shape[1], rows.response_mask.bool()
-        hidden = response_hidden_states(self.model, rows)
-        predicting = hidden[mask]
-        targets = rows.response_ids[mask]
-        weight = self.model.get_output_embeddings().weight
-        ids, values, sampled = topk_logprobs(predicting, weight, targets, self.top_k, self.chunk_size)
-        if is_sharded(self.model):
-            self.model.reshard()  # FSDP2 keeps the root gathered after forward, for a backward the teacher never runs
-        rows, k = mask.shape[0], self.top_k
-        out_ids = torch.zeros(rows, length, k, dtype=torch.int32, device=hidden.device)
-        out_values = torch.zeros(rows, length, k, dtype=torch.float32, device=hidden.device)
-        out_sampled = torch.zeros(rows, length, dtype=torch.float32, device=hidden.device)
-        out_ids[mask], out_values[mask], out_sampled[mask] = ids, values, sampled
-        return {"topk_ids": out_ids, "topk_logprobs": out_values, "sampled_logprobs": out_sampled}
+        scores = batch_logprobs(self.model, rows, top_k=self.top_k, chunk_size=self.chunk_size)
+        return {"topk_ids": scores.topk_ids, "topk_logprobs": scores.topk_logprobs, "sampled_logprobs": scores.logprobs}
