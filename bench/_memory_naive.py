@@ -15,7 +15,7 @@ from vlm_post.losses.sft import IGNORE_INDEX
 from vlm_post.models.logprobs import ResponseScores
 from vlm_post.modules import DistillModule, RLModule, SFTModule
 from vlm_post.rollout import ModelRows
-from vlm_post.teacher.scoring import HFTeacher
+from vlm_post.teacher import HFTeacher, TeacherBatch
 
 
 def full_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -73,9 +73,9 @@ class NaiveRL(RLModule):
 
 class NaiveTeacher(HFTeacher):
     @torch.no_grad()
-    def score(self, rows: ModelRows) -> dict[str, torch.Tensor]:
+    def score(self, rows: ModelRows) -> TeacherBatch:
         scores = naive_scores(self.model, rows, top_k=self.top_k)
-        return {"topk_ids": scores.topk_ids, "topk_logprobs": scores.topk_logprobs, "sampled_logprobs": scores.logprobs}
+        return TeacherBatch(scores.topk_ids, scores.topk_logprobs, scores.logprobs, rows.response_mask.bool())
 
 
 class NaiveDistill(DistillModule):

@@ -131,6 +131,27 @@ def test_many_shards_and_padded_batches(tmp_path):
         pad_scores([written[3]], length=10)
 
 
+def test_a_batch_lookup_pads_what_the_cache_lacks_and_a_scored_batch_is_added_whole(tmp_path):
+    """The step's form both ways: ``add_batch`` takes a padded fp32 batch (the in-process teacher's) and stores each
+    row's own positions in the cache dtype; ``lookup_batch`` gives hits and misses as one padded batch."""
+    written = {i: scores(i, len(rollout(i)[2])) for i in range(4)}
+    fp32 = pad_scores([written[i] for i in range(3)], length=20)
+    assert fp32.topk_logprobs.dtype == torch.float32
+    with TeacherCacheWriter(tmp_path, k=8) as writer:
+        assert writer.add_batch([rollout(i) for i in range(3)], fp32) == 3
+        assert writer.add_batch([rollout(0)], pad_scores([written[0]])) == 0  # held already: nothing new
+        with pytest.raises(ValueError, match="2 keys for 3 rows"):
+            writer.add_batch([rollout(0), rollout(1)], fp32)
+    cache = TeacherCache(tmp_path)
+    batch, found = cache.lookup_batch([rollout(2), rollout(3), rollout(0)], length=20)
+    assert found == [True, False, True] and batch.topk_logprobs.dtype == torch.float16
+    for row, i in ((0, 2), (2, 0)):
+        n = len(written[i])
+        assert batch.mask[row].tolist() == [True] * n + [False] * (20 - n)
+        assert_same(list(batch.entries())[row], written[i], torch.float16)
+    assert not batch.mask[1].any() and not batch.topk_ids[1].any() and not batch.topk_logprobs[1].any()
+
+
 def test_resume_appends_shards_and_reuses_cached_scores(tmp_path):
     first = write(tmp_path, range(5), shard_tokens=30)
     shards_before = shard_files(tmp_path)

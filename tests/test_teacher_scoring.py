@@ -14,6 +14,7 @@ from vlm_post.data.collate import Collator
 from vlm_post.data.datamodule import ExampleDataset
 from vlm_post.models.forward import shares_prompts
 from vlm_post.rollout import ModelRows, RolloutBatch
+from vlm_post.teacher import TeacherBatch
 from vlm_post.teacher.scoring import HFTeacher
 
 pytestmark = pytest.mark.fast
@@ -29,7 +30,7 @@ def examples(demo_data, count: int):
     return [dataset[i] for i in range(count)]
 
 
-def full_forward_scores(teacher: HFTeacher, rows: ModelRows) -> dict:
+def full_forward_scores(teacher: HFTeacher, rows: ModelRows) -> TeacherBatch:
     return teacher.score(unshared_prompts(rows))
 
 
@@ -53,9 +54,9 @@ def test_rows_sharing_a_prompt_score_as_the_full_forward(teacher, processor, dem
         micro = samples.rows(rows)
         assert micro.leaders == leaders and shares_prompts(teacher.model, micro.inputs, micro)
         shared, full = teacher.score(micro), full_forward_scores(teacher, micro)
-        assert torch.equal(shared["topk_ids"], full["topk_ids"])
+        assert torch.equal(shared.topk_ids, full.topk_ids)
         for key in ("topk_logprobs", "sampled_logprobs"):
-            assert torch.allclose(shared[key], full[key], atol=1e-5), key
+            assert torch.allclose(getattr(shared, key), getattr(full, key), atol=1e-5), key
 
 
 def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
@@ -68,8 +69,8 @@ def test_text_only_prompts_are_shared_too(teacher, processor, demo_data):
     rows = RolloutBatch(batch["prompt"], batch["image_counts"], n, response, mask, mask[:, -1] == 0, [""] * 4).rows()
     assert rows.leaders == [0, 2] and shares_prompts(teacher.model, rows.inputs, rows)
     shared, full = teacher.score(rows), full_forward_scores(teacher, rows)
-    assert torch.equal(shared["topk_ids"], full["topk_ids"])
-    assert torch.allclose(shared["topk_logprobs"], full["topk_logprobs"], atol=1e-5)
+    assert torch.equal(shared.topk_ids, full.topk_ids)
+    assert torch.allclose(shared.topk_logprobs, full.topk_logprobs, atol=1e-5)
 
 
 def test_rows_of_other_prompts_with_the_same_text_are_not_shared(teacher, processor, demo_data):
@@ -223,3 +224,50 @@ def test_a_large_weight_file_of_another_format_is_sampled_evenly(tmp_path, monke
     reference = _fingerprint(tmp_path)
     _flip_byte(path, (1 << 20) - 1)  # the file's last bytes are sampled
     assert _fingerprint(tmp_path) != reference
+
+
+# --- where the scores live: TeacherScoreSource --------------------------------------------------------------------
+
+
+def sampled(processor, policy_path) -> tuple[RolloutBatch, list]:
+    from tests.test_rollout import _batch
+    from vlm_post.models.loading import load_policy
+    from vlm_post.rollout import HFGenerateEngine, SamplingParams
+
+    batch = _batch(processor)
+    torch.manual_seed(0)
+    policy = load_policy(str(policy_path))
+    return HFGenerateEngine(processor).sample(policy, batch, SamplingParams(n=2, max_new_tokens=5)), batch["examples"]
+
+
+def test_an_in_process_teacher_without_a_cache_keeps_its_fp32_scores_and_with_one_rounds_as_the_cache(
+    teacher, tiny_model, processor, tmp_path
+):
+    """No cache: the step gets the teacher's own fp32 numbers. A cache: the numbers a run reading the cache back
+    gets, bit for bit (rounded to the cache dtype where they were computed)."""
+    from vlm_post.modules.distill import TeacherConfig
+    from vlm_post.teacher import TeacherScoreSource
+
+    samples, examples = sampled(processor, tiny_model)
+    own = teacher.score(samples.rows())
+    assert own.topk_logprobs.dtype == torch.float32
+
+    plain = TeacherScoreSource(TeacherConfig(model_name_or_path=str(tiny_model), top_k=8))
+    plain.open(teacher, "rank0")
+    got = plain.scores(samples, examples, micro_batch_size=samples.num_rows, name="step0")
+    for field in ("topk_ids", "topk_logprobs", "sampled_logprobs", "mask"):
+        assert torch.equal(getattr(got, field), getattr(own, field)), field
+
+    config = TeacherConfig(model_name_or_path=str(tiny_model), cache_dir=str(tmp_path / "cache"), top_k=8)
+    scoring, reading = TeacherScoreSource(config), TeacherScoreSource(config)
+    scoring.open(teacher, "rank0")
+    scored = scoring.scores(samples, examples, micro_batch_size=3, name="step0")  # passes of 3 rows: 2 images
+    scoring.close()
+    reading.open(teacher, "rank0")
+    read = reading.scores(samples, examples, micro_batch_size=3, name="step0")
+    reading.close()
+    assert (scoring.scored_rows, reading.scored_rows) == (samples.num_rows, 0)  # the second run read the cache
+    assert scored.topk_logprobs.dtype == read.topk_logprobs.dtype == torch.float16
+    for field in ("topk_ids", "topk_logprobs", "sampled_logprobs", "mask"):
+        assert torch.equal(getattr(scored, field), getattr(read, field)), field
+    torch.testing.assert_close(scored.topk_logprobs.float(), own.topk_logprobs, rtol=1e-3, atol=1e-3)

@@ -180,7 +180,6 @@ class DistillModule(OnPolicyModule):
         passes_to_run = self._most_over_ranks if self.sharded else None
         name = f"rank{self.global_rank}-step{self.global_step:09d}"  # of the rollout file, cache-only
         teacher = self.teacher_source.scores(samples, examples, self.micro_batch_size, name, passes_to_run)
-        teacher = teacher.to(self.device)
         scored_at = time.perf_counter()
         old_logprobs = None
         if self.loss_config.kind == "sampled" and not self.single_update(len(examples)):

@@ -43,16 +43,55 @@ from vlm_post.teacher.cache_format import (
 
 @dataclass
 class TeacherBatch:
-    """Scores of R responses right-padded to T tokens; padding has ids 0, log-probs 0 and mask False."""
+    """The teacher's scores of R responses of T positions, the one form they take from the teacher to the loss.
+
+    Padding has ids 0, log-probs 0 and mask False. Where it lives and its dtype are its source's: the in-process
+    teacher's fp32 on the device; a cache's 16-bit floats, read on the host.
+    """
 
     topk_ids: torch.Tensor  # int32 [R, T, k]
     topk_logprobs: torch.Tensor  # [R, T, k]
     sampled_logprobs: torch.Tensor  # [R, T]
     mask: torch.Tensor  # bool [R, T]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherBatch:
-        return TeacherBatch(*(t.to(device, non_blocking=non_blocking) for t in (
-            self.topk_ids, self.topk_logprobs, self.sampled_logprobs, self.mask)))  # fmt: skip
+    @classmethod
+    def zeros(cls, rows: int, length: int, k: int, dtype: torch.dtype, device: torch.device | str) -> TeacherBatch:
+        """All padding."""
+        return cls(torch.zeros(rows, length, k, dtype=torch.int32, device=device),
+                   torch.zeros(rows, length, k, dtype=dtype, device=device),
+                   torch.zeros(rows, length, dtype=dtype, device=device),
+                   torch.zeros(rows, length, dtype=torch.bool, device=device))  # fmt: skip
+
+    @property
+    def k(self) -> int:
+        return self.topk_ids.shape[-1]
+
+    def to(
+        self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> TeacherBatch:
+        """On ``device``, the log-probs in ``dtype`` (default: theirs; converting on the device rounds as a cache
+        of that dtype would)."""
+        dtype = dtype or self.topk_logprobs.dtype
+        return TeacherBatch(self.topk_ids.to(device, non_blocking=non_blocking),
+                            self.topk_logprobs.to(device, dtype, non_blocking=non_blocking),
+                            self.sampled_logprobs.to(device, dtype, non_blocking=non_blocking),
+                            self.mask.to(device, non_blocking=non_blocking))  # fmt: skip
+
+    def put(self, rows: list[int], scores: TeacherBatch) -> None:
+        """Write ``scores`` (one row each, as many positions) into ``rows``, in this batch's dtype and place."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        for mine, theirs in zip(
+            (self.topk_ids, self.topk_logprobs, self.sampled_logprobs, self.mask),
+            (scores.topk_ids, scores.topk_logprobs, scores.sampled_logprobs, scores.mask),
+        ):
+            mine.index_copy_(0, index, theirs.to(mine.device, mine.dtype))  # fmt: skip
+
+    def entries(self) -> Iterator[TeacherScores]:
+        """Each row's scores over its own positions (views; on the host for a host batch)."""
+        for row in range(self.mask.shape[0]):
+            valid = self.mask[row]
+            yield TeacherScores(self.topk_ids[row][valid], self.topk_logprobs[row][valid],
+                                self.sampled_logprobs[row][valid])  # fmt: skip
 
 
 def pad_scores(scores: Sequence[TeacherScores], length: int | None = None) -> TeacherBatch:
@@ -262,10 +301,24 @@ class TeacherCache:
             raise TeacherCacheError(f"teacher cache {self.cache_dir} has no scores for {len(missing)} of "
                                     f"{len(example_ids)} example ids: {', '.join(map(repr, missing[:5]))}"
                                     f"{' ...' if len(missing) > 5 else ''}")  # fmt: skip
-        lengths = [end - start for _, start, end in found]
+        return self._batch(found, length)
+
+    def lookup_batch(
+        self, keys: Sequence[tuple[str, TokenIds, TokenIds]], length: int
+    ) -> tuple[TeacherBatch, list[bool]]:
+        """The cached scores of the responses ``keys`` (example id, prompt ids, response ids) as one host batch of
+        ``length`` positions, and which of them the cache holds (the others are padding)."""
+        found = [self._locate(*key) for key in keys]
+        return self._batch(found, length), [f is not None for f in found]
+
+    def _batch(self, found: list[tuple[Any, int, int] | None], length: int | None) -> TeacherBatch:
+        """A host batch of the located entries (``_locate``'s results); None rows stay padding."""
+        lengths = [hit[2] - hit[1] if hit is not None else 0 for hit in found]
         batch = _padded(len(found), _pad_length(lengths, length), self.k, self.dtype, lengths)
         out = _bits(batch.topk_ids, batch.topk_logprobs, batch.sampled_logprobs)
-        for row, (data, start, end) in enumerate(found):  # numpy copies: a few microseconds per response
-            for dst, src in zip(out, data.arrays):
-                dst[row, : end - start] = src[start:end]
+        for row, hit in enumerate(found):  # numpy copies: a few microseconds per response
+            if hit is not None:
+                data, start, end = hit
+                for dst, src in zip(out, data.arrays):
+                    dst[row, : end - start] = src[start:end]
         return batch

@@ -18,12 +18,14 @@ import fcntl
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from vlm_post.fs import atomic_path
+from vlm_post.teacher.cache import TeacherBatch
 from vlm_post.teacher.cache_format import (
     _DTYPE_NAMES,
     DEFAULT_SHARD_TOKENS,
@@ -182,6 +184,15 @@ class TeacherCacheWriter:
         if self._pending_tokens >= self.shard_tokens:
             self.flush()
         return True
+
+    def add_batch(self, keys: Sequence[tuple[str, TokenIds, TokenIds]], batch: TeacherBatch) -> int:
+        """Buffer the rows of ``batch``, scored on any device in any float dtype, under their ``keys`` (example id,
+        prompt ids, response ids): the one place scores go to the host and the cache's dtype. Returns how many
+        were new."""
+        if len(keys) != batch.mask.shape[0]:
+            raise ValueError(f"add_batch got {len(keys)} keys for {batch.mask.shape[0]} rows of scores")
+        host = batch.to("cpu")  # one transfer for the batch, not one per row
+        return sum(self.add(*key, scores) for key, scores in zip(keys, host.entries()))
 
     def flush(self) -> None:
         """Write the buffered entries as one shard, then the writer's manifest."""

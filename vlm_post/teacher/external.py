@@ -20,7 +20,7 @@ from vlm_post.data import VLMDataModule
 from vlm_post.data.datamodule import ExampleDataset
 from vlm_post.errors import ConfigError
 from vlm_post.rollout.batch import RolloutBatch
-from vlm_post.teacher.cache_format import _DTYPE_NAMES, TeacherScores, check_cache_teacher
+from vlm_post.teacher.cache_format import _DTYPE_NAMES, check_cache_teacher
 from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.rollout_files import mark_done, pending_rollout_files, read_rollout_file
 from vlm_post.teacher.scoring import HFTeacher
@@ -103,17 +103,8 @@ class RolloutScorer:
         prompt = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompt.items()}
         mask = mask.to(device)
         samples = RolloutBatch(prompt, counts, 1, response.to(device), mask, mask.new_ones(len(records)).bool(), [])
-        scored = self.teacher.score(samples.rows())
-        added = 0
-        for row, record in enumerate(records):
-            length = len(record["response_ids"])
-            entry = TeacherScores(
-                scored["topk_ids"][row, :length].cpu(),
-                scored["topk_logprobs"][row, :length].cpu(),
-                scored["sampled_logprobs"][row, :length].cpu(),
-            )
-            added += self.writer.add(record["example_id"], record["prompt_ids"], record["response_ids"], entry)
-        return added
+        keys = [(record["example_id"], record["prompt_ids"], record["response_ids"]) for record in records]
+        return self.writer.add_batch(keys, self.teacher.score(samples.rows()))
 
     def run(self, cache_dir: str, follow: bool, poll_s: float = 2.0, log: Callable[[str], None] = print) -> int:
         """Score pending files; with ``follow``, keep watching for new ones until interrupted."""

@@ -28,6 +28,7 @@ from vlm_post.losses.logprobs import DEFAULT_CHUNK_SIZE
 from vlm_post.models.loading import Dtype, check_image_text_to_text, load_policy, load_processor, resolve_model_path
 from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.rollout.batch import ModelRows
+from vlm_post.teacher.cache import TeacherBatch
 from vlm_post.teacher.fingerprint import TeacherFingerprint, fingerprint_teacher, local_model_dir
 
 # Image preprocessing settings that change the pixel rows or the number of image tokens.
@@ -86,13 +87,10 @@ class HFTeacher:
         return self
 
     @torch.no_grad()
-    def score(self, rows: ModelRows) -> dict[str, torch.Tensor]:
-        """Scores of the response positions of one (micro-)batch of prompt + response rows.
-
-        Returns ``topk_ids`` (int32, [R, L, k]), ``topk_logprobs`` ([R, L, k]) and ``sampled_logprobs``
-        ([R, L]), fp32, zero where ``rows.response_mask`` is 0.
-        """
+    def score(self, rows: ModelRows) -> TeacherBatch:
+        """Scores of the response positions of one (micro-)batch of prompt + response rows, on the rows' device in
+        fp32: the top-k ids and log-probs and the sampled token's log-prob, zero where ``rows.response_mask`` is 0."""
         if self.model is None:
             raise RuntimeError("HFTeacher.score before load()")
         scores = batch_logprobs(self.model, rows, top_k=self.top_k, chunk_size=self.chunk_size)
-        return {"topk_ids": scores.topk_ids, "topk_logprobs": scores.topk_logprobs, "sampled_logprobs": scores.logprobs}
+        return TeacherBatch(scores.topk_ids, scores.topk_logprobs, scores.logprobs, rows.response_mask.bool())

@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlm_post.errors import ConfigError
-from vlm_post.teacher.cache import TeacherBatch, TeacherCache, pad_scores
-from vlm_post.teacher.cache_format import TeacherScores, check_cache_teacher, namespace_dir, rescore_dir
+from vlm_post.teacher.cache import TeacherBatch, TeacherCache
+from vlm_post.teacher.cache_format import check_cache_teacher, namespace_dir, rescore_dir
 from vlm_post.teacher.cache_writer import TeacherCacheWriter
 from vlm_post.teacher.fingerprint import TeacherFingerprint
 from vlm_post.teacher.rollout_files import write_rollout_file
@@ -124,59 +124,61 @@ class TeacherScoreSource:
         name: str,
         passes_to_run: Callable[[int], int] | None = None,
     ) -> TeacherBatch:
-        """Scores of every row of ``samples`` (answering ``examples``): from the cache where it has them, else from
-        the in-process teacher in passes of ``micro_batch_size`` rows, or, cache-only, from an external scorer
-        given the missing rows in rollout file ``name``. ``passes_to_run(count)``: the passes this process runs
-        when its teacher's forwards are collectives (the most over the ranks; default ``count``)."""
+        """Scores of every row of ``samples`` (answering ``examples``), as one batch on the samples' device: from
+        the cache where it has them, else from the in-process teacher in passes of ``micro_batch_size`` rows, or,
+        cache-only, from an external scorer given the missing rows in rollout file ``name``.
+        ``passes_to_run(count)``: the passes this process runs when its teacher's forwards are collectives (the
+        most over the ranks; default ``count``).
+
+        Without a cache the in-process teacher's fp32 scores stay as they are, on the device. With one, they are
+        rounded to the cache's dtype on the device, so that a run that reads them back from the cache trains on
+        the very same numbers; only the cache writer moves them to the host.
+        """
         mask = samples.response_mask
-        # Cache keys copy every row's ids to the host: only a run with a cache needs them.
-        uses_cache = self._cache is not None or self._writer is not None or self.teacher is None
-        keys = row_keys(samples, examples) if uses_cache else None
-        scores: list[TeacherScores | None] = [None] * samples.num_rows
+        rows, length = mask.shape
+        uses_cache = self.config.cache_dir is not None
+        keys = row_keys(samples, examples) if uses_cache else None  # copies every row's ids to the host
+        missing = list(range(rows))
+        batch = None
         if self._cache is not None:
             if self.teacher is None:  # an external scorer appends shards while we train
                 self._cache.reload()
-            scores = [self._cache.get(*key) for key in keys]
-        missing = [row for row, s in enumerate(scores) if s is None]
+            cached, found = self._cache.lookup_batch(keys, length)
+            batch = cached.to(mask.device)
+            missing = [row for row in missing if not found[row]]
         if missing and self.teacher is None:
             records = [
                 {"example_id": keys[row][0], "prompt_ids": keys[row][1].tolist(), "response_ids": keys[row][2].tolist()}
                 for row in missing
             ]
             write_rollout_file(self.config.cache_dir, name, records)
-            scores = self._wait_for_cache(keys, scores)
-            missing = []
+            self._wait_for_cache(keys, missing)
+            return self._cache.lookup_batch(keys, length)[0].to(mask.device)
+        dtype = getattr(torch, self.config.cache_dtype) if uses_cache else torch.float32
+        if batch is None:
+            batch = TeacherBatch.zeros(rows, length, self.config.top_k, dtype, mask.device)
         passes = [missing[start : start + micro_batch_size] for start in range(0, len(missing), micro_batch_size)]
         for index in range(passes_to_run(len(passes)) if passes_to_run else len(passes)):
             if index >= len(passes):  # a sharded teacher's forwards are collectives: join the ranks still scoring
                 self.teacher.score(samples.rows([0]))
                 continue
-            rows = passes[index]
-            scored = self.teacher.score(samples.rows(rows))
-            dtype = getattr(torch, self.config.cache_dtype)
-            for i, row in enumerate(rows):
-                valid = mask[row].bool()
-                entry = TeacherScores(
-                    scored["topk_ids"][i][valid].cpu(),
-                    scored["topk_logprobs"][i][valid].to(dtype).cpu(),
-                    scored["sampled_logprobs"][i][valid].to(dtype).cpu(),
-                )
-                scores[row] = entry
-                if self._writer is not None:
-                    self._writer.add(*keys[row], entry)
+            scored = self.teacher.score(samples.rows(passes[index])).to(mask.device, dtype)
+            batch.put(passes[index], scored)
+            if self._writer is not None:
+                self._writer.add_batch([keys[row] for row in passes[index]], scored)
         self.scored_rows += len(missing)
         if self._writer is not None and missing:
             # Each round's scores are on disk before its update, so a resumed run finds them. This run does not
             # read them back: its later samples differ, and re-reading the growing index every step costs.
             self._writer.flush()
-        return pad_scores(scores, length=mask.shape[1])
+        return batch
 
-    def _wait_for_cache(self, keys, scores):
+    def _wait_for_cache(self, keys: list[RowKey], missing: list[int]) -> None:
+        """Until the cache holds rows ``missing`` (an external scorer adds them), or ``wait_s`` has passed."""
         deadline = time.monotonic() + self.config.wait_s
         while True:
-            missing = [row for row, s in enumerate(scores) if s is None]
             if not missing:
-                return scores
+                return
             if time.monotonic() >= deadline:
                 example_id = keys[missing[0]][0]
                 raise ConfigError(
@@ -190,4 +192,4 @@ class TeacherScoreSource:
                 self._cache = self._open_cache()
             if self._cache is not None:
                 self._cache.reload()
-                scores = [s if s is not None else self._cache.get(*key) for s, key in zip(scores, keys)]
+                missing = [row for row in missing if self._cache.get(*keys[row]) is None]
