@@ -47,6 +47,34 @@ def test_load_policy_returns_train_mode(tiny_model):
 
 
 @pytest.mark.fast
+def test_the_patch_embedding_runs_as_a_matmul_with_the_convolutions_values_gradients_and_weights(tiny_model):
+    """load_policy computes the vision tower's non-overlapping Conv3d as flattened patches @ flattened kernel:
+    the convolution's values and gradients up to float rounding, its parameters, names and shapes unchanged."""
+    from vlm_post.models.loading import PatchifyConv3d, patch_embeddings_as_matmul
+
+    model = load_policy(str(tiny_model))
+    proj = model.model.visual.patch_embed.proj
+    assert type(proj) is PatchifyConv3d and isinstance(proj, torch.nn.Conv3d)
+    plain = AutoModelForImageTextToText.from_pretrained(str(tiny_model))
+    assert type(plain.model.visual.patch_embed.proj) is torch.nn.Conv3d
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    patches = torch.randn(300, proj.in_channels, *proj.kernel_size, requires_grad=True)
+    conv = torch.nn.functional.conv3d(patches, proj.weight, proj.bias, proj.stride)
+    matmul = proj(patches)
+    assert matmul.shape == conv.shape
+    torch.testing.assert_close(matmul, conv, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(matmul.square().sum(), (patches, proj.weight)),
+                         torch.autograd.grad(conv.square().sum(), (patches, proj.weight))):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    wider = torch.randn(2, proj.in_channels, proj.kernel_size[0], 2 * proj.kernel_size[1], proj.kernel_size[2])
+    assert proj(wider).shape == (2, proj.out_channels, 1, 2, 1)  # more than one patch per row: a real convolution
+    overlapping = torch.nn.Conv3d(3, 4, kernel_size=3, stride=1)
+    holder = torch.nn.Sequential(overlapping)
+    patch_embeddings_as_matmul(holder)
+    assert type(holder[0]) is torch.nn.Conv3d  # a sliding kernel stays a convolution
+
+
+@pytest.mark.fast
 def test_resolve_model_path(tiny_model, tmp_path):
     assert resolve_model_path(str(tiny_model)) == str(tiny_model)
     with pytest.raises(ConfigError, match="no config.json"):

@@ -90,7 +90,39 @@ def load_policy(path: str, dtype: Dtype = "auto", attn_implementation: str | Non
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), attn_implementation=attn_implementation
     )
+    patch_embeddings_as_matmul(model)
     return model.train()
+
+
+class PatchifyConv3d(torch.nn.Conv3d):
+    """A Conv3d whose kernel tiles its input without overlap (stride = kernel, no padding): a vision tower's patch
+    embedding (Qwen2-VL, Qwen2.5-VL, ...). Over one patch per row, as those towers call it, it is a matrix product
+    of the flattened patches and the flattened kernel: the same numbers up to float rounding, at several times the
+    speed (6x on this CPU for 4,096 patches; far slower conv kernels on some GPUs and dtypes are reported upstream,
+    transformers #45750). Parameters, names and shapes stay the Conv3d's, so checkpoints, exports, FSDP and the
+    vLLM weight sync see no difference."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if patches.dim() != 5 or tuple(patches.shape[2:]) != tuple(self.kernel_size):
+            return super().forward(patches)  # not one patch per row: a real convolution
+        flat = torch.nn.functional.linear(
+            patches.reshape(patches.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias
+        )
+        return flat.view(*flat.shape, 1, 1, 1)
+
+
+def patch_embeddings_as_matmul(model: torch.nn.Module) -> None:
+    """Every non-overlapping Conv3d of ``model`` (its patch embedding) computed as a matrix product (``PatchifyConv3d``)."""
+    for module in model.modules():
+        if (
+            type(module) is torch.nn.Conv3d
+            and tuple(module.stride) == tuple(module.kernel_size)
+            and tuple(module.padding) == (0, 0, 0)
+            and tuple(module.dilation) == (1, 1, 1)
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+        ):
+            module.__class__ = PatchifyConv3d
 
 
 def check_weights(path: str, what: str = "model") -> None:
