@@ -40,6 +40,21 @@ def patch_starts(image_grid_thw: torch.Tensor) -> list[int]:
     return [0, *image_grid_thw.prod(-1).cumsum(0).tolist()]
 
 
+def images_of(image_counts: list[int], items: list[int]) -> list[int]:
+    """The indices of the images of ``items`` (prompts or rows; item i has ``image_counts[i]`` images, after the
+    images of the items before it), in the order of ``items``."""
+    first = [0, *itertools.accumulate(image_counts)]
+    return [image for item in items for image in range(first[item], first[item + 1])]
+
+
+def take_images(inputs: dict, images: list[int]) -> dict:
+    """``image_grid_thw`` and ``pixel_values`` of ``images`` alone (indices into ``inputs``' images)."""
+    grids, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
+    starts = patch_starts(grids)
+    rows = torch.cat([pixels[starts[i] : starts[i + 1]] for i in images]) if images else pixels[:0]
+    return {"image_grid_thw": grids[images], "pixel_values": rows}
+
+
 def _accepts_encoder_outputs(base: torch.nn.Module) -> bool:
     cached = getattr(base, "_vlm_post_encoder_outputs", None)
     if cached is None:
@@ -162,11 +177,7 @@ def shared_prompt_hidden_states(model: torch.nn.Module, inputs: dict, rows: Mode
     cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     prompt = {key: inputs[key][leaders, :width] for key in PER_TOKEN_KEYS if key in inputs}
     if "image_grid_thw" in inputs:
-        first_image = [0, *itertools.accumulate(rows.image_counts)]
-        images = [i for row in leaders for i in range(first_image[row], first_image[row + 1])]
-        starts = patch_starts(inputs["image_grid_thw"])
-        prompt["image_grid_thw"] = inputs["image_grid_thw"][images]
-        prompt["pixel_values"] = torch.cat([inputs["pixel_values"][starts[i] : starts[i + 1]] for i in images])
+        prompt.update(take_images(inputs, images_of(rows.image_counts, leaders)))
     cache = DynamicCache(config=model.config)
     base.rope_deltas = None  # computed afresh by the prompt forward, for these prompts
     try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vlm_post.models.forward import patch_starts
+from vlm_post.models.forward import images_of, take_images
 
 if TYPE_CHECKING:
     from vlm_post.rollout.base import Rollouts
@@ -142,14 +142,8 @@ class RolloutBatch:
             inputs[key] = value
         image_source = None
         if "image_grid_thw" in self.prompt:
-            first_image = [0, *torch.tensor(self.image_counts).cumsum(0).tolist()]
-            images = [i for p in prompts for i in range(first_image[p], first_image[p + 1])]
-            grids, starts = self.prompt["image_grid_thw"], patch_starts(self.prompt["image_grid_thw"])
-            pixels = self.prompt["pixel_values"]
-            inputs["image_grid_thw"] = grids[images]
-            inputs["pixel_values"] = (
-                torch.cat([pixels[starts[i] : starts[i + 1]] for i in images]) if images else pixels[:0]
-            )
+            images = images_of(self.image_counts, prompts)
+            inputs.update(take_images(self.prompt, images))
             image_source = torch.tensor(images, dtype=torch.long)
         leaders = [r for r in range(len(prompts)) if r == 0 or prompts[r] != prompts[r - 1]]
         group = torch.tensor(_runs(prompts), dtype=torch.long, device=response_ids.device)
