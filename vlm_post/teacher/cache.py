@@ -62,10 +62,6 @@ class TeacherBatch:
                    torch.zeros(rows, length, dtype=dtype, device=device),
                    torch.zeros(rows, length, dtype=torch.bool, device=device))  # fmt: skip
 
-    @property
-    def k(self) -> int:
-        return self.topk_ids.shape[-1]
-
     def to(
         self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
     ) -> TeacherBatch:

@@ -144,7 +144,8 @@ class TeacherScoreSource:
             if self.teacher is None:  # an external scorer appends shards while we train
                 self._cache.reload()
             cached, found = self._cache.lookup_batch(keys, length)
-            batch = cached.to(mask.device)
+            if any(found):  # else nothing to copy to the device: the teacher fills a batch made there
+                batch = cached.to(mask.device)
             missing = [row for row in missing if not found[row]]
         if missing and self.teacher is None:
             records = [
