@@ -9,8 +9,14 @@ rewards, losses, clipping, the optimizer and the Lightning loop are the modules'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
+import vlm_post.modules.distill
+import vlm_post.modules.on_policy
+import vlm_post.modules.rl
 from vlm_post.losses.sft import IGNORE_INDEX
 from vlm_post.models.logprobs import ResponseScores
 from vlm_post.modules import DistillModule, RLModule, SFTModule
@@ -49,7 +55,9 @@ class NaiveSFT(SFTModule):
         return -(token * mask).sum() / max(count, 1), count
 
 
-def naive_scores(model, rows, ids=None, temperature=1.0, with_entropy=False, top_k=0) -> ResponseScores:
+def naive_scores(
+    model, rows, ids=None, temperature=1.0, with_entropy=False, top_k=0, chunk_size=None
+) -> ResponseScores:
     """``batch_logprobs`` from the full log-softmax over every response position."""
     mask = rows.response_mask.bool()
     logprobs = full_log_softmax(response_logits(model, rows), temperature)
@@ -66,9 +74,25 @@ def naive_scores(model, rows, ids=None, temperature=1.0, with_entropy=False, top
     return ResponseScores(picked, entropy, topk_ids, topk_logprobs)
 
 
+@contextmanager
+def naive_head() -> Iterator[None]:
+    """For the duration, the on-policy modules' ``batch_logprobs`` (RL's and OPD's losses, their rollout log-probs)
+    is ``naive_scores``: the one name they call, swapped where they import it."""
+    modules = (vlm_post.modules.on_policy, vlm_post.modules.rl, vlm_post.modules.distill)
+    saved = [module.batch_logprobs for module in modules]
+    for module in modules:
+        module.batch_logprobs = naive_scores
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.batch_logprobs = original
+
+
 class NaiveRL(RLModule):
-    def response_scores(self, rows, model=None, **options):
-        return naive_scores(model or self.policy, rows, **options)
+    def training_step(self, *args, **kwargs):
+        with naive_head():
+            return super().training_step(*args, **kwargs)
 
 
 class NaiveTeacher(HFTeacher):
@@ -79,7 +103,7 @@ class NaiveTeacher(HFTeacher):
 
 
 class NaiveDistill(DistillModule):
-    """The student's top-k KL from full logits (DistillModule's ``response_scores`` over the whole vocabulary)."""
+    """The student's top-k KL from full logits (DistillModule's ``batch_logprobs`` over the whole vocabulary)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -88,8 +112,9 @@ class NaiveDistill(DistillModule):
             config.model_name_or_path, self.processor, config.top_k, config.dtype, self.attn_implementation
         )
 
-    def response_scores(self, rows, model=None, **options):
-        return naive_scores(model or self.policy, rows, **options)
+    def training_step(self, *args, **kwargs):
+        with naive_head():
+            return super().training_step(*args, **kwargs)
 
 
 NAIVE = {"sft": NaiveSFT, "rl": NaiveRL, "opd": NaiveDistill}

@@ -56,8 +56,8 @@ Definitions:
   projects the teacher's hidden states onto the vocabulary inside its loss function, so that
   part of its teacher cost is in ``loss``); ``student forward`` is the student's base-model
   forward over prompt + response (vision encoder included, also shown); ``loss`` is the chunked
-  divergence from hidden states (ours: ``DistillModule.response_scores`` at the teacher's top-k
-  ids less the student forward inside it; TRL: ``_chunked_divergence_loss``), forward only; ``backward``; ``optimizer`` (the AdamW step);
+  divergence from hidden states (ours: ``DistillModule.micro_loss``, the chunked pass at the teacher's
+  top-k ids and the coarsened KL, less the student forward inside it; TRL: ``_chunked_divergence_loss``), forward only; ``backward``; ``optimizer`` (the AdamW step);
   ``other`` = the rest (data loading, padding and masks, metrics such as our accuracy grading,
   gradient clipping, framework).
 - every figure is shown from wall time and from the process's CPU time; on an idle machine they
@@ -135,10 +135,10 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
             self.teacher = TimedTeacher(config.model_name_or_path, self.processor, config.top_k, config.dtype,
                                         self.attn_implementation)  # fmt: skip
 
-        def response_scores(self, *args, **kwargs):
-            # the loss: the student's chunked pass at the teacher's top-k ids, with its entropy (the call less its
-            # forward); the coarsened KL after it is a few elementwise ops over (tokens, k)
-            return probe.timed_outside("loss", super().response_scores, "model_train")(*args, **kwargs)
+        def micro_loss(self, *args, **kwargs):
+            # the loss: the student's chunked pass at the teacher's top-k ids, with its entropy, and the coarsened KL
+            # after it, a few elementwise ops over (tokens, k) (the call less its forward)
+            return probe.timed_outside("loss", super().micro_loss, "model_train")(*args, **kwargs)
 
     module = TimedDistill(
         str(work / "student"),

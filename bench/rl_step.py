@@ -33,7 +33,8 @@ Definitions:
   the language model's forward calls (prefill + one per new token). Outside generation:
   ``train forward`` is the base model's forward over prompt + response (vision encoder
   included, also shown alone), ``head`` the log-probs and entropy from the last hidden states
-  (ours: ``response_scores`` less the forward inside it, i.e. the chunked pass; TRL: the rest of
+  (ours: ``micro_loss`` less the forward inside it, i.e. the chunked pass and the GRPO loss's few
+  elementwise ops over (rows, tokens); TRL: the rest of
   its top-level forward: lm_head, log-softmax, entropy), ``backward``, ``optimizer`` (the AdamW step), ``reward``, and ``other`` = the rest
   (data loading, prompt processing, padding and masks, advantages, loss, clipping, framework).
 - every figure is shown from wall time and from the process's CPU time; on an idle machine
@@ -108,9 +109,10 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
             super().__init__(*args, **kwargs)
             self.engine = probe.timed_engine(type(self.engine))(self.processor)
 
-        def response_scores(self, *args, **kwargs):
-            # the head: the chunked log-prob/entropy pass over the last hidden states (the call less its forward)
-            return probe.timed_outside("head", super().response_scores, "model_train")(*args, **kwargs)
+        def micro_loss(self, *args, **kwargs):
+            # the head: the chunked log-prob/entropy pass over the last hidden states and the GRPO loss after it
+            # (the call less its forward)
+            return probe.timed_outside("head", super().micro_loss, "model_train")(*args, **kwargs)
 
     module = TimedRL(
         str(work / "tiny-qwen2.5-vl"),

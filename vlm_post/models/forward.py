@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vlm_post.models.sharding import as_root_forward, is_sharded
+from vlm_post.models.sharding import is_sharded, root_forward
 
 if TYPE_CHECKING:
     from vlm_post.rollout.batch import ModelRows
@@ -65,8 +65,18 @@ def _accepts_encoder_outputs(base: torch.nn.Module) -> bool:
     return cached
 
 
-def shared_image_features(base: torch.nn.Module, inputs: dict, image_source: torch.Tensor) -> dict:
-    """``inputs`` with ``pixel_values`` replaced by features computed once per distinct image."""
+def encoded_once(base: torch.nn.Module, inputs: dict, image_source: torch.Tensor | None) -> dict:
+    """``inputs`` for ``base`` (labels left out), with ``pixel_values`` replaced by features computed once per
+    distinct image where some images are copies (``image_source``) and the model takes encoder outputs."""
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    if (
+        image_source is None
+        or inputs.get("pixel_values") is None
+        or not inputs["pixel_values"].numel()
+        or not _accepts_encoder_outputs(base)
+        or len(set(image_source.tolist())) == len(image_source)
+    ):
+        return inputs
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     sources = image_source.tolist()
@@ -75,15 +85,16 @@ def shared_image_features(base: torch.nn.Module, inputs: dict, image_source: tor
     for position, source in enumerate(sources):
         first.setdefault(source, position)
     distinct = list(first.values())  # the first copy of each distinct image, in order
-    pixels = torch.cat([inputs["pixel_values"][starts[i] : starts[i + 1]] for i in distinct])
+    pixels = inputs.pop("pixel_values")
+    pixels = torch.cat([pixels[starts[i] : starts[i + 1]] for i in distinct])
     features = base.get_image_features(pixels, grids[distinct], return_dict=True).pooler_output
     slot = {source: k for k, source in enumerate(first)}
     per_image = tuple(features[slot[source]] for source in sources)
-    out = {k: v for k, v in inputs.items() if k != "pixel_values"}
-    out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_image)}
-    return out
+    inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_image)}
+    return inputs
 
 
+@root_forward
 def decoder_hidden_states(
     model: torch.nn.Module, inputs: dict, image_source: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -92,39 +103,51 @@ def decoder_hidden_states(
     ``image_source``: per image of ``inputs``, the index of the image it copies (``ModelRows.image_source``);
     each distinct image is then encoded once. None: every image is encoded.
     """
-    return as_root_forward(model, _decoder_hidden_states, model, inputs, image_source)
+    return model.model(**encoded_once(model.model, inputs, image_source), use_cache=False).last_hidden_state
 
 
-def _decoder_hidden_states(model: torch.nn.Module, inputs: dict, image_source: torch.Tensor | None) -> torch.Tensor:
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    base = model.model
-    if (
-        image_source is not None
-        and inputs.get("pixel_values") is not None
-        and inputs["pixel_values"].numel()
-        and _accepts_encoder_outputs(base)
-        and len(set(image_source.tolist())) < len(image_source)
-    ):
-        inputs = shared_image_features(base, inputs, image_source)
-    return base(**inputs, use_cache=False).last_hidden_state
-
-
+@root_forward
 def response_hidden_states(model: torch.nn.Module, rows: ModelRows) -> torch.Tensor:
     """[R, L, H]: entry j of a row is the hidden state that predicts its response token j (at
-    ``rows.prompt_width + j - 1``). Rows that share a prompt (``rows.leaders``) run it once where the model allows."""
-    # The inputs go through as_root_forward apart from the rows: FSDP casts a root forward's tensor arguments.
-    return as_root_forward(model, _response_hidden_states, model, rows.inputs, rows)
+    ``rows.prompt_width + j - 1``).
 
+    Rows that share a prompt (``rows.leaders``) run it once where the model allows: the prompt's KV cache is
+    repeated over its rows (differentiably: the rows' gradients meet in the one prompt pass), then the responses
+    run on top with the positions ``generate`` would give them.
+    """
+    from transformers import DynamicCache
 
-def _response_hidden_states(model: torch.nn.Module, inputs: dict, rows: ModelRows) -> torch.Tensor:
-    width, length = rows.prompt_width, rows.response_mask.shape[1]
+    base, inputs = model.model, rows.inputs
+    width, length, group = rows.prompt_width, rows.response_mask.shape[1], rows.group
     shared = not _checkpointing(model) and shares_prompts(model, inputs, rows)
-    if is_sharded(model) and not _all_ranks_agree(shared, inputs["input_ids"].device):
-        shared = False  # FSDP gathers per forward call: every rank must take the same path (two calls or one)
-    if shared:
-        return shared_prompt_hidden_states(model, inputs, rows)
-    hidden = _decoder_hidden_states(model, inputs, rows.image_source)
-    return hidden[:, width - 1 : width - 1 + length]
+    if is_sharded(model):
+        # FSDP gathers per forward call: every rank must take the same path (two calls or one)
+        shared = _all_ranks_agree(shared, inputs["input_ids"].device)
+    if not shared:
+        hidden = base(**encoded_once(base, inputs, rows.image_source), use_cache=False).last_hidden_state
+        return hidden[:, width - 1 : width - 1 + length]
+    cache = DynamicCache(config=model.config)
+    cache_kwarg = {("cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"): cache}
+    base.rope_deltas = None  # computed afresh by the prompt forward, for these prompts
+    try:
+        prompt = base(**prompt_inputs(inputs, rows), **cache_kwarg, use_cache=True)
+        deltas = base.rope_deltas  # None without images: plain positions, as in the full forward
+    finally:
+        base.rope_deltas = None
+    last = prompt.last_hidden_state[:, -1:][group]  # predicts response token 0
+    if length == 1:
+        return last
+    cache.batch_select_indices(group)
+    end = width + length - 1  # the last response token predicts nothing we score
+    attention = inputs["attention_mask"][:, :end]
+    responses = base(
+        input_ids=inputs["input_ids"][:, width:end],
+        attention_mask=attention,
+        position_ids=response_positions(attention, width, deltas, group),
+        use_cache=True,
+        **cache_kwarg,
+    )
+    return torch.cat([last, responses.last_hidden_state], dim=1)
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
@@ -166,40 +189,20 @@ def shares_prompts(model: torch.nn.Module, inputs: dict, rows: ModelRows) -> boo
     return token_types is None or not bool(token_types[:, width - 1].any())
 
 
-def shared_prompt_hidden_states(model: torch.nn.Module, inputs: dict, rows: ModelRows) -> torch.Tensor:
-    """``response_hidden_states`` with each distinct prompt run once: its KV cache is repeated over its rows
-    (differentiably: the rows' gradients meet in the one prompt pass), then the responses run on top with
-    the positions ``generate`` would give them."""
-    from transformers import DynamicCache
-
-    base = model.model
-    width, length, leaders, group = rows.prompt_width, rows.response_mask.shape[1], rows.leaders, rows.group
-    cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    prompt = {key: inputs[key][leaders, :width] for key in PER_TOKEN_KEYS if key in inputs}
+def prompt_inputs(inputs: dict, rows: ModelRows) -> dict:
+    """The inputs of each distinct prompt once: the leaders' per-token inputs cut to the prompt, their images."""
+    prompt = {key: inputs[key][rows.leaders, : rows.prompt_width] for key in PER_TOKEN_KEYS if key in inputs}
     if "image_grid_thw" in inputs:
-        prompt.update(take_images(inputs, images_of(rows.image_counts, leaders)))
-    cache = DynamicCache(config=model.config)
-    base.rope_deltas = None  # computed afresh by the prompt forward, for these prompts
-    try:
-        out = base(**prompt, **{cache_kwarg: cache}, use_cache=True)
-        last = out.last_hidden_state[:, -1:][group]  # predicts response token 0
-        deltas = base.rope_deltas  # None without images: plain positions, as in the full forward
-    finally:
-        base.rope_deltas = None
-    if length == 1:
-        return last
-    cache.batch_select_indices(group)
-    end = width + length - 1  # the last response token predicts nothing we score
-    attention = inputs["attention_mask"][:, :end]
-    positions = None
-    if deltas is not None:
-        text_positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, width:]
-        positions = (text_positions + deltas[group].to(text_positions.device)).unsqueeze(0).expand(3, -1, -1)
-    out = base(
-        input_ids=inputs["input_ids"][:, width:end],
-        attention_mask=attention,
-        position_ids=positions,
-        use_cache=True,
-        **{cache_kwarg: cache},
-    )
-    return torch.cat([last, out.last_hidden_state], dim=1)
+        prompt.update(take_images(inputs, images_of(rows.image_counts, rows.leaders)))
+    return prompt
+
+
+def response_positions(
+    attention: torch.Tensor, width: int, deltas: torch.Tensor | None, group: torch.Tensor
+) -> torch.Tensor | None:
+    """The 3D positions of the response tokens after a shared prompt: text positions plus the prompt's offset
+    (``rope_deltas``, per prompt, repeated over its rows by ``group``); None for plain positions."""
+    if deltas is None:
+        return None
+    text_positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, width:]
+    return (text_positions + deltas[group].to(text_positions.device)).unsqueeze(0).expand(3, -1, -1)

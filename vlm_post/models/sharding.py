@@ -9,13 +9,14 @@ vlm_post computes losses from the decoder's hidden states and the head weight di
 [tokens, vocabulary] logits never exist), and runs the base model itself for the shared-prompt forwards. Under
 FSDP2 that only works inside the root's forward: its hooks gather the root's parameters there, keep them
 gathered afterwards (FSDP2 never reshards the root after forward, as backward needs them at once) and schedule
-the reduce-scatter of their gradients. ``as_root_forward`` runs such a computation as the root module's forward.
+the reduce-scatter of their gradients. ``root_forward`` makes such a computation run as the root module's forward.
 Generation gathers every unit once for the whole ``generate`` call (``gathered``), as verl does, instead of an
 all-gather per layer per new token.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,26 +120,33 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def as_root_forward(model: torch.nn.Module, compute: Callable, *args, **kwargs):
-    """``compute(*args, **kwargs)``, run as ``model``'s forward when ``model`` is FSDP-sharded (else a plain call).
+def root_forward(compute: Callable) -> Callable:
+    """Decorator: ``compute(model, *args)`` runs as ``model``'s own forward when ``model`` is FSDP-sharded (else it
+    is a plain call).
 
     Inside it the root's parameters (embeddings, head, ...) are gathered and stay so for a loss that uses the
-    head weight afterwards; their gradients are reduce-scattered at the end of backward.
+    head weight afterwards; their gradients are reduce-scattered at the end of backward. FSDP casts the
+    floating-point tensors of ``args`` (dataclasses and dicts included) as it casts a forward's inputs.
     """
-    if not is_sharded(model):
-        return compute(*args, **kwargs)
 
-    def forward(*args, **kwargs):
-        out = compute(*args, **kwargs)
-        # FSDP2 hooks the root's outputs for backward; an in-place op on a view would drop the hook, so a view
-        # (a slice of the hidden states) is handed out as a tensor of its own.
-        return out.clone() if isinstance(out, torch.Tensor) and out._base is not None else out
+    @functools.wraps(compute)
+    def run(model: torch.nn.Module, *args, **kwargs):
+        if not is_sharded(model):
+            return compute(model, *args, **kwargs)
 
-    model.forward = forward  # an instance attribute, looked up before the class's forward
-    try:
-        return model(*args, **kwargs)
-    finally:
-        del model.forward
+        def forward(*args, **kwargs):
+            out = compute(model, *args, **kwargs)
+            # FSDP2 hooks the root's outputs for backward; an in-place op on a view would drop the hook, so a view
+            # (a slice of the hidden states) is handed out as a tensor of its own.
+            return out.clone() if isinstance(out, torch.Tensor) and out._base is not None else out
+
+        model.forward = forward  # an instance attribute, looked up before the class's forward
+        try:
+            return model(*args, **kwargs)
+        finally:
+            del model.forward
+
+    return run
 
 
 @contextmanager

@@ -42,7 +42,6 @@ from vlm_post.models.loading import (
     load_processor,
     resolve_model_path,
 )
-from vlm_post.models.logprobs import ResponseScores, batch_logprobs
 from vlm_post.models.sharding import FSDPConfig, data_parallel_mesh, shard_model
 from vlm_post.modules.evaluation import EvalConfig, confidence_intervals, evaluate_batch, format_table
 from vlm_post.modules.nonfinite import NonFiniteGuard, SkippedSteps
@@ -58,7 +57,7 @@ from vlm_post.ranges import (
     plain_values,
 )
 from vlm_post.rewards import grading_stats
-from vlm_post.rollout import HFGenerateEngine, ModelRows, RolloutEngine
+from vlm_post.rollout import HFGenerateEngine, RolloutEngine
 from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine
 
 
@@ -288,11 +287,6 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- evaluation ----------------------------------------------------------------------------------
-
-    def response_scores(self, rows: ModelRows, model: torch.nn.Module | None = None, **options) -> ResponseScores:
-        """``batch_logprobs`` of ``rows`` under the policy (or ``model``, e.g. a frozen reference), at this module's
-        chunk size; ``options``: ``ids``, ``temperature``, ``with_entropy``, ``top_k``."""
-        return batch_logprobs(model or self.policy, rows, chunk_size=self.logprob_chunk_size, **options)
 
     def evaluation_engine(self, config: EvalConfig) -> RolloutEngine:
         """The engine ``config`` samples with: the HF engine, or the run's one vLLM engine (built on first use)."""

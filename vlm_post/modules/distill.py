@@ -34,6 +34,7 @@ from vlm_post.errors import ConfigError
 from vlm_post.losses.distill import coarsened_reverse_kl, sampled_reverse_kl_loss, topk_entropy
 from vlm_post.losses.grpo import Aggregation, aggregate
 from vlm_post.models.loading import Dtype
+from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.ranges import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_ranges
 from vlm_post.rewards import AccuracyReward
@@ -208,7 +209,13 @@ class DistillModule(OnPolicyModule):
         """The reverse KL to the teacher of rows ``micro`` of the batch (``rows``: their model inputs)."""
         config, teacher, mask = self.loss_config, scored.teacher, rows.response_mask
         if config.kind == "sampled":
-            student = self.response_scores(rows, temperature=self.rollout.temperature, with_entropy=True)
+            student = batch_logprobs(
+                self.policy,
+                rows,
+                temperature=self.rollout.temperature,
+                with_entropy=True,
+                chunk_size=self.logprob_chunk_size,
+            )
             logprobs, entropy = student.logprobs, student.entropy
             old = scored.old_logprobs[micro] if scored.old_logprobs is not None else logprobs.detach()
             loss, stats = sampled_reverse_kl_loss(
@@ -223,7 +230,14 @@ class DistillModule(OnPolicyModule):
             return loss, {**stats, "entropy": entropy[mask.bool()].mean()}
         # the student's log-probs at the teacher's top-k ids, and its full entropy (logged), in one pass
         ids = teacher.topk_ids[micro]
-        student = self.response_scores(rows, ids=ids, temperature=self.rollout.temperature, with_entropy=True)
+        student = batch_logprobs(
+            self.policy,
+            rows,
+            ids=ids,
+            temperature=self.rollout.temperature,
+            with_entropy=True,
+            chunk_size=self.logprob_chunk_size,
+        )
         per_token = coarsened_reverse_kl(student.logprobs, teacher.topk_logprobs[micro], mask)
         loss = aggregate(per_token, mask, config.aggregation, self.rollout.max_new_tokens)
         valid = mask.bool()

@@ -21,6 +21,7 @@ import torch
 
 from vlm_post.errors import ConfigError
 from vlm_post.metrics import bootstrap_ci, pass_at_k_per_problem
+from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.ranges import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -207,9 +208,11 @@ def sampled_token_entropy(module, samples: RolloutBatch, config: EvalConfig) -> 
     step = max(1, config.forward_batch_size)
     for start in range(0, samples.num_rows, step):
         chunk = slice(start, min(samples.num_rows, start + step))
-        out[chunk] = module.response_scores(
-            samples.rows(chunk), temperature=config.temperature, with_entropy=True
-        ).entropy
+        rows = samples.rows(chunk)
+        scores = batch_logprobs(
+            module.policy, rows, temperature=config.temperature, with_entropy=True, chunk_size=module.logprob_chunk_size
+        )
+        out[chunk] = scores.entropy
     return out
 
 

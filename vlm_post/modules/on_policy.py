@@ -23,6 +23,7 @@ import torch
 
 from vlm_post.errors import ConfigError
 from vlm_post.internals import logger_writes_this_step
+from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.modules.base import PolicyModule
 from vlm_post.ranges import PositiveFloat, PositiveInt
 from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
@@ -85,7 +86,11 @@ class OnPolicyModule(PolicyModule):
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.response_mask.device)
         for start in range(0, batch.num_rows, self.micro_batch_size):
             chunk = slice(start, min(batch.num_rows, start + self.micro_batch_size))
-            out[chunk] = self.response_scores(batch.rows(chunk), model, temperature=self.rollout.temperature).logprobs
+            rows = batch.rows(chunk)
+            scores = batch_logprobs(
+                model, rows, temperature=self.rollout.temperature, chunk_size=self.logprob_chunk_size
+            )
+            out[chunk] = scores.logprobs
         return out
 
     def micro_loss(self, scored, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

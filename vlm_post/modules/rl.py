@@ -41,6 +41,7 @@ from vlm_post.losses import (
     overlong_penalty,
     token_kl,
 )
+from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.rewards import RewardFn, load_reward_fn
 from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
@@ -173,7 +174,13 @@ class RLModule(OnPolicyModule):
     def micro_loss(self, scored: ScoredRollouts, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
         """The GRPO-family loss of rows ``micro`` of the batch (``rows``: their model inputs)."""
         # entropy: logged every step, a bonus if configured
-        scores = self.response_scores(rows, temperature=self.rollout.temperature, with_entropy=True)
+        scores = batch_logprobs(
+            self.policy,
+            rows,
+            temperature=self.rollout.temperature,
+            with_entropy=True,
+            chunk_size=self.logprob_chunk_size,
+        )
         logprobs, entropy = scores.logprobs, scores.entropy
         old, ref = scored.old_logprobs, scored.loss_ref_logprobs
         return grpo_loss(
