@@ -42,9 +42,7 @@ def chains_to_base_forwards(models: dict[str, torch.nn.Module]) -> tuple[list, l
 
         return hook
 
-    handles = [
-        model.model.register_forward_pre_hook(record(name), with_kwargs=True) for name, model in models.items()
-    ]
+    handles = [model.model.register_forward_pre_hook(record(name), with_kwargs=True) for name, model in models.items()]
     return chains, handles
 
 
