@@ -234,14 +234,14 @@ def test_output_folder_under_a_file_is_one_line_before_any_weights_load(key, opt
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("key", ["eval", "val"])
+@pytest.mark.parametrize("key", ["eval", "val", "rollout"])
 def test_engine_vllm_without_vllm_names_the_install_command(key, capsys, demo_overrides):
     from vlm_post.rollout.vllm import vllm_available
 
     if vllm_available():
         pytest.skip("vLLM is importable here: the refusal it tests cannot happen")
-    config = "configs/demo/eval.yaml" if key == "eval" else DEMO
-    overrides = demo_overrides if key == "val" else demo_overrides[:1]
+    config = {"eval": "configs/demo/eval.yaml", "val": DEMO, "rollout": "configs/demo/rl.yaml"}[key]
+    overrides = demo_overrides if key != "eval" else demo_overrides[:1]
     err = run_main(["test" if key == "eval" else "fit", "--config", config, *overrides,
                     f"--model.init_args.{key}.engine=vllm"], capsys)  # fmt: skip
-    assert "engine: vllm" in err and "pip install 'vlm_post[vllm]'" in err and "make setup-vllm" in err
+    assert f"{key}.engine: vllm" in err and "pip install 'vlm_post[vllm]'" in err and "make setup-vllm" in err

@@ -132,7 +132,8 @@ class PolicyModule(NonFiniteGuard, LightningModule):
                 ModelParallelStrategy (ignored under any other strategy).
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped (the weights
                 stay as they were, the step counts); this many in a row stop the run (1: at the first).
-            vllm: the vLLM engine's settings, for ``eval.engine: vllm`` and ``val.engine: vllm``.
+            vllm: the vLLM engine's settings, for ``eval.engine``, ``val.engine`` and (RL, OPD) ``rollout.engine``
+                ``vllm``: one engine serves them all.
         """
         super().__init__()
         # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
@@ -288,9 +289,10 @@ class PolicyModule(NonFiniteGuard, LightningModule):
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    def evaluation_engine(self, config: EvalConfig) -> RolloutEngine:
-        """The engine ``config`` samples with: the HF engine, or the run's one vLLM engine (built on first use)."""
-        if config.engine == "hf":
+    def rollout_engine(self, name: Literal["hf", "vllm"]) -> RolloutEngine:
+        """The engine called ``name``: the HF engine, or the run's one vLLM engine (built on first use), which
+        evaluation, validation and training rollouts share."""
+        if name == "hf":
             return self.engine
         if self._vllm_engine is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # the run's seed_everything, as the HF engine's RNG
@@ -300,7 +302,7 @@ class PolicyModule(NonFiniteGuard, LightningModule):
     def _sync_evaluation_engine(self, config: EvalConfig) -> None:
         # vLLM holds its own copy of the weights: give it the policy's, which init_from or training changed.
         if config.engine == "vllm":
-            self.evaluation_engine(config).sync(self.policy)
+            self.rollout_engine(config.engine).sync(self.policy)
 
     def _close_vllm_engine(self) -> None:
         if self._vllm_engine is not None:
@@ -358,7 +360,7 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         config = self.eval_config
         params = config.sampling() if config.n else config.greedy_sampling()
         examples, n = batch["examples"], params.n
-        rollouts = self.evaluation_engine(config).sample(self.policy, batch, params)
+        rollouts = self.rollout_engine(config.engine).sample(self.policy, batch, params)
         rows = [
             {"id": example.id, "dataset": example.source, "responses": rollouts.texts[i * n : (i + 1) * n]}
             for i, example in enumerate(examples)

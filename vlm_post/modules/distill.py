@@ -175,7 +175,7 @@ class DistillModule(OnPolicyModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples = batch["examples"]
         started = time.perf_counter()
-        samples = self.engine.sample(self.policy, batch, self.rollout)
+        samples = self.sample(batch)
         generated = time.perf_counter()
         # A sharded teacher's forwards are collectives: every rank runs as many scoring passes as the busiest.
         passes_to_run = self._most_over_ranks if self.sharded else None
@@ -197,12 +197,14 @@ class DistillModule(OnPolicyModule):
             "train/teacher_entropy_topk": topk_entropy(teacher.topk_logprobs.float())[valid].mean(),
             "train/teacher_logprob": teacher.sampled_logprobs.float()[valid].mean(),
             "train/teacher_scored_rows": torch.tensor(float(self.teacher_scored_rows)),
-            "train/time_generate_s": torch.tensor(generated - started),
+            "train/time_generate_s": torch.tensor(generated - started),  # the weight sync included
             "train/time_teacher_s": torch.tensor(scored_at - generated),
             "train/time_train_s": torch.tensor(elapsed - (scored_at - started)),
             "train/tokens_per_s": samples.lengths.sum().float() / max(1e-9, elapsed),
         }
         logged.update({f"train/{name}": value for name, value in stats.items()})
+        if self.weight_sync_s is not None:
+            logged["train/time_weight_sync_s"] = torch.tensor(self.weight_sync_s)
         self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)
 
     def micro_loss(self, scored: ScoredSamples, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:

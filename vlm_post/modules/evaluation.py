@@ -87,10 +87,10 @@ class EvalConfig:
             raise ConfigError(f"eval.pass_k: {bad} must lie in [1, n={self.n}] (pass@k needs k of the n samples)")
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+        return SamplingParams(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.engine)
 
     def greedy_sampling(self) -> SamplingParams:
-        return SamplingParams(1, 0.0, 1.0, 0, self.max_new_tokens)
+        return SamplingParams(1, 0.0, 1.0, 0, self.max_new_tokens, self.engine)
 
 
 @dataclass
@@ -181,7 +181,7 @@ def evaluate_batch(module, batch: dict, config: EvalConfig) -> BatchEvaluation:
     """Sample, grade and measure one batch with ``module``'s policy and the engine ``config`` names."""
     examples = batch["examples"]
     greedy_texts = greedy_graded = greedy_lengths = None
-    engine = module.evaluation_engine(config)
+    engine = module.rollout_engine(config.engine)
     if config.greedy:
         greedy = engine.sample(module.policy, batch, config.greedy_sampling())
         greedy_texts, greedy_lengths = greedy.texts, greedy.lengths

@@ -19,6 +19,8 @@ micro-batch loss as a method, ``micro_loss(scored, micro, model_rows) -> (loss, 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from vlm_post.errors import ConfigError
@@ -62,6 +64,7 @@ class OnPolicyModule(PolicyModule):
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.grad_clip = grad_clip
+        self.weight_sync_s: float | None = None  # of this step's sampling (``sample``)
 
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -75,6 +78,21 @@ class OnPolicyModule(PolicyModule):
                 "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2, configured by model.fsdp), as "
                 "configs/geo3k/rl_qwen2_5_vl_7b.yaml does"
             )
+
+    def sample(self, batch: dict, logprobs: bool = False) -> RolloutBatch:
+        """``rollout.n`` responses to each prompt of ``batch`` from the current policy, by ``rollout.engine``.
+
+        vLLM samples from its own copy of the weights: it is given the policy's before every step's sampling (after
+        the previous step's updates; at the first, the initial weights), in place, and ``weight_sync_s`` says how
+        long that took (None with the HF engine, which samples from the policy itself).
+        """
+        engine = self.rollout_engine(self.rollout.engine)
+        self.weight_sync_s = None
+        if self.rollout.engine == "vllm":
+            started = time.perf_counter()
+            engine.sync(self.policy)
+            self.weight_sync_s = time.perf_counter() - started
+        return engine.sample(self.policy, batch, self.rollout, logprobs=logprobs)
 
     def single_update(self, num_prompts: int) -> bool:
         """One optimizer step per batch of samples: training is exactly on-policy (ratio 1)."""

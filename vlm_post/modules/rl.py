@@ -105,13 +105,15 @@ class RLModule(OnPolicyModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
-        samples = self.engine.sample(self.policy, batch, self.rollout, logprobs=self.old_logprobs_source == "sampler")
+        samples = self.sample(batch, logprobs=self.old_logprobs_source == "sampler")
         generated = time.perf_counter()
         scored = self.score(samples, batch["examples"])
         stats = self._update(samples, scored.kept_rows, scored)
         elapsed = time.perf_counter() - started
         if self.logs_this_step():
             times = {"time_generate_s": generated - started, "time_train_s": elapsed - (generated - started)}
+            if self.weight_sync_s is not None:  # part of time_generate_s
+                times["time_weight_sync_s"] = self.weight_sync_s
             self.log_step(scored, stats, times, elapsed)
 
     def score(self, samples: RolloutBatch, examples: list) -> ScoredRollouts:

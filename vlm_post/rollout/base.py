@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -18,16 +19,26 @@ from vlm_post.rollout.batch import RolloutBatch
 
 @dataclass
 class SamplingParams:
-    """How to sample: ``n`` responses per prompt (the GRPO group in RL). ``temperature == 0`` is greedy."""
+    """How to sample: ``n`` responses per prompt (the GRPO group in RL). ``temperature == 0`` is greedy.
+
+    ``engine``: what samples the training rollouts (RL's and OPD's ``rollout``): ``hf`` (``generate`` on the
+    policy itself) or ``vllm`` (an engine given the policy's weights before every step's sampling; settings in
+    ``model.vllm``). Evaluation names its engine in ``eval.engine`` and ``val.engine``.
+    """
 
     n: PositiveInt = 1
     temperature: NonNegativeFloat = 1.0
     top_p: PositiveFraction = 1.0
     top_k: NonNegativeInt = 0
     max_new_tokens: PositiveInt = 256
+    engine: Literal["hf", "vllm"] = "hf"
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.engine == "vllm":
+            from vlm_post.rollout.vllm import require_vllm  # it imports this module
+
+            require_vllm("rollout.engine")
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,110 @@
+"""RL's and OPD's rollouts with vLLM (``rollout.engine: vllm``): the engine samples from the policy's current weights
+at every step, given to it in place before each step's sampling.
+
+Runs in .venv-vllm (``make test-vllm``); the main suite skips it where vLLM is not importable. The tiny model has
+head_dim 64, which vLLM's CPU attention needs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here: make test-vllm runs these in .venv-vllm")
+
+from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved  # noqa: E402
+from vlm_post.losses import GRPOLossConfig  # noqa: E402
+from vlm_post.modules import EvalConfig, OptimConfig, RLModule  # noqa: E402
+from vlm_post.rollout import RolloutBatch, SamplingParams  # noqa: E402
+from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+CPU_ENGINE = VLLMConfig(dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def head64(tmp_path_factory):
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("vllm_rollouts") / "tiny-head64", hidden_size=256)
+
+
+@pytest.fixture(autouse=True)
+def cpu_engine_env(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+
+
+def sampled_distribution_logprobs(policy, samples: RolloutBatch, banned: list[int], temperature: float):
+    """The policy's log-probs of the sampled tokens under the distribution an engine draws from (banned tokens out,
+    then temperature), from a plain fp32 forward over the full vocabulary."""
+    rows = samples.rows()
+    width = rows.prompt_width
+    with torch.no_grad():
+        logits = policy(**rows.inputs).logits.float()[:, width - 1 : width - 1 + rows.response_mask.shape[1]]
+    logits[..., banned] = float("-inf")
+    logprobs = (logits / temperature).log_softmax(-1)
+    return logprobs.gather(-1, rows.response_ids[..., None]).squeeze(-1)
+
+
+class SyncCheckedRL(RLModule):
+    """Records, at every step, the largest gap between the engine's log-probs of its samples and the policy's."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gaps: list[float] = []
+
+    def score(self, samples, examples):
+        engine = self.rollout_engine(self.rollout.engine)
+        expected = sampled_distribution_logprobs(self.policy, samples, engine.banned, self.rollout.temperature)
+        mask = samples.response_mask.bool()
+        self.gaps.append(float((samples.sampler_logprobs - expected)[mask].abs().max()))
+        return super().score(samples, examples)
+
+
+def rl_fit(model, data, tmp_path, steps: int) -> SyncCheckedRL:
+    """``steps`` rollout steps of 2 prompts × 4 samples, each followed by 4 updates at a large learning rate (2
+    epochs of mini-batches of one prompt), so that every step samples from weights the previous one moved."""
+    torch.manual_seed(0)
+    module = SyncCheckedRL(
+        str(model),
+        rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8, engine="vllm"),
+        old_logprobs="sampler",
+        mini_batch_size=1,
+        epochs=2,
+        micro_batch_size=4,
+        optim=OptimConfig(lr=1e-2),
+        loss=GRPOLossConfig(kl_mode="off"),
+        reward="tests.test_rl.length_reward",
+        eval=EvalConfig(n=0, max_new_tokens=8),
+        vllm=CPU_ENGINE,
+    )
+    module.configure_model()
+    module.before = trainable_weights(module.policy)
+    trainer(tmp_path, max_steps=4 * steps).fit(module, demo_datamodule(data, batch_size=2))
+    return module
+
+
+def test_rl_samples_with_vllm_from_the_weights_of_every_step(head64, demo_data, tmp_path, monkeypatch):
+    module = rl_fit(head64, demo_data, tmp_path / "synced", steps=3)
+    assert module.trainer.global_step == 12
+    assert not unmoved(module.policy, module.before)
+    assert len(module.gaps) == 3 and max(module.gaps) < 1e-4, module.gaps
+    assert module._vllm_engine is None, "the engine is released at the end of fit"
+    logged = module.trainer.logged_metrics
+    assert float(logged["train/time_weight_sync_s"]) > 0 and "train/reward_mean" in logged
+
+    # The same run with the engine given the weights only once: from the second step on it samples from the old
+    # weights, and the gap shows it (the check above can fail).
+    synced = []
+    original = VLLMEngine.sync
+
+    def first_sync_only(engine, policy):
+        if not synced:
+            original(engine, policy)
+        synced.append(True)
+
+    monkeypatch.setattr(VLLMEngine, "sync", first_sync_only)
+    stale = rl_fit(head64, demo_data, tmp_path / "stale", steps=2)
+    assert stale.gaps[0] < 1e-4 and stale.gaps[1] > 1e-2, stale.gaps
