@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: make test-vllm runs these in .venv-vllm")
 
 from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved  # noqa: E402
 from vlm_post.losses import GRPOLossConfig  # noqa: E402
-from vlm_post.modules import EvalConfig, OptimConfig, RLModule  # noqa: E402
+from vlm_post.modules import (  # noqa: E402
+    DistillLossConfig,
+    DistillModule,
+    EvalConfig,
+    OptimConfig,
+    RLModule,
+    TeacherConfig,
+)
 from vlm_post.rollout import RolloutBatch, SamplingParams  # noqa: E402
 from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
 
@@ -49,11 +57,13 @@ def sampled_distribution_logprobs(policy, samples: RolloutBatch, banned: list[in
 
 
 class SyncCheckedRL(RLModule):
-    """Records, at every step, the largest gap between the engine's log-probs of its samples and the policy's."""
+    """Records, at every step, the largest gap between the engine's log-probs of its samples (all rows) and the
+    policy's, from a plain forward over the full vocabulary; and every step's logged metrics."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gaps: list[float] = []
+        self.logged: list[dict[str, float]] = []
 
     def score(self, samples, examples):
         engine = self.rollout_engine(self.rollout.engine)
@@ -61,6 +71,9 @@ class SyncCheckedRL(RLModule):
         mask = samples.response_mask.bool()
         self.gaps.append(float((samples.sampler_logprobs - expected)[mask].abs().max()))
         return super().score(samples, examples)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.logged.append({k: float(v) for k, v in self.trainer.callback_metrics.items()})
 
 
 def rl_fit(model, data, tmp_path, steps: int) -> SyncCheckedRL:
@@ -86,17 +99,25 @@ def rl_fit(model, data, tmp_path, steps: int) -> SyncCheckedRL:
     return module
 
 
+def monitor(module: SyncCheckedRL) -> list[float]:
+    """Every step's logged ``rollout/logprob_diff_max``."""
+    return [step["rollout/logprob_diff_max"] for step in module.logged]
+
+
 def test_rl_samples_with_vllm_from_the_weights_of_every_step(head64, demo_data, tmp_path, monkeypatch):
     module = rl_fit(head64, demo_data, tmp_path / "synced", steps=3)
     assert module.trainer.global_step == 12
     assert not unmoved(module.policy, module.before)
     assert len(module.gaps) == 3 and max(module.gaps) < 1e-4, module.gaps
+    # the logged monitor sees the same: near 0 at every step (fp32)
+    assert len(monitor(module)) == 3 and max(monitor(module)) < 1e-4, monitor(module)
+    assert all(0 <= step["rollout/logprob_diff_mean"] <= step["rollout/logprob_diff_max"] for step in module.logged)
+    # the engine's start (about 20 s here) is not part of the first step's sync
+    assert all(0 < step["train/time_weight_sync_s"] < 5 for step in module.logged)
     assert module._vllm_engine is None, "the engine is released at the end of fit"
-    logged = module.trainer.logged_metrics
-    assert float(logged["train/time_weight_sync_s"]) > 0 and "train/reward_mean" in logged
 
     # The same run with the engine given the weights only once: from the second step on it samples from the old
-    # weights, and the gap shows it (the check above can fail).
+    # weights, and both the check above and the logged monitor see it.
     synced = []
     original = VLLMEngine.sync
 
@@ -108,3 +129,55 @@ def test_rl_samples_with_vllm_from_the_weights_of_every_step(head64, demo_data, 
     monkeypatch.setattr(VLLMEngine, "sync", first_sync_only)
     stale = rl_fit(head64, demo_data, tmp_path / "stale", steps=2)
     assert stale.gaps[0] < 1e-4 and stale.gaps[1] > 1e-2, stale.gaps
+    assert monitor(stale)[0] < 1e-4 and monitor(stale)[1] > 1e-2, monitor(stale)
+
+
+def test_a_sync_that_drops_one_parameter_shows_in_the_monitor(head64, demo_data, tmp_path, monkeypatch):
+    """The engine keeps the folder's value of one matrix the updates move: the logged gap jumps at the second step."""
+    dropped = "model.language_model.layers.0.mlp.down_proj.weight"
+    original = VLLMEngine.sync
+
+    def sync_without_one(engine, policy):
+        state_dict = policy.state_dict
+        assert dropped in state_dict()
+        policy.state_dict = lambda: {k: v for k, v in state_dict().items() if k != dropped}
+        try:
+            original(engine, policy)
+        finally:
+            del policy.state_dict
+
+    monkeypatch.setattr(VLLMEngine, "sync", sync_without_one)
+    module = rl_fit(head64, demo_data, tmp_path, steps=2)
+    assert monitor(module)[0] < 1e-4 and monitor(module)[1] > 1e-3, monitor(module)
+
+
+def test_opd_samples_with_vllm_and_trains(head64, demo_data, tmp_path):
+    """On-policy distillation with the student's samples from vLLM: the student trains, and the monitor says the
+    engine sampled from its weights at every step."""
+    from vlm_post.models.tiny import build_tiny_qwen2_5_vl
+
+    teacher = build_tiny_qwen2_5_vl(tmp_path / "teacher", seed=1, hidden_size=192)  # the student's tokenizer
+    torch.manual_seed(0)
+    module = DistillModule(
+        str(head64),
+        teacher=TeacherConfig(model_name_or_path=str(teacher), top_k=8),
+        loss=DistillLossConfig(kind="topk"),
+        rollout=SamplingParams(n=2, temperature=1.0, max_new_tokens=8, engine="vllm"),
+        mini_batch_size=1,
+        micro_batch_size=2,
+        optim=OptimConfig(lr=1e-2),
+        eval=EvalConfig(n=0, max_new_tokens=8),
+        vllm=CPU_ENGINE,
+    )
+    module.configure_model()
+    before = trainable_weights(module.policy)
+    logged = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer(tmp_path / "run", max_steps=4, callbacks=[Record()]).fit(module, demo_datamodule(demo_data, batch_size=2))
+    assert not unmoved(module.policy, before)
+    assert len(logged) == 2 and all(step["rollout/logprob_diff_max"] < 1e-4 for step in logged), logged
+    assert all("train/reverse_kl" in step and step["train/time_weight_sync_s"] > 0 for step in logged)

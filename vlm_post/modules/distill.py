@@ -177,6 +177,7 @@ class DistillModule(OnPolicyModule):
         started = time.perf_counter()
         samples = self.sample(batch)
         generated = time.perf_counter()
+        gap = self.rollout_logprob_gap(samples) if self.logs_this_step() else {}  # before the update changes the policy
         # A sharded teacher's forwards are collectives: every rank runs as many scoring passes as the busiest.
         passes_to_run = self._most_over_ranks if self.sharded else None
         name = f"rank{self.global_rank}-step{self.global_step:09d}"  # of the rollout file, cache-only
@@ -205,6 +206,7 @@ class DistillModule(OnPolicyModule):
         logged.update({f"train/{name}": value for name, value in stats.items()})
         if self.weight_sync_s is not None:
             logged["train/time_weight_sync_s"] = torch.tensor(self.weight_sync_s)
+        logged.update(gap)  # rollout/logprob_diff_*: vLLM's log-probs against the policy's
         self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(examples), prog_bar=False)
 
     def micro_loss(self, scored: ScoredSamples, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:

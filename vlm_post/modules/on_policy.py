@@ -89,10 +89,40 @@ class OnPolicyModule(PolicyModule):
         engine = self.rollout_engine(self.rollout.engine)
         self.weight_sync_s = None
         if self.rollout.engine == "vllm":
+            engine.start()  # built at its first use, once per run: not part of the sync's time
             started = time.perf_counter()
             engine.sync(self.policy)
             self.weight_sync_s = time.perf_counter() - started
+            logprobs = True  # for the sync monitor (rollout_logprob_gap)
         return engine.sample(self.policy, batch, self.rollout, logprobs=logprobs)
+
+    @torch.no_grad()
+    def rollout_logprob_gap(self, samples: RolloutBatch) -> dict[str, torch.Tensor]:
+        """How far vLLM's log-probs of its samples are from the policy's, before the step's first update: near 0
+        (fp32: about 1e-6) when the engine holds the policy's weights, large after a broken or missed sync.
+
+        ``rollout/logprob_diff_mean`` and ``_max`` of |engine − policy| over the sampled tokens of the first
+        ``micro_batch_size`` rows (one extra no-grad forward of one micro-batch). The policy's side is the
+        distribution the engine draws from: the vision tokens it never samples taken out. With ``top_k`` or
+        ``top_p`` the engine's distribution is also truncated and the gap includes that. Empty with the HF engine,
+        which samples from the policy itself.
+        """
+        if self.rollout.engine != "vllm":
+            return {}
+        rows = samples.rows(list(range(min(self.micro_batch_size, samples.num_rows))))
+        sampled = rows.response_ids[..., None]
+        banned = torch.tensor(self.rollout_engine("vllm").banned, device=sampled.device)
+        ids = torch.cat([sampled, banned.expand(*sampled.shape[:2], -1)], dim=-1)
+        scores = batch_logprobs(
+            self.policy, rows, ids=ids, temperature=self.rollout.temperature, chunk_size=self.logprob_chunk_size
+        )
+        banned_mass = scores.logprobs[..., 1:].logsumexp(-1).exp()
+        policy = scores.logprobs[..., 0] - torch.log1p(-banned_mass)
+        mask = rows.response_mask.bool()
+        gap = (samples.sampler_logprobs[: rows.num_rows].to(policy.device) - policy)[mask].abs()
+        if not gap.numel():
+            return {}
+        return {"rollout/logprob_diff_mean": gap.mean(), "rollout/logprob_diff_max": gap.max()}
 
     def single_update(self, num_prompts: int) -> bool:
         """One optimizer step per batch of samples: training is exactly on-policy (ratio 1)."""

@@ -107,6 +107,7 @@ class RLModule(OnPolicyModule):
         started = time.perf_counter()
         samples = self.sample(batch, logprobs=self.old_logprobs_source == "sampler")
         generated = time.perf_counter()
+        gap = self.rollout_logprob_gap(samples) if self.logs_this_step() else {}  # before the update changes the policy
         scored = self.score(samples, batch["examples"])
         stats = self._update(samples, scored.kept_rows, scored)
         elapsed = time.perf_counter() - started
@@ -114,7 +115,7 @@ class RLModule(OnPolicyModule):
             times = {"time_generate_s": generated - started, "time_train_s": elapsed - (generated - started)}
             if self.weight_sync_s is not None:  # part of time_generate_s
                 times["time_weight_sync_s"] = self.weight_sync_s
-            self.log_step(scored, stats, times, elapsed)
+            self.log_step(scored, stats, times, elapsed, gap)
 
     def score(self, samples: RolloutBatch, examples: list) -> ScoredRollouts:
         """Rewards (task reward plus shaping), old and reference log-probs, a KL reward penalty, advantages and
@@ -195,7 +196,7 @@ class RLModule(OnPolicyModule):
             entropy=entropy,
         )
 
-    def log_step(self, scored: ScoredRollouts, stats: dict, times: dict[str, float], elapsed: float) -> None:
+    def log_step(self, scored: ScoredRollouts, stats: dict, times: dict[str, float], elapsed: float, gap: dict) -> None:
         samples, task_rewards = scored.samples, scored.task_rewards
         logged = {
             "train/reward_mean": task_rewards.mean(),  # the reward function's, before any shaping
@@ -212,6 +213,7 @@ class RLModule(OnPolicyModule):
         )
         logged.update({f"train/{name}": value.mean() for name, value in scored.shaping.items()})
         logged.update({f"train/{name}": value for name, value in stats.items()})
+        logged.update(gap)  # rollout/logprob_diff_*: vLLM's log-probs against the policy's
         if scored.reward_kl is not None:  # kl_mode reward: the KL of the rollout policy, aggregated as the loss would
             logged["train/kl"] = scored.reward_kl
         self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(samples.image_counts), prog_bar=False)
