@@ -243,3 +243,18 @@ def test_old_logprobs_from_the_sampler_skip_the_extra_forward(tiny_model, demo_d
     assert calls == [] and module.trainer.global_step == 4
     # the first of the 4 updates is on-policy: its ratio is 1 but for the suppressed tokens' ~1% of mass
     assert 0.9 < record.metrics[-1]["train/ratio_mean"] < 1.1
+
+
+@pytest.mark.slow
+def test_rollout_correction_weights_the_hf_engines_samples(tiny_model, demo_data, tmp_path):
+    """With the HF engine the sampler is the policy itself less the vision tokens it never samples, so every token's
+    weight pi_train / pi_rollout is 1 - p(vision tokens): just below 1, never masked."""
+    from vlm_post.losses.rollout_correction import RolloutCorrectionConfig
+
+    correction = RolloutCorrectionConfig(mode="mask", level="token", cap=2.0, lower=0.5)
+    module = rl_module(tiny_model, loss=GRPOLossConfig(kl_mode="off", rollout_correction=correction))
+    record = Record()
+    trainer(tmp_path, max_steps=2, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=2))
+    for logged in record.metrics:
+        assert 0.9 < logged["rollout/weight_mean"] < 1.0 and logged["rollout/weight_max"] < 1.0, logged
+        assert logged["rollout/masked"] == 0.0 and 0.0 < logged["rollout/kl"] < 1e-2, logged

@@ -15,6 +15,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: make test-vllm r
 
 from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved  # noqa: E402
 from vlm_post.losses import GRPOLossConfig  # noqa: E402
+from vlm_post.losses.rollout_correction import RolloutCorrectionConfig  # noqa: E402
 from vlm_post.modules import (  # noqa: E402
     DistillLossConfig,
     DistillModule,
@@ -76,22 +77,23 @@ class SyncCheckedRL(RLModule):
         self.logged.append({k: float(v) for k, v in self.trainer.callback_metrics.items()})
 
 
-def rl_fit(model, data, tmp_path, steps: int) -> SyncCheckedRL:
+def rl_fit(model, data, tmp_path, steps: int, **kwargs) -> SyncCheckedRL:
     """``steps`` rollout steps of 2 prompts × 4 samples, each followed by 4 updates at a large learning rate (2
     epochs of mini-batches of one prompt), so that every step samples from weights the previous one moved."""
     torch.manual_seed(0)
+    kwargs.setdefault("old_logprobs", "sampler")
+    kwargs.setdefault("loss", GRPOLossConfig(kl_mode="off"))
     module = SyncCheckedRL(
         str(model),
         rollout=SamplingParams(n=4, temperature=1.0, max_new_tokens=8, engine="vllm"),
-        old_logprobs="sampler",
         mini_batch_size=1,
         epochs=2,
         micro_batch_size=4,
         optim=OptimConfig(lr=1e-2),
-        loss=GRPOLossConfig(kl_mode="off"),
         reward="tests.test_rl.length_reward",
         eval=EvalConfig(n=0, max_new_tokens=8),
         vllm=CPU_ENGINE,
+        **kwargs,
     )
     module.configure_model()
     module.before = trainable_weights(module.policy)
@@ -181,3 +183,15 @@ def test_opd_samples_with_vllm_and_trains(head64, demo_data, tmp_path):
     assert not unmoved(module.policy, before)
     assert len(logged) == 2 and all(step["rollout/logprob_diff_max"] < 1e-4 for step in logged), logged
     assert all("train/reverse_kl" in step and step["train/time_weight_sync_s"] > 0 for step in logged)
+
+
+def test_rollout_correction_with_vllm(head64, demo_data, tmp_path):
+    """Truncated importance weights from the trainer's recomputed log-probs against vLLM's: in fp32 the engine's
+    distribution is the policy's less the vision tokens, so the weights sit just below 1 and the mismatch KL near 0."""
+    correction = RolloutCorrectionConfig(mode="tis", level="token", cap=2.0)
+    loss = GRPOLossConfig(kl_mode="off", rollout_correction=correction)
+    module = rl_fit(head64, demo_data, tmp_path, steps=2, old_logprobs="recompute", loss=loss)
+    assert len(module.logged) == 2
+    for step in module.logged:
+        assert 0.9 < step["rollout/weight_mean"] <= step["rollout/weight_max"] <= 1.0 + 1e-4, step
+        assert step["rollout/masked"] == 0.0 and 0.0 <= step["rollout/kl"] < 1e-2, step

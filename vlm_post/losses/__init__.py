@@ -23,6 +23,7 @@ from vlm_post.losses.grpo import (
 from vlm_post.losses.kl import kl_penalty
 from vlm_post.losses.logprobs import token_logprobs, token_logprobs_and_entropy
 from vlm_post.losses.overlong import OverlongConfig, check_overlong_buffer, overlong_penalty
+from vlm_post.losses.rollout_correction import RolloutCorrectionConfig, rollout_correction_weights
 from vlm_post.losses.sft import IGNORE_INDEX, sft_cross_entropy
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "TAIL_FLOOR",
     "GRPOLossConfig",
     "OverlongConfig",
+    "RolloutCorrectionConfig",
     "aggregate",
     "check_overlong_buffer",
     "coarsened_reverse_kl",
@@ -40,6 +42,7 @@ __all__ = [
     "kl_reward_penalty",
     "overlong_penalty",
     "policy_loss",
+    "rollout_correction_weights",
     "sampled_reverse_kl_advantages",
     "sampled_reverse_kl_loss",
     "sft_cross_entropy",

@@ -38,6 +38,7 @@ import torch
 
 from vlm_post.errors import ConfigError
 from vlm_post.losses.kl import KL_KINDS, LOG_RATIO_CLAMP, KLKind, kl_penalty
+from vlm_post.losses.rollout_correction import RolloutCorrectionConfig
 from vlm_post.ranges import AboveOne, NonNegativeFloat, PositiveInt, ProperFraction, check_ranges
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -151,6 +152,7 @@ def policy_loss(
     dual_clip: float | None = None,
     aggregation: Aggregation = "token-mean",
     max_response_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip surrogate loss with asymmetric clipping and optional dual clip; returns (loss, stats).
 
@@ -164,7 +166,8 @@ def policy_loss(
         if dual_clip and A < 0:  loss_t = min(loss_t, dual_clip * |A|)
 
     Where a clip is active the token's loss is constant in rho, so it gets no
-    gradient. The token losses are reduced with ``aggregate(aggregation)``.
+    gradient. ``token_weights`` (rows, L) or (rows, 1), constants, multiply the token losses (the rollout
+    correction's importance weights). The token losses are reduced with ``aggregate(aggregation)``.
 
     Stats (detached scalars, means over valid tokens whatever the aggregation):
     ``clip_fraction`` (tokens where the PPO clip is active, i.e. the clipped
@@ -196,6 +199,8 @@ def policy_loss(
         cap = (-advantages * dual_clip).expand_as(token_loss)  # = dual_clip * |A| where A < 0; no gradient
         dual_clip_active = (advantages < 0) & (token_loss > cap)
         token_loss = torch.where(dual_clip_active, cap, token_loss)
+    if token_weights is not None:
+        token_loss = token_loss * token_weights.detach()
     loss = aggregate(token_loss, response_mask, aggregation, max_response_length)
 
     with torch.no_grad():
@@ -290,6 +295,8 @@ class GRPOLossConfig:
     """Entropy bonus: the loss gets -entropy_coef * aggregate(entropy). 0 disables it."""
     normalize_std: bool = True
     """GRPO advantages divide by the group's std; False is Dr. GRPO (pair with seq-mean-token-sum-norm)."""
+    rollout_correction: RolloutCorrectionConfig = dataclasses.field(default_factory=RolloutCorrectionConfig)
+    """Importance weights for the rollout engine's distribution (``mode: tis | mask``), see ``rollout_correction``."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -328,6 +335,7 @@ def grpo_loss(
     config: GRPOLossConfig,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """policy_loss + kl_coef * aggregate(KL to ref) [kl_mode "loss"] - entropy_coef * aggregate(entropy).
 
@@ -337,10 +345,15 @@ def grpo_loss(
     used. With kl_mode "reward" the KL went into the rewards
     (``kl_reward_penalty``), and the trainer logs ``aggregate(token_kl(...))``.
     ``entropy`` (rows, L) is needed when ``entropy_coef > 0`` and logged when
-    given. Stats: those of ``policy_loss`` plus ``pg_loss``, ``loss``, and
+    given. ``rollout_weights`` (rows, L), ``rollout_correction_weights``, multiply the policy loss's tokens (as
+    verl does; TRL weights its KL term too): required when ``config.rollout_correction`` is on, refused otherwise.
+    Stats: those of ``policy_loss`` plus ``pg_loss``, ``loss``, and
     ``kl`` (the KL term before kl_coef) / ``entropy``, aggregated like the
     loss, when their inputs are given.
     """
+    if config.rollout_correction.enabled != (rollout_weights is not None):
+        state = "on" if config.rollout_correction.enabled else "off"
+        raise ValueError(f"rollout_correction is {state}: rollout_weights must be given exactly when it is on")
     pg_loss, stats = policy_loss(
         logprobs,
         old_logprobs,
@@ -351,6 +364,7 @@ def grpo_loss(
         dual_clip=config.dual_clip,
         aggregation=config.aggregation,
         max_response_length=config.max_response_length,
+        token_weights=rollout_weights,
     )
     loss = pg_loss
     stats["pg_loss"] = pg_loss.detach()

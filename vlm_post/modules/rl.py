@@ -4,7 +4,9 @@ Algorithm, per training step (one batch of ``data.batch_size`` prompts = the rol
   1. sample ``rollout.n`` responses per prompt with the current policy (the rollout engine);
   2. score them with the reward function (default: 0.9 * accuracy + 0.1 * format);
   3. old log-probs from the rollout policy, and reference log-probs from the frozen initial
-     weights when a KL term is used (as a loss term, or subtracted from the rewards);
+     weights when a KL term is used (as a loss term, or subtracted from the rewards); with
+     ``loss.rollout_correction``, importance weights of the trainer's old log-probs against the
+     sampler's (a vLLM engine's distribution is not exactly the trainer's);
   4. group-normalised advantages (GRPO; Dr. GRPO without the std), optionally dropping groups
      whose rewards are all equal (dynamic sampling);
   5. ``epochs`` passes over the rows in mini-batches of ``mini_batch_size`` prompts' rows;
@@ -41,13 +43,14 @@ from vlm_post.losses import (
     overlong_penalty,
     token_kl,
 )
+from vlm_post.losses.rollout_correction import RolloutCorrectionConfig, rollout_correction_weights
 from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.modules.on_policy import OnPolicyModule
 from vlm_post.rewards import RewardFn, load_reward_fn
 from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
 
 # Checkpoints keep these dataclasses in their hyperparameters (see base.py).
-torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig, OverlongConfig])
+torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig, OverlongConfig, RolloutCorrectionConfig])
 
 
 class RLModule(OnPolicyModule):
@@ -87,6 +90,12 @@ class RLModule(OnPolicyModule):
                 "(GRPO's advantage is a reward minus its group's mean); use n >= 2"
             )
         check_overlong_buffer(self.overlong.buffer, self.rollout.max_new_tokens)
+        if self.loss_config.rollout_correction.enabled and old_logprobs == "sampler":
+            raise ConfigError(
+                "model.init_args.loss.rollout_correction weighs by the trainer's log-probs of the rollout policy "
+                "against the sampler's: with old_logprobs: sampler they are the same numbers; use old_logprobs: "
+                "recompute"
+            )
         self.dynamic_sampling = dynamic_sampling
         self.old_logprobs_source = old_logprobs
         self.reference: torch.nn.Module | None = None
@@ -105,7 +114,8 @@ class RLModule(OnPolicyModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
-        samples = self.sample(batch, logprobs=self.old_logprobs_source == "sampler")
+        correcting = self.loss_config.rollout_correction.enabled
+        samples = self.sample(batch, logprobs=self.old_logprobs_source == "sampler" or correcting)
         generated = time.perf_counter()
         gap = self.rollout_logprob_gap(samples) if self.logs_this_step() else {}  # before the update changes the policy
         scored = self.score(samples, batch["examples"])
@@ -137,7 +147,8 @@ class RLModule(OnPolicyModule):
         # still needs the policy's log-probs before the update.
         ref_logprobs = self.rollout_logprobs(self.reference, samples) if self.reference is not None else None
         kl_in_reward = config.kl_mode == "reward" and ref_logprobs is not None
-        needs_old = not self.single_update(len(examples)) or kl_in_reward
+        correction = config.rollout_correction
+        needs_old = not self.single_update(len(examples)) or kl_in_reward or correction.enabled
         old_logprobs = None
         if needs_old and self.old_logprobs_source == "sampler":
             if samples.sampler_logprobs is None:
@@ -155,6 +166,10 @@ class RLModule(OnPolicyModule):
             rewards = penalised
             per_token = token_kl(old_logprobs, ref_logprobs, mask, config.kl_kind)
             reward_kl = aggregate(per_token, mask, config.aggregation, config.max_response_length)
+        rollout_weights, correction_stats = None, {}
+        if correction.enabled:  # the trainer's rollout policy against the engine's distribution
+            sampled = samples.sampler_logprobs.to(self.device)
+            rollout_weights, correction_stats = rollout_correction_weights(old_logprobs, sampled, mask, correction)
         advantages = group_advantages(rewards, n, normalize_std=config.normalize_std)
         keep_groups = signal if self.dynamic_sampling else torch.ones_like(signal)
         keep_rows = keep_groups.repeat_interleave(n)
@@ -172,6 +187,8 @@ class RLModule(OnPolicyModule):
             reward_kl,
             keep_groups,
             torch.nonzero(keep_rows).flatten().tolist(),
+            rollout_weights,
+            correction_stats,
         )
 
     def micro_loss(self, scored: ScoredRollouts, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
@@ -185,7 +202,7 @@ class RLModule(OnPolicyModule):
             chunk_size=self.logprob_chunk_size,
         )
         logprobs, entropy = scores.logprobs, scores.entropy
-        old, ref = scored.old_logprobs, scored.loss_ref_logprobs
+        old, ref, weights = scored.old_logprobs, scored.loss_ref_logprobs, scored.rollout_weights
         return grpo_loss(
             logprobs,
             old[micro] if old is not None else logprobs.detach(),
@@ -194,6 +211,7 @@ class RLModule(OnPolicyModule):
             self.loss_config,
             ref_logprobs=ref[micro] if ref is not None else None,
             entropy=entropy,
+            rollout_weights=weights[micro] if weights is not None else None,
         )
 
     def log_step(self, scored: ScoredRollouts, stats: dict, times: dict[str, float], elapsed: float, gap: dict) -> None:
@@ -214,6 +232,7 @@ class RLModule(OnPolicyModule):
         logged.update({f"train/{name}": value.mean() for name, value in scored.shaping.items()})
         logged.update({f"train/{name}": value for name, value in stats.items()})
         logged.update(gap)  # rollout/logprob_diff_*: vLLM's log-probs against the policy's
+        logged.update({f"rollout/{name}": value for name, value in scored.rollout_correction.items()})
         if scored.reward_kl is not None:  # kl_mode reward: the KL of the rollout policy, aggregated as the loss would
             logged["train/kl"] = scored.reward_kl
         self.log_dict({k: v.float() for k, v in logged.items()}, batch_size=len(samples.image_counts), prog_bar=False)
@@ -226,7 +245,8 @@ class ScoredRollouts:
     ``task_rewards``: the reward function's, ``reward_components`` its terms per row (accuracy, format); ``shaping``: each term added to it (overlong, KL penalty);
     ``rewards``: the shaped sum the ``advantages`` come from. ``old_logprobs``: the PPO ratio's denominator
     (None: one update, ratio 1); ``loss_ref_logprobs``: the reference's, when the KL is a loss term;
-    ``kept_rows``: the rows the filters keep (dynamic sampling, overlong filter).
+    ``kept_rows``: the rows the filters keep (dynamic sampling, overlong filter). ``rollout_weights``: the rollout
+    correction's importance weights (None when it is off), ``rollout_correction`` their stats.
     """
 
     samples: RolloutBatch
@@ -240,3 +260,5 @@ class ScoredRollouts:
     reward_kl: torch.Tensor | None
     keep_groups: torch.Tensor
     kept_rows: list[int]
+    rollout_weights: torch.Tensor | None
+    rollout_correction: dict[str, torch.Tensor]
