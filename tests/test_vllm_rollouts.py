@@ -16,6 +16,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: make test-vllm r
 from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved  # noqa: E402
 from vlm_post.losses import GRPOLossConfig  # noqa: E402
 from vlm_post.losses.rollout_correction import RolloutCorrectionConfig  # noqa: E402
+from vlm_post.models.sharding import full_weight_buckets  # noqa: E402
 from vlm_post.modules import (  # noqa: E402
     DistillLossConfig,
     DistillModule,
@@ -29,7 +30,8 @@ from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-CPU_ENGINE = VLLMConfig(dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024)
+# Buckets of 1 MB: the tiny model's weights reach the engine in several reload_weights calls, as a 7B's do at 512 MB.
+CPU_ENGINE = VLLMConfig(dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024, sync_bucket_mb=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,7 @@ def monitor(module: SyncCheckedRL) -> list[float]:
 def test_rl_samples_with_vllm_from_the_weights_of_every_step(head64, demo_data, tmp_path, monkeypatch):
     module = rl_fit(head64, demo_data, tmp_path / "synced", steps=3)
     assert module.trainer.global_step == 12
+    assert len(list(full_weight_buckets(module.policy, CPU_ENGINE.sync_bucket_mb))) > 3
     assert not unmoved(module.policy, module.before)
     assert len(module.gaps) == 3 and max(module.gaps) < 1e-4, module.gaps
     # the logged monitor sees the same: near 0 at every step (fp32)

@@ -187,3 +187,35 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a parameter or gradient under FSDP2); any other tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_weight_buckets(model: torch.nn.Module, bucket_mb: float) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The model's weights as full tensors, under their state-dict (HF checkpoint) names, in consecutive buckets of
+    about ``bucket_mb`` MB. A bucket holds whole blocks (``weight_unit``): vLLM fuses a block's projections (q, k, v
+    into one qkv; gate and up) and updates a fused layer only from a call that brings all of its parts. A block
+    larger than ``bucket_mb`` is a bucket of its own.
+
+    Under FSDP2 each parameter is all-gathered as its bucket fills, so at most one bucket of full tensors exists at a
+    time: a collective, every rank must consume every bucket. Unsharded models give their own tensors.
+    """
+    from torch.distributed.tensor import DTensor
+
+    limit, bucket, size, unit = bucket_mb * 2**20, [], 0, None
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        nbytes = full.numel() * full.element_size()
+        if bucket and weight_unit(name) != unit and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, full.detach()))
+        size, unit = size + nbytes, weight_unit(name)
+    if bucket:
+        yield bucket
+
+
+def weight_unit(name: str) -> str:
+    """The block a weight belongs to: its name up to the first index (``model.language_model.layers.3``), else its
+    module (``model.language_model.norm``)."""
+    parts = name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return ".".join(parts[: index + 1] if index is not None else parts[:-1])

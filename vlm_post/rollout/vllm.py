@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 
 from vlm_post.errors import ConfigError
-from vlm_post.ranges import PositiveFraction, PositiveInt, check_ranges
+from vlm_post.models.sharding import full_weight_buckets
+from vlm_post.ranges import PositiveFloat, PositiveFraction, PositiveInt, check_ranges
 from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
 
 # vLLM's logit bias is clamped to [-100, 100]: a banned token keeps a probability of e^-100 relative to its logit,
@@ -57,6 +58,8 @@ class VLLMConfig:
             to ``data.max_prompt_length + eval.max_new_tokens`` frees KV-cache memory.
         dtype: the engine's weight dtype (``auto``: the model folder's, bf16 for Qwen2.5-VL).
         enforce_eager: no CUDA graphs (slower decoding, faster start, less memory).
+        sync_bucket_mb: the policy's weights go to the engine in buckets of about this many MB of full tensors
+            (gathered bucket by bucket under FSDP2), so the sync holds one bucket at a time beside the two models.
     """
 
     tensor_parallel_size: PositiveInt = 1
@@ -64,6 +67,7 @@ class VLLMConfig:
     max_model_len: PositiveInt | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     enforce_eager: bool = False
+    sync_bucket_mb: PositiveFloat = 512.0
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -89,9 +93,10 @@ class VLLMEngine(RolloutEngine):
                 "GPUs); this run has several ranks: use engine: hf, or one process"
             )
         try:
+            settings = {k: v for k, v in asdict(self.config).items() if k != "sync_bucket_mb"}  # ours, not vLLM's
             self.llm = LLM(
                 self.model_path,
-                **asdict(self.config),
+                **settings,
                 seed=self.seed,
                 # The log-probs of the distribution the tokens are drawn from (after temperature, top-k, top-p),
                 # as the HF engine records them.
@@ -106,10 +111,11 @@ class VLLMEngine(RolloutEngine):
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module) -> None:
-        """Give the engine the policy's current weights (in place; nothing is written to disk)."""
+        """Give the engine the policy's current weights (in place; nothing is written to disk), in buckets of
+        ``sync_bucket_mb`` full tensors under their HF checkpoint names, which vLLM's loader maps to its own."""
         self.start()
-        weights = ((name, tensor.detach()) for name, tensor in policy.state_dict().items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        for bucket in full_weight_buckets(policy, self.config.sync_bucket_mb):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(bucket)})
         # What the old weights computed must not be reused: cached prompt KV blocks and image embeddings.
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
