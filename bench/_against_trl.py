@@ -153,8 +153,8 @@ class Probe:
         probe = self
 
         class TimedEngine(engine_class):
-            def sample(self, policy, batch, params, logprobs=False):
-                samples = probe.timed_generation(super().sample)(policy, batch, params, logprobs)
+            def sample(self, policy, batch, params, logprobs=False, seed=None):
+                samples = probe.timed_generation(super().sample)(policy, batch, params, logprobs, seed)
                 probe.tokens = (int(samples.prompt["attention_mask"].sum()) * samples.n, int(samples.lengths.sum()))
                 return samples
 

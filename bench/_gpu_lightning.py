@@ -165,12 +165,12 @@ def timed_rl_module(timer, **kwargs):
                 timer.current["reward_s"] = timer.current.get("reward_s", 0.0) + time.perf_counter() - started
 
     class TimedEngine(HFGenerateEngine):
-        def sample(self, policy, batch, params, logprobs=False):
+        def sample(self, policy, batch, params, logprobs=False, seed=None):
             prompt = batch["prompt"]
             shared = bool(not params.greedy and params.n > 1 and self._can_share_prefill(policy, prompt))
             synchronize()
             started = time.perf_counter()
-            samples = super().sample(policy, batch, params, logprobs)
+            samples = super().sample(policy, batch, params, logprobs, seed)
             synchronize()
             step = timer.current
             step["gen_s"] = step.get("gen_s", 0.0) + time.perf_counter() - started

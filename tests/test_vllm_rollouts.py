@@ -7,13 +7,17 @@ head_dim 64, which vLLM's CPU attention needs.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: make test-vllm runs these in .venv-vllm")
 
 from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved  # noqa: E402
+from tests.test_resume import _config, _fit, _policy  # noqa: E402
 from vlm_post.losses import GRPOLossConfig  # noqa: E402
 from vlm_post.losses.rollout_correction import RolloutCorrectionConfig  # noqa: E402
 from vlm_post.models.sharding import full_weight_buckets  # noqa: E402
@@ -198,3 +202,31 @@ def test_rollout_correction_with_vllm(head64, demo_data, tmp_path):
     for step in module.logged:
         assert 0.9 < step["rollout/weight_mean"] <= step["rollout/weight_max"] <= 1.0 + 1e-4, step
         assert step["rollout/masked"] == 0.0 and 0.0 <= step["rollout/kl"] < 1e-2, step
+
+
+def test_sigkill_then_resume_with_vllm_matches_an_uninterrupted_run(head64, demo_data, tmp_path):
+    """tests/test_resume.py's exact-resume check with ``rollout.engine: vllm``: each step's samples are seeded by the
+    step (``rollout_seed``), so the resumed steps draw what the uninterrupted run drew, and the weights end equal."""
+
+    def config(run: str, kill_at: int | None):
+        path = _config(tmp_path, head64, demo_data, run, kill_at)
+        settings = yaml.safe_load(path.read_text())
+        model = settings["model"]["init_args"]
+        model["rollout"]["engine"] = "vllm"
+        model["vllm"] = {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 1024}
+        path.write_text(yaml.safe_dump(settings))
+        return path
+
+    straight = _fit(config("straight", None))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _fit(config("killed", kill_at=3))
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    resumed = _fit(config("killed", None), f"--ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = _policy(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    got = _policy(last)
+    initial = _policy(tmp_path / "straight" / "checkpoints" / "epoch=0-step=2.ckpt")
+    assert any(not torch.equal(initial[k], expected[k]) for k in expected), "the weights did not move: vacuous test"
+    mismatched = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not mismatched, f"{len(mismatched)} tensors differ, e.g. {mismatched[:3]}"

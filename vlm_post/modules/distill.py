@@ -213,13 +213,7 @@ class DistillModule(OnPolicyModule):
         """The reverse KL to the teacher of rows ``micro`` of the batch (``rows``: their model inputs)."""
         config, teacher, mask = self.loss_config, scored.teacher, rows.response_mask
         if config.kind == "sampled":
-            student = batch_logprobs(
-                self.policy,
-                rows,
-                temperature=self.rollout.temperature,
-                with_entropy=True,
-                chunk_size=self.logprob_chunk_size,
-            )
+            student = batch_logprobs(self.policy, rows, with_entropy=True, **self.sampled_scores)
             logprobs, entropy = student.logprobs, student.entropy
             old = scored.old_logprobs[micro] if scored.old_logprobs is not None else logprobs.detach()
             loss, stats = sampled_reverse_kl_loss(
@@ -234,14 +228,7 @@ class DistillModule(OnPolicyModule):
             return loss, {**stats, "entropy": entropy[mask.bool()].mean()}
         # the student's log-probs at the teacher's top-k ids, and its full entropy (logged), in one pass
         ids = teacher.topk_ids[micro]
-        student = batch_logprobs(
-            self.policy,
-            rows,
-            ids=ids,
-            temperature=self.rollout.temperature,
-            with_entropy=True,
-            chunk_size=self.logprob_chunk_size,
-        )
+        student = batch_logprobs(self.policy, rows, ids=ids, with_entropy=True, **self.sampled_scores)
         per_token = coarsened_reverse_kl(student.logprobs, teacher.topk_logprobs[micro], mask)
         loss = aggregate(per_token, mask, config.aggregation, self.rollout.max_new_tokens)
         valid = mask.bool()

@@ -19,6 +19,8 @@ micro-batch loss as a method, ``micro_loss(scored, micro, model_rows) -> (loss, 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 
 import torch
@@ -84,17 +86,26 @@ class OnPolicyModule(PolicyModule):
 
         vLLM samples from its own copy of the weights: it is given the policy's before every step's sampling (after
         the previous step's updates; at the first, the initial weights), in place, and ``weight_sync_s`` says how
-        long that took (None with the HF engine, which samples from the policy itself).
+        long that took (None with the HF engine, which samples from the policy itself). Its samples are seeded by
+        the step (``rollout_seed``).
         """
         engine = self.rollout_engine(self.rollout.engine)
-        self.weight_sync_s = None
+        self.weight_sync_s, seed = None, None
         if self.rollout.engine == "vllm":
             engine.start()  # built at its first use, once per run: not part of the sync's time
             started = time.perf_counter()
             engine.sync(self.policy)
             self.weight_sync_s = time.perf_counter() - started
             logprobs = True  # for the sync monitor (rollout_logprob_gap)
-        return engine.sample(self.policy, batch, self.rollout, logprobs=logprobs)
+            seed = self.rollout_seed()
+        return engine.sample(self.policy, batch, self.rollout, logprobs=logprobs, seed=seed)
+
+    def rollout_seed(self) -> int:
+        """The seed of this step's vLLM samples, from the run's seed, the step and the rank: a step resumed from a
+        checkpoint draws the samples the uninterrupted run drew (the HF engine's generator is in the checkpoint)."""
+        run_seed = os.environ.get("PL_GLOBAL_SEED", "0")
+        key = f"{run_seed}/{self.global_step}/{self.global_rank}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little") % 2**31
 
     @torch.no_grad()
     def rollout_logprob_gap(self, samples: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -113,9 +124,7 @@ class OnPolicyModule(PolicyModule):
         sampled = rows.response_ids[..., None]
         banned = torch.tensor(self.rollout_engine("vllm").banned, device=sampled.device)
         ids = torch.cat([sampled, banned.expand(*sampled.shape[:2], -1)], dim=-1)
-        scores = batch_logprobs(
-            self.policy, rows, ids=ids, temperature=self.rollout.temperature, chunk_size=self.logprob_chunk_size
-        )
+        scores = batch_logprobs(self.policy, rows, ids=ids, **self.sampled_scores)
         banned_mass = scores.logprobs[..., 1:].logsumexp(-1).exp()
         policy = scores.logprobs[..., 0] - torch.log1p(-banned_mass)
         mask = rows.response_mask.bool()
@@ -123,6 +132,12 @@ class OnPolicyModule(PolicyModule):
         if not gap.numel():
             return {}
         return {"rollout/logprob_diff_mean": gap.mean(), "rollout/logprob_diff_max": gap.max()}
+
+    @property
+    def sampled_scores(self) -> dict:
+        """``batch_logprobs``' options for the distribution the rollouts come from: its temperature, this module's
+        chunk size."""
+        return {"temperature": self.rollout.temperature, "chunk_size": self.logprob_chunk_size}
 
     def single_update(self, num_prompts: int) -> bool:
         """One optimizer step per batch of samples: training is exactly on-policy (ratio 1)."""
@@ -135,10 +150,7 @@ class OnPolicyModule(PolicyModule):
         for start in range(0, batch.num_rows, self.micro_batch_size):
             chunk = slice(start, min(batch.num_rows, start + self.micro_batch_size))
             rows = batch.rows(chunk)
-            scores = batch_logprobs(
-                model, rows, temperature=self.rollout.temperature, chunk_size=self.logprob_chunk_size
-            )
-            out[chunk] = scores.logprobs
+            out[chunk] = batch_logprobs(model, rows, **self.sampled_scores).logprobs
         return out
 
     def micro_loss(self, scored, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

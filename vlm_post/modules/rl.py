@@ -194,13 +194,7 @@ class RLModule(OnPolicyModule):
     def micro_loss(self, scored: ScoredRollouts, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict]:
         """The GRPO-family loss of rows ``micro`` of the batch (``rows``: their model inputs)."""
         # entropy: logged every step, a bonus if configured
-        scores = batch_logprobs(
-            self.policy,
-            rows,
-            temperature=self.rollout.temperature,
-            with_entropy=True,
-            chunk_size=self.logprob_chunk_size,
-        )
+        scores = batch_logprobs(self.policy, rows, with_entropy=True, **self.sampled_scores)
         logprobs, entropy = scores.logprobs, scores.entropy
         old, ref, weights = scored.old_logprobs, scored.loss_ref_logprobs, scored.rollout_weights
         return grpo_loss(

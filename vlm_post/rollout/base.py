@@ -93,6 +93,7 @@ class RolloutEngine(ABC):
         params: SamplingParams,
         logprobs: bool = False,
         images: list[list] | None = None,
+        seed: int | None = None,
     ) -> Rollouts:
         """Sample ``params.n`` responses for each prompt in ``prompt`` (left-padded processor outputs).
 
@@ -100,14 +101,22 @@ class RolloutEngine(ABC):
         recording them costs every decode step a logsumexp over the vocabulary.
         ``images``: each prompt's images as the processor got them (PIL), for an engine that processes
         images itself (vLLM); the HF engine reads the processor's pixel values from ``prompt``.
+        ``seed``: for an engine with a random stream of its own (vLLM), prompt i's samples are drawn with seed
+        ``seed + i``, so the same call draws the same samples again (a resumed step). The HF engine draws from
+        torch's global generator, which checkpoints keep.
         """
 
     def sample(
-        self, policy: torch.nn.Module, batch: dict, params: SamplingParams, logprobs: bool = False
+        self,
+        policy: torch.nn.Module,
+        batch: dict,
+        params: SamplingParams,
+        logprobs: bool = False,
+        seed: int | None = None,
     ) -> RolloutBatch:
         """``generate`` over a collated batch (prompts, images, image counts), as one ``RolloutBatch``."""
         images = [example.images for example in batch["examples"]]
-        rollouts = self.generate(policy, batch["prompt"], params, logprobs=logprobs, images=images)
+        rollouts = self.generate(policy, batch["prompt"], params, logprobs=logprobs, images=images, seed=seed)
         return RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, params.n)
 
     @staticmethod

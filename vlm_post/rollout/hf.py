@@ -29,6 +29,7 @@ class HFGenerateEngine(RolloutEngine):
         params: SamplingParams,
         logprobs: bool = False,
         images: list[list] | None = None,
+        seed: int | None = None,  # unused: generate draws from torch's global generator, which checkpoints keep
     ) -> Rollouts:
         was_training = policy.training
         policy.eval()

@@ -127,6 +127,7 @@ class VLLMEngine(RolloutEngine):
         params: SamplingParams,
         logprobs: bool = False,
         images: list[list] | None = None,
+        seed: int | None = None,
     ) -> Rollouts:
         """Sample from the engine's weights: call ``sync`` first whenever the policy's weights changed."""
         from vllm import SamplingParams as VLLMSamplingParams
@@ -141,7 +142,7 @@ class VLLMEngine(RolloutEngine):
             if images is not None and images[row]:
                 request["multi_modal_data"] = {"image": list(images[row])}
             prompts.append(request)
-        sampling = VLLMSamplingParams(
+        sampling = dict(
             n=self.draws(params),
             temperature=params.temperature,
             top_p=params.top_p,
@@ -152,7 +153,11 @@ class VLLMEngine(RolloutEngine):
             logprobs=0 if logprobs else None,
             detokenize=False,  # the project's processor decodes, as for the HF engine
         )
-        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        per_prompt = [
+            VLLMSamplingParams(**sampling, seed=None if seed is None else (seed + row) % 2**31)
+            for row in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, per_prompt, use_tqdm=False)
         for row, output in enumerate(outputs):
             if list(output.prompt_token_ids) != expected[row]:
                 raise RuntimeError(
