@@ -108,3 +108,10 @@ def test_rl_refuses_the_correction_with_the_samplers_old_logprobs(tiny_model):
     loss = GRPOLossConfig(kl_mode="off", rollout_correction=RolloutCorrectionConfig(mode="tis"))
     with pytest.raises(ConfigError, match="rollout_correction .* use old_logprobs: recompute"):
         rl_module(tiny_model, loss=loss, old_logprobs="sampler")
+
+
+def test_rows_without_response_tokens_give_zero_weights_and_stats():
+    got, stats = rollout_correction_weights(
+        TRAINER, SAMPLER, torch.zeros_like(MASK), RolloutCorrectionConfig(mode="tis")
+    )
+    assert torch.equal(got, torch.zeros_like(TRAINER)) and all(float(v) == 0.0 for v in stats.values())

@@ -94,12 +94,14 @@ def rollout_correction_weights(
             out_of_bounds = (ratio < lower) | (ratio > config.cap)
             weights = ratio.masked_fill(out_of_bounds, 0.0)
         weights = weights.expand_as(token_log_ratio).masked_fill(~valid, 0.0)
-        token_ratio = token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
-        k3 = (token_ratio - 1.0) - token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        if not valid.any():
+            return weights, {name: weights.new_zeros(()) for name in ("kl", "weight_mean", "weight_max", "masked")}
+        clamped = token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        k3 = (clamped.exp() - 1.0) - clamped
         stats = {
-            "kl": k3[valid].mean() if valid.any() else k3.new_zeros(()),
-            "weight_mean": weights[valid].mean() if valid.any() else k3.new_zeros(()),
-            "weight_max": weights[valid].max() if valid.any() else k3.new_zeros(()),
-            "masked": out_of_bounds.expand_as(valid)[valid].float().mean() if valid.any() else k3.new_zeros(()),
+            "kl": k3[valid].mean(),
+            "weight_mean": weights[valid].mean(),
+            "weight_max": weights[valid].max(),
+            "masked": out_of_bounds.expand_as(valid)[valid].float().mean(),
         }
     return weights, stats

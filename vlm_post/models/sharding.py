@@ -203,12 +203,12 @@ def full_weight_buckets(model: torch.nn.Module, bucket_mb: float) -> Iterator[li
     limit, bucket, size, unit = bucket_mb * 2**20, [], 0, None
     for name, tensor in model.state_dict().items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        nbytes = full.numel() * full.element_size()
-        if bucket and weight_unit(name) != unit and size + nbytes > limit:
+        nbytes, previous, unit = full.numel() * full.element_size(), unit, weight_unit(name)
+        if bucket and unit != previous and size + nbytes > limit:
             yield bucket
             bucket, size = [], 0
         bucket.append((name, full.detach()))
-        size, unit = size + nbytes, weight_unit(name)
+        size += nbytes
     if bucket:
         yield bucket
 
