@@ -87,13 +87,21 @@ def test_vllm_and_hf_give_the_same_greedy_answers_problem_by_problem(head64_expo
         assert row["mean_token_entropy"] is not None and row["mean_token_entropy"] > 0
 
 
-def test_a_model_vllm_cannot_load_is_one_line_naming_it(head64_export, demo_data, tmp_path):
-    """The tiny model allows 4,096 positions; asking vLLM for 8,192 is refused by vLLM, named in one line."""
+@pytest.mark.parametrize(
+    "setting, reason",
+    [
+        ("max_model_len=8192", "max_model_len"),  # the tiny model allows 4,096 positions
+        ("enable_sleep_mode=true", "Sleep mode is not supported"),  # CUDA only
+    ],
+)
+def test_an_engine_vllm_cannot_build_is_one_line_naming_the_model(head64_export, demo_data, tmp_path, setting, reason):
+    """Settings vLLM refuses for this model or this machine: one line naming the model and vLLM's reason."""
     model, export = head64_export
-    result = _test("vllm", model, export, demo_data, tmp_path, "--model.init_args.vllm.max_model_len=8192")
+    result = _test("vllm", model, export, demo_data, tmp_path, f"--model.init_args.vllm.{setting}")
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vlm_post: error: vLLM cannot load the model") and str(model) in last, last
+    assert reason in last, last
     assert "Traceback" not in result.stderr
 
 

@@ -53,3 +53,34 @@ def reshards_after_forward(unit: torch.nn.Module) -> bool:
     """
     group = unit._get_fsdp_state()._fsdp_param_group
     return bool(group is not None and group.post_forward_mesh_info is not None)
+
+
+def shutdown_vllm_engine(llm, keep_process_group: bool) -> None:
+    """Stop an in-process vLLM engine; with ``keep_process_group``, leave torch.distributed's default group alive.
+
+    Why: vLLM's engine shutdown ends in ``destroy_distributed_environment``, which destroys the default process group.
+    An engine colocated with the trainer (``external_launcher``) shares the trainer's group, which Lightning still
+    needs after fit (its barriers, the checkpoint and the export): vLLM's own groups are destroyed, that one is kept.
+    vLLM has no public call for either. Breaks: tests/test_vllm_rollouts.py::
+    test_colocated_engines_sample_on_every_rank.
+    """
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is None or not hasattr(engine_core, "shutdown"):
+        return
+    if not keep_process_group:
+        engine_core.shutdown()
+        return
+    from vllm.distributed import parallel_state
+
+    destroy = parallel_state.destroy_distributed_environment
+
+    def destroy_vllm_groups_only() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = parallel_state._NODE_COUNT = None
+
+    parallel_state.destroy_distributed_environment = destroy_vllm_groups_only
+    try:
+        engine_core.shutdown()
+    finally:
+        parallel_state.destroy_distributed_environment = destroy

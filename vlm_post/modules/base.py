@@ -312,6 +312,10 @@ class PolicyModule(NonFiniteGuard, LightningModule):
     def on_validation_start(self) -> None:
         self._sync_evaluation_engine(self.val_config)
 
+    def on_validation_end(self) -> None:
+        if self._vllm_engine is not None:
+            self._vllm_engine.sleep()  # with model.vllm.enable_sleep_mode: training has the GPU until the next sync
+
     def on_test_start(self) -> None:
         self._sync_evaluation_engine(self.eval_config)
 

@@ -98,7 +98,10 @@ class OnPolicyModule(PolicyModule):
             self.weight_sync_s = time.perf_counter() - started
             logprobs = True  # for the sync monitor (rollout_logprob_gap)
             seed = self.rollout_seed()
-        return engine.sample(self.policy, batch, self.rollout, logprobs=logprobs, seed=seed)
+        samples = engine.sample(self.policy, batch, self.rollout, logprobs=logprobs, seed=seed)
+        if self.rollout.engine == "vllm":
+            engine.sleep()  # with model.vllm.enable_sleep_mode: the GPU's memory to the update until the next sync
+        return samples
 
     def rollout_seed(self) -> int:
         """The seed of this step's vLLM samples, from the run's seed, the step and the rank: a step resumed from a
@@ -113,8 +116,8 @@ class OnPolicyModule(PolicyModule):
         (fp32: about 1e-6) when the engine holds the policy's weights, large after a broken or missed sync.
 
         ``rollout/logprob_diff_mean`` and ``_max`` of |engine − policy| over the sampled tokens of the first
-        ``micro_batch_size`` rows (one extra no-grad forward of one micro-batch). The policy's side is the
-        distribution the engine draws from: the vision tokens it never samples taken out. With ``top_k`` or
+        ``micro_batch_size`` rows of every rank (one extra no-grad forward of one micro-batch). The policy's side is
+        the distribution the engine draws from: the vision tokens it never samples taken out. With ``top_k`` or
         ``top_p`` the engine's distribution is also truncated and the gap includes that. Empty with the HF engine,
         which samples from the policy itself.
         """
@@ -129,9 +132,14 @@ class OnPolicyModule(PolicyModule):
         policy = scores.logprobs[..., 0] - torch.log1p(-banned_mass)
         mask = rows.response_mask.bool()
         gap = (samples.sampler_logprobs[: rows.num_rows].to(policy.device) - policy)[mask].abs()
-        if not gap.numel():
+        tokens, total, largest = gap.new_tensor(gap.numel()), gap.sum(), gap.max() if gap.numel() else gap.new_zeros(())
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank's engine: a broken one shows
+            reduce = self.trainer.strategy.reduce
+            tokens, total = reduce(tokens, reduce_op="sum"), reduce(total, reduce_op="sum")
+            largest = reduce(largest, reduce_op="max")
+        if not tokens:
             return {}
-        return {"rollout/logprob_diff_mean": gap.mean(), "rollout/logprob_diff_max": gap.max()}
+        return {"rollout/logprob_diff_mean": total / tokens, "rollout/logprob_diff_max": largest}
 
     @property
     def sampled_scores(self) -> dict:

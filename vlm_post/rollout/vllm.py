@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -20,6 +21,7 @@ from typing import Literal
 import torch
 
 from vlm_post.errors import ConfigError
+from vlm_post.internals import shutdown_vllm_engine
 from vlm_post.models.sharding import full_weight_buckets
 from vlm_post.ranges import PositiveFloat, PositiveFraction, PositiveInt, check_ranges
 from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
@@ -58,6 +60,9 @@ class VLLMConfig:
             to ``data.max_prompt_length + eval.max_new_tokens`` frees KV-cache memory.
         dtype: the engine's weight dtype (``auto``: the model folder's, bf16 for Qwen2.5-VL).
         enforce_eager: no CUDA graphs (slower decoding, faster start, less memory).
+        enable_sleep_mode: between samplings the engine sleeps (vLLM's level 1: its weights move to CPU memory,
+            its KV cache is freed), so the update has the GPU's memory; it wakes for the next weight sync. CUDA
+            only (vLLM refuses it elsewhere, in one line).
         sync_bucket_mb: the policy's weights go to the engine in buckets of about this many MB of full tensors
             (gathered bucket by bucket under FSDP2), so the sync holds one bucket at a time beside the two models.
     """
@@ -67,6 +72,7 @@ class VLLMConfig:
     max_model_len: PositiveInt | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     enforce_eager: bool = False
+    enable_sleep_mode: bool = False
     sync_bucket_mb: PositiveFloat = 512.0
 
     def __post_init__(self) -> None:
@@ -78,47 +84,83 @@ class VLLMEngine(RolloutEngine):
         super().__init__(processor)
         self.model_path, self.config, self.seed = str(model_path), config or VLLMConfig(), seed
         self.llm = None
+        self.asleep = False
+        self.colocated = False  # one engine per trainer rank, in the trainer's process group (``start``)
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def start(self) -> None:
-        """Build the engine (once). A model vLLM cannot load is one line naming it."""
+        """Build the engine (once). A model vLLM cannot load is one line naming it.
+
+        In a run of several ranks (colocated: every trainer rank holds an engine beside its shard of the policy),
+        vLLM joins the trainer's process group (its ``external_launcher``): each group of ``tensor_parallel_size``
+        consecutive ranks spreads one engine's model over its GPUs, and the groups sample their own prompts.
+        """
         if self.llm is not None:
             return
         from vllm import LLM
 
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and torch.distributed.get_world_size() > 1:
-            raise ConfigError(
-                "engine: vllm runs in one process per run (its own tensor_parallel_size spreads the model over "
-                "GPUs); this run has several ranks: use engine: hf, or one process"
-            )
+        tp, world, rank = self.config.tensor_parallel_size, 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if world > 1:
+            if world % tp:
+                raise ConfigError(
+                    f"model.vllm.tensor_parallel_size {tp} does not divide the run's {world} ranks: each group of "
+                    f"{tp} ranks holds one engine"
+                )
+            os.environ["RANK"] = str(rank)  # what external_launcher reads; Lightning's launchers may not set it
+            os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
+            placement = {"distributed_executor_backend": "external_launcher", "data_parallel_size": world // tp}
+        else:
+            # One engine process: no executor processes to start (vLLM's default for one GPU, too).
+            placement = {"distributed_executor_backend": "uni" if tp == 1 else None}
+        self.colocated = world > 1
+        from vllm.platforms import current_platform
+
+        # vLLM's CPU build cannot rewind a seeded request's random generator when a chunked prefill discards the
+        # token it sampled ("CPU Generator does not use offset"), which every seeded training step hits once its
+        # prompts exceed one forward's token budget: there, prompts are scheduled whole.
+        scheduling = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
         try:
             settings = {k: v for k, v in asdict(self.config).items() if k != "sync_bucket_mb"}  # ours, not vLLM's
             self.llm = LLM(
                 self.model_path,
                 **settings,
-                seed=self.seed,
+                **placement,
+                **scheduling,
+                # The ranks of one engine draw alike; different engines draw differently.
+                seed=self.seed + rank // tp,
                 # The log-probs of the distribution the tokens are drawn from (after temperature, top-k, top-p),
                 # as the HF engine records them.
                 logprobs_mode="processed_logprobs",
                 limit_mm_per_prompt={"image": 8, "video": 0},
-                # One engine process: no executor processes to start (vLLM's default for one GPU, too).
-                distributed_executor_backend="uni" if self.config.tensor_parallel_size == 1 else None,
             )
         except Exception as error:  # vLLM raises many kinds: the user needs the model and the reason
             reason = " ".join(str(error).split())[:300] or type(error).__name__
             raise ConfigError(f"vLLM cannot load the model {self.model_path}: {reason}") from error
+        self.asleep = False
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module) -> None:
         """Give the engine the policy's current weights (in place; nothing is written to disk), in buckets of
         ``sync_bucket_mb`` full tensors under their HF checkpoint names, which vLLM's loader maps to its own."""
         self.start()
+        if self.asleep:  # EasyR1's order: the weights' memory back first, the KV cache's once they are loaded
+            self.llm.wake_up(tags=["weights"])
         for bucket in full_weight_buckets(policy, self.config.sync_bucket_mb):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(bucket)})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         # What the old weights computed must not be reused: cached prompt KV blocks and image embeddings.
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
+
+    def sleep(self) -> None:
+        """Give the GPU's memory back until the next ``sync`` (with ``enable_sleep_mode``; otherwise nothing)."""
+        if self.llm is not None and self.config.enable_sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights: ``generate`` may follow without sync
+            self.asleep = True
 
     def generate(
         self,
@@ -130,33 +172,27 @@ class VLLMEngine(RolloutEngine):
         seed: int | None = None,
     ) -> Rollouts:
         """Sample from the engine's weights: call ``sync`` first whenever the policy's weights changed."""
-        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
         self.start()
+        if self.asleep:
+            self.llm.wake_up()
         ids, attention = prompt["input_ids"], prompt["attention_mask"].bool()
-        prompts, expected = [], []
+        requests = []  # (token ids, images, seed) per prompt: what an engine's ranks must all be given alike
         for row in range(ids.shape[0]):
-            expected.append(ids[row][attention[row]].tolist())
-            request = TokensPrompt(prompt_token_ids=self._placeholders(expected[-1]))
-            if images is not None and images[row]:
-                request["multi_modal_data"] = {"image": list(images[row])}
+            row_seed = None if seed is None else (seed + row) % 2**31
+            requests.append(
+                (ids[row][attention[row]].tolist(), list(images[row] or []) if images is not None else [], row_seed)
+            )
+        requests, mine = self._engine_requests(requests)
+        prompts, per_prompt, expected = [], [], []
+        for tokens, row_images, row_seed in requests:
+            expected.append(tokens)
+            request = TokensPrompt(prompt_token_ids=self._placeholders(tokens))
+            if row_images:
+                request["multi_modal_data"] = {"image": row_images}
             prompts.append(request)
-        sampling = dict(
-            n=self.draws(params),
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            max_tokens=params.max_new_tokens,
-            stop_token_ids=self.stop_ids,
-            logit_bias={token: BANNED_LOGIT_BIAS for token in self.banned} or None,
-            logprobs=0 if logprobs else None,
-            detokenize=False,  # the project's processor decodes, as for the HF engine
-        )
-        per_prompt = [
-            VLLMSamplingParams(**sampling, seed=None if seed is None else (seed + row) % 2**31)
-            for row in range(len(prompts))
-        ]
+            per_prompt.append(self._sampling_params(params, logprobs, row_seed))
         outputs = self.llm.generate(prompts, per_prompt, use_tqdm=False)
         for row, output in enumerate(outputs):
             if list(output.prompt_token_ids) != expected[row]:
@@ -164,6 +200,7 @@ class VLLMEngine(RolloutEngine):
                     f"vLLM expanded prompt {row} into {len(output.prompt_token_ids)} tokens where the processor made "
                     f"{len(expected[row])}: its image processing differs from the project's processor"
                 )
+        outputs = outputs[mine]
         samples = [sample for output in outputs for sample in output.outputs]
         width = max(1, max(len(sample.token_ids) for sample in samples))
         response = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
@@ -178,6 +215,38 @@ class VLLMEngine(RolloutEngine):
             sampled_logprobs = sampled_logprobs.to(device)
         return self.rollouts(ids.shape[0], response.to(device), params.n, sampled_logprobs)
 
+    def _engine_requests(self, requests: list) -> tuple[list, slice]:
+        """The requests this rank's engine serves, and which of them are this rank's own.
+
+        The ranks of one tensor-parallel engine run the same schedule in lockstep, so each is given all of their
+        prompts (each rank brought its own batch) with the same seeds, and keeps its own rows of the outputs.
+        """
+        if self.config.tensor_parallel_size == 1 or not self.colocated:
+            return requests, slice(0, len(requests))
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+        everyone: list = [None] * group.world_size
+        torch.distributed.all_gather_object(everyone, requests, group=group.cpu_group)
+        start = sum(len(part) for part in everyone[: group.rank_in_group])
+        return [request for part in everyone for request in part], slice(start, start + len(requests))
+
+    def _sampling_params(self, params: SamplingParams, logprobs: bool, seed: int | None):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
+            n=self.draws(params),
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            logit_bias={token: BANNED_LOGIT_BIAS for token in self.banned} or None,
+            logprobs=0 if logprobs else None,
+            detokenize=False,  # the project's processor decodes, as for the HF engine
+            seed=seed,
+        )
+
     def _placeholders(self, ids: list[int]) -> list[int]:
         """The prompt as vLLM takes it: each image's run of ``<|image_pad|>`` tokens back to the one placeholder.
 
@@ -191,10 +260,8 @@ class VLLMEngine(RolloutEngine):
         """Release the engine and its memory (the next ``start`` builds a new one)."""
         if self.llm is None:
             return
-        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
-        self.llm = None
+        shutdown_vllm_engine(self.llm, keep_process_group=self.colocated)
+        self.llm, self.asleep = None, False
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
