@@ -123,8 +123,7 @@ def rl_fit(model, data, tmp_path, steps: int, engine="vllm", lr=1e-2, n=4, **kwa
         optim=OptimConfig(lr=lr),
         reward="tests.test_rl.length_reward",
         eval=EvalConfig(n=0, max_new_tokens=8),
-        vllm=CPU_ENGINE,
-        **kwargs,
+        **{"vllm": CPU_ENGINE, **kwargs},
     )
     module.configure_model()
     module.before = trainable_weights(module.policy)

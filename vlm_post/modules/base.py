@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -59,6 +60,7 @@ from vlm_post.ranges import (
 from vlm_post.rewards import grading_stats
 from vlm_post.rollout import HFGenerateEngine, RolloutEngine
 from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine
+from vlm_post.rollout.vllm_server import VLLMServerEngine
 
 
 @dataclass
@@ -147,7 +149,7 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         self.processor = load_processor(self.model_path)
         self.engine = HFGenerateEngine(self.processor)
         self.vllm_config = vllm or VLLMConfig()
-        self._vllm_engine: VLLMEngine | None = None
+        self._vllm_engine: VLLMEngine | VLLMServerEngine | None = None
         self.dtype_name, self.attn_implementation = dtype, attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
         self.freeze = (freeze_vision_tower, freeze_projector)
@@ -296,7 +298,13 @@ class PolicyModule(NonFiniteGuard, LightningModule):
             return self.engine
         if self._vllm_engine is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # the run's seed_everything, as the HF engine's RNG
-            self._vllm_engine = VLLMEngine(self.processor, self.model_path, self.vllm_config, seed)
+            if self.vllm_config.server_urls:  # server mode: the weights reach the servers through the run's folder
+                root = Path(self.trainer.default_root_dir if self._trainer is not None else tempfile.mkdtemp())
+                self._vllm_engine = VLLMServerEngine(
+                    self.processor, self.model_path, self.vllm_config, root / "vllm_sync", seed
+                )
+            else:
+                self._vllm_engine = VLLMEngine(self.processor, self.model_path, self.vllm_config, seed)
         return self._vllm_engine
 
     def _sync_evaluation_engine(self, config: EvalConfig) -> None:

@@ -29,6 +29,17 @@ from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
 # vLLM's logit bias is clamped to [-100, 100]: a banned token keeps a probability of e^-100 relative to its logit,
 # which no sampler draws and greedy never picks.
 BANNED_LOGIT_BIAS = -100.0
+# VLLMConfig's settings that are this project's, not vLLM's engine arguments.
+OURS = ("sync_bucket_mb", "server_urls", "server_wait_s", "server_timeout_s")
+
+
+def fold_image_placeholders(ids: list[int], image_token_id: int) -> list[int]:
+    """A prompt as vLLM takes it: each image's run of ``<|image_pad|>`` tokens back to the one placeholder.
+
+    vLLM expands each placeholder itself, from the image it processes; the engines check that its expansion gives
+    back exactly the processor's ids.
+    """
+    return [token for i, token in enumerate(ids) if token != image_token_id or i == 0 or ids[i - 1] != image_token_id]
 
 
 def vllm_available() -> bool:
@@ -65,6 +76,11 @@ class VLLMConfig:
             only (vLLM refuses it elsewhere, in one line).
         sync_bucket_mb: the policy's weights go to the engine in buckets of about this many MB of full tensors
             (gathered bucket by bucket under FSDP2), so the sync holds one bucket at a time beside the two models.
+        server_urls: server mode: sample from vLLM servers already running at these addresses (one per server,
+            e.g. ``http://node7:8000``) instead of an engine in the trainer's processes; the settings above
+            are then the servers' own (docs/rollout.md, "Server mode"), except ``sync_bucket_mb``.
+        server_wait_s: how long the run waits for its servers to answer, at its first sampling.
+        server_timeout_s: how long one request to a server may take.
     """
 
     tensor_parallel_size: PositiveInt = 1
@@ -74,6 +90,9 @@ class VLLMConfig:
     enforce_eager: bool = False
     enable_sleep_mode: bool = False
     sync_bucket_mb: PositiveFloat = 512.0
+    server_urls: list[str] | None = None
+    server_wait_s: PositiveFloat = 600.0
+    server_timeout_s: PositiveFloat = 3600.0
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -122,7 +141,7 @@ class VLLMEngine(RolloutEngine):
         # prompts exceed one forward's token budget: there, prompts are scheduled whole.
         scheduling = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
         try:
-            settings = {k: v for k, v in asdict(self.config).items() if k != "sync_bucket_mb"}  # ours, not vLLM's
+            settings = {k: v for k, v in asdict(self.config).items() if k not in OURS}
             self.llm = LLM(
                 self.model_path,
                 **settings,
@@ -188,7 +207,7 @@ class VLLMEngine(RolloutEngine):
         prompts, per_prompt, expected = [], [], []
         for tokens, row_images, row_seed in requests:
             expected.append(tokens)
-            request = TokensPrompt(prompt_token_ids=self._placeholders(tokens))
+            request = TokensPrompt(prompt_token_ids=fold_image_placeholders(tokens, self.image_token_id))
             if row_images:
                 request["multi_modal_data"] = {"image": row_images}
             prompts.append(request)
@@ -246,15 +265,6 @@ class VLLMEngine(RolloutEngine):
             detokenize=False,  # the project's processor decodes, as for the HF engine
             seed=seed,
         )
-
-    def _placeholders(self, ids: list[int]) -> list[int]:
-        """The prompt as vLLM takes it: each image's run of ``<|image_pad|>`` tokens back to the one placeholder.
-
-        vLLM expands each placeholder itself, from the image it processes; ``generate`` checks that its expansion
-        gives back exactly the processor's ids.
-        """
-        pad = self.image_token_id
-        return [token for i, token in enumerate(ids) if token != pad or i == 0 or ids[i - 1] != pad]
 
     def close(self) -> None:
         """Release the engine and its memory (the next ``start`` builds a new one)."""
