@@ -245,3 +245,22 @@ def test_engine_vllm_without_vllm_names_the_install_command(key, capsys, demo_ov
     err = run_main(["test" if key == "eval" else "fit", "--config", config, *overrides,
                     f"--model.init_args.{key}.engine=vllm"], capsys)  # fmt: skip
     assert f"{key}.engine: vllm" in err and "pip install 'vlm_post[vllm]'" in err and "make setup-vllm" in err
+
+
+@pytest.mark.fast
+def test_server_mode_needs_no_vllm_in_the_trainers_environment(tiny_model):
+    """With ``vllm.server_urls`` the samples come from servers over HTTP: ``engine: vllm`` is accepted where vLLM
+    cannot be imported (and refused without ``server_urls``, as above)."""
+    from vlm_post.errors import ConfigError
+    from vlm_post.modules import EvalConfig, RLModule
+    from vlm_post.rollout import SamplingParams
+    from vlm_post.rollout.vllm import VLLMConfig, vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is importable here: the refusal this contrasts with cannot happen")
+    engine = SamplingParams(n=2, engine="vllm")
+    module = RLModule(str(tiny_model), rollout=engine, eval=EvalConfig(engine="vllm"),
+                      vllm=VLLMConfig(server_urls=["http://127.0.0.1:8000"]))  # fmt: skip
+    assert module.rollout.engine == module.eval_config.engine == "vllm"
+    with pytest.raises(ConfigError, match="rollout.engine: vllm, but vLLM is not installed"):
+        RLModule(str(tiny_model), rollout=engine)

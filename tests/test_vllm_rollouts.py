@@ -194,23 +194,38 @@ def test_an_rl_fit_with_vllm_is_within_noise_of_the_same_fit_with_hf(peaked, dem
         assert abs(statistics.mean(a) - statistics.mean(b)) <= 4 * spread, (name, a, b)
 
 
-def test_a_sync_that_drops_one_parameter_shows_in_the_monitor(head64, demo_data, tmp_path, monkeypatch):
-    """The engine keeps the folder's value of one matrix the updates move: the logged gap jumps at the second step."""
-    dropped = "model.language_model.layers.0.mlp.down_proj.weight"
+@pytest.mark.parametrize("fault", ["dropped", "misnamed"])
+def test_a_broken_sync_shows_in_the_monitor(head64, demo_data, tmp_path, monkeypatch, fault):
+    """The engine keeps the folder's value of one matrix the updates move (dropped: the logged gap jumps at the
+    second step), or gets two layers' matrices under each other's names (misnamed: from the first step)."""
+    first = "model.language_model.layers.0.mlp.down_proj.weight"
+    second = "model.language_model.layers.1.mlp.down_proj.weight"
     original = VLLMEngine.sync
 
-    def sync_without_one(engine, policy):
+    def broken_sync(engine, policy):
         state_dict = policy.state_dict
-        assert dropped in state_dict()
-        policy.state_dict = lambda: {k: v for k, v in state_dict().items() if k != dropped}
+
+        def broken():
+            state = state_dict()
+            assert first in state and second in state
+            if fault == "dropped":
+                del state[first]
+            else:
+                state[first], state[second] = state[second], state[first]
+            return state
+
+        policy.state_dict = broken
         try:
             original(engine, policy)
         finally:
             del policy.state_dict
 
-    monkeypatch.setattr(VLLMEngine, "sync", sync_without_one)
+    monkeypatch.setattr(VLLMEngine, "sync", broken_sync)
     module = rl_fit(head64, demo_data, tmp_path, steps=2)
-    assert monitor(module)[0] < 1e-4 and monitor(module)[1] > 1e-3, monitor(module)
+    if fault == "dropped":
+        assert monitor(module)[0] < 1e-4 and monitor(module)[1] > 1e-3, monitor(module)
+    else:
+        assert min(monitor(module)) > 1e-3, monitor(module)
 
 
 def test_opd_samples_with_vllm_and_trains(head64, demo_data, tmp_path):

@@ -59,7 +59,7 @@ from vlm_post.ranges import (
 )
 from vlm_post.rewards import grading_stats
 from vlm_post.rollout import HFGenerateEngine, RolloutEngine
-from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine
+from vlm_post.rollout.vllm import VLLMConfig, VLLMEngine, require_vllm
 from vlm_post.rollout.vllm_server import VLLMServerEngine
 
 
@@ -138,6 +138,7 @@ class PolicyModule(NonFiniteGuard, LightningModule):
                 ``vllm``: one engine serves them all.
         """
         super().__init__()
+        require_vllm(vllm, eval=(eval or EvalConfig()).engine, val=(val or eval or EvalConfig()).engine)
         # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
         # evaluation protocol and the weights' origin belong to the command at hand, not to the checkpoint.
         self.save_hyperparameters(ignore=["init_from", "eval", "val", "reward", "vllm"])

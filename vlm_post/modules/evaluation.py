@@ -32,7 +32,6 @@ from vlm_post.ranges import (
 )
 from vlm_post.rewards import grade, normalize_answer
 from vlm_post.rollout import RolloutBatch, SamplingParams
-from vlm_post.rollout.vllm import require_vllm
 
 
 @dataclass
@@ -74,8 +73,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if self.engine == "vllm":
-            require_vllm("eval.engine")
         # "eval" stands for either key: model.init_args.eval (vlm_post test) or .val (validation in fit).
         if self.n == 0 and not self.greedy:
             raise ConfigError("eval.n: 0 samples and greedy: false evaluate nothing; set n >= 1 or greedy: true")

@@ -31,6 +31,7 @@ from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.modules.base import PolicyModule
 from vlm_post.ranges import PositiveFloat, PositiveInt
 from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
+from vlm_post.rollout.vllm import require_vllm
 
 
 class OnPolicyModule(PolicyModule):
@@ -59,6 +60,7 @@ class OnPolicyModule(PolicyModule):
             grad_clip: gradient norm clipping per optimizer step (these modules step the optimizer
                 themselves, so ``trainer.gradient_clip_val`` must stay unset).
         """
+        require_vllm(kwargs.get("vllm"), rollout=(rollout or self.default_rollout).engine)
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         self.rollout = rollout or self.default_rollout

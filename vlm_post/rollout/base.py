@@ -35,10 +35,6 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if self.engine == "vllm":
-            from vlm_post.rollout.vllm import require_vllm  # it imports this module
-
-            require_vllm("rollout.engine")
 
     @property
     def greedy(self) -> bool:

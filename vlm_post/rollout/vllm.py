@@ -46,13 +46,19 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def require_vllm(key: str) -> None:
-    """One line at parse time where ``engine: vllm`` is asked for and vLLM is not importable."""
-    if not vllm_available():
-        raise ConfigError(
-            f"{key}: vllm, but vLLM is not installed in this environment ({sys.executable}): "
-            "pip install 'vlm_post[vllm]' on a CUDA machine, or 'make setup-vllm' for the CPU build (.venv-vllm)"
-        )
+def require_vllm(config: VLLMConfig | None, **engines: str) -> None:
+    """One line where an engine option (``eval=``, ``val=``, ``rollout=``: its value) is ``vllm`` and vLLM cannot be
+    imported in this environment. With ``config.server_urls`` the samples come from servers over HTTP: nothing needed.
+    """
+    if (config is not None and config.server_urls) or vllm_available():
+        return
+    for key, engine in engines.items():
+        if engine == "vllm":
+            raise ConfigError(
+                f"{key}.engine: vllm, but vLLM is not installed in this environment ({sys.executable}): "
+                "pip install 'vlm_post[vllm]' on a CUDA machine, or 'make setup-vllm' for the CPU build (.venv-vllm), "
+                "or sample from vLLM servers (model.vllm.server_urls)"
+            )
 
 
 @dataclass
