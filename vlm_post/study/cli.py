@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 def describe(plan, launcher) -> str:
     """The stage graph and each stage's exact command, as its process runs it (the SLURM job and its resources
     with ``slurm``)."""
-    from vlm_post.study.launch import job_script, stage_command
+    from vlm_post.study.launch import job_script, stage_command, stage_run_lines
 
     head = f"study {plan.study_dir}: {len(plan.stages)} stages, launcher {launcher.kind}"
     lines = [f"{head}; every command runs in {plan.workdir}"]
@@ -47,7 +47,7 @@ def describe(plan, launcher) -> str:
             dependency = f" --dependency=afterok:{':'.join('<' + k + '>' for k in stage.needs)}" if stage.needs else ""
             lines.append(f"  sbatch{dependency} {stage.run_path / 'job.sbatch'}")
             lines.append("    " + " ".join(line.removeprefix("#SBATCH ") for line in sbatch))
-            lines.append(f"    srun {stage_command(stage, launcher)}")
+            lines += [f"    {line}" for line in stage_run_lines(stage, launcher)]
         else:
             lines.append(f"  {stage_command(stage, launcher)}")
     return "\n".join(lines)

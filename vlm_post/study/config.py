@@ -22,6 +22,29 @@ NAME = re.compile(r"[A-Za-z][\w-]*")
 
 
 @dataclass
+class VLLMServers:
+    """vLLM servers a stage's SLURM job starts beside its trainer, for ``model.vllm.server_urls`` (server mode,
+    docs/rollout.md): one server on each of ``nodes`` nodes added to the job, started by docs/rollout.md's command;
+    the trainer runs on the job's other nodes and is given their addresses.
+
+    Args:
+        model: the folder or hub id the servers start from: the stage's ``model_name_or_path`` (architecture,
+            tokenizer, image processor; the weights come from the trainer at its first step).
+        nodes: server nodes (one server each, over that node's GPUs).
+        port: the port each server listens on.
+        args: further arguments of every server (``--tensor-parallel-size 8``, ``--max-model-len 10240``).
+    """
+
+    model: str
+    nodes: PositiveInt = 1
+    port: PositiveInt = 8000
+    args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
 class SlurmResources:
     """What one stage asks SLURM for; unset fields take the launcher's defaults.
 
@@ -33,6 +56,7 @@ class SlurmResources:
         time: the job's time limit, in sbatch's syntax (``4:00:00``).
         partition: the partition.
         extra: further ``#SBATCH`` lines, as written (``--account=abc``, ``--qos=high``).
+        vllm_servers: vLLM servers started beside the trainer, on nodes of their own (added to ``nodes``).
     """
 
     nodes: PositiveInt | None = None
@@ -42,6 +66,7 @@ class SlurmResources:
     time: str | None = None
     partition: str | None = None
     extra: list[str] = field(default_factory=list)
+    vllm_servers: VLLMServers | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)  # built in Python; a parsed config was checked against the same types
@@ -50,6 +75,7 @@ class SlurmResources:
         """These resources, with the unset ones taken from ``defaults`` (``extra`` lines add up)."""
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else getattr(defaults, name)
         names = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "time", "partition")
+        names += ("vllm_servers",)
         return SlurmResources(**{name: pick(name) for name in names}, extra=[*defaults.extra, *self.extra])
 
 

@@ -129,11 +129,12 @@ def _start(stage: Stage, launcher: LauncherConfig) -> subprocess.Popen:
 
 def job_script(stage: Stage, launcher: LauncherConfig) -> str:
     """The stage's sbatch script: its resources, then ``srun`` of the stage command, then its marker."""
-    resources = stage.slurm
+    resources, servers = stage.slurm, stage.slurm.vllm_servers
     gpus = resources.gpus_per_node or 0
     tasks = gpus or resources.tasks_per_node or 1
+    nodes = (resources.nodes or 1) + (servers.nodes if servers else 0)
     lines = ["#!/bin/bash", f"#SBATCH --job-name=vlm_post:{stage.key}", f"#SBATCH --output={stage.log}",
-             "#SBATCH --open-mode=append", f"#SBATCH --nodes={resources.nodes or 1}",
+             "#SBATCH --open-mode=append", f"#SBATCH --nodes={nodes}",
              f"#SBATCH --ntasks-per-node={tasks}"]  # fmt: skip
     if gpus:
         lines.append(f"#SBATCH --gpus-per-node={gpus}")
@@ -147,11 +148,36 @@ def job_script(stage: Stage, launcher: LauncherConfig) -> str:
     marker = json.dumps({"key": stage.key, "command": stage.shell(), "slurm_job": "${SLURM_JOB_ID}"})
     lines += ["set -euo pipefail", f"cd {shlex.quote(stage.workdir)}", *launcher.setup,
               f"echo \"=== $(date '+%F %T') job $SLURM_JOB_ID: {stage.key}\"",
-              f"srun {stage_command(stage, launcher)}",
+              *stage_run_lines(stage, launcher),
               _check_outputs(stage),
               f"echo {shlex.quote(marker)} | sed \"s/\\${{SLURM_JOB_ID}}/$SLURM_JOB_ID/\" > {shlex.quote(str(stage.marker))}.tmp",
               f"mv {shlex.quote(str(stage.marker))}.tmp {shlex.quote(str(stage.marker))}"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def stage_run_lines(stage: Stage, launcher: LauncherConfig) -> list[str]:
+    """The job script's lines that run the stage: ``srun`` of its command; with ``slurm.vllm_servers``, first a vLLM
+    server on each of the job's last ``vllm_servers.nodes`` nodes (docs/rollout.md's command, over the node's GPUs),
+    then the stage on the other nodes given their addresses, then the servers stopped."""
+    resources, servers = stage.slurm, stage.slurm.vllm_servers
+    if servers is None:
+        return [f"srun {stage_command(stage, launcher)}"]
+    trainer_nodes, gpus = resources.nodes or 1, resources.gpus_per_node or 0
+    serve = [launcher.python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", servers.model,
+             "--port", str(servers.port), "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
+             "--trust-request-chat-template", *servers.args]  # fmt: skip
+    step = f'--nodes=1 --ntasks=1{f" --gpus-per-task={gpus}" if gpus else ""} --nodelist="$node"'
+    log = shlex.quote(str(stage.run_path / "vllm_server"))
+    return ['nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
+            f'trainer_nodes=$(IFS=,; echo "${{nodes[*]:0:{trainer_nodes}}}")',
+            "server_urls=''",
+            f'for node in "${{nodes[@]:{trainer_nodes}}}"; do',
+            f"  VLLM_SERVER_DEV_MODE=1 srun {step} --output={log}_%N.log {shlex.join(serve)} &",
+            f'  server_urls="${{server_urls:+$server_urls,}}http://$node:{servers.port}"',
+            "done",
+            (f'srun --nodes={trainer_nodes} --nodelist="$trainer_nodes" {stage_command(stage, launcher)} '
+             '"--model.init_args.vllm.server_urls=[$server_urls]"'),
+            "kill $(jobs -p) 2>/dev/null || true  # the servers"]  # fmt: skip
 
 
 def _check_outputs(stage: Stage) -> str:
