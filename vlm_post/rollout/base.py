@@ -116,6 +116,39 @@ class RolloutEngine(ABC):
         return RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, params.n)
 
     @staticmethod
+    def prompt_rows(
+        prompt: dict, images: list[list] | None, seed: int | None
+    ) -> list[tuple[list[int], list, int | None]]:
+        """Each prompt as an engine that takes them one by one gets it: its ids without padding, its images, and its
+        seed (prompt i: ``seed + i``)."""
+        ids, attention = prompt["input_ids"], prompt["attention_mask"].bool()
+        return [
+            (
+                ids[row][attention[row]].tolist(),
+                list(images[row] or []) if images is not None else [],
+                None if seed is None else (seed + row) % 2**31,
+            )
+            for row in range(ids.shape[0])
+        ]
+
+    def rollouts_from_samples(
+        self, prompt: dict, samples: list[tuple[list[int], list[float]]], n: int, logprobs: bool
+    ) -> Rollouts:
+        """``rollouts`` of each response's token ids and, with ``logprobs``, its sampler's log-probs (``draws`` rows
+        per prompt of ``prompt``, grouped by prompt), on the prompt's device."""
+        width = max(1, max(len(tokens) for tokens, _ in samples))
+        response = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        sampled_logprobs = torch.zeros(len(samples), width) if logprobs else None
+        for row, (tokens, values) in enumerate(samples):
+            response[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            if logprobs:
+                sampled_logprobs[row, : len(values)] = torch.tensor(values)
+        device = prompt["input_ids"].device
+        if sampled_logprobs is not None:
+            sampled_logprobs = sampled_logprobs.to(device)
+        return self.rollouts(prompt["input_ids"].shape[0], response.to(device), n, sampled_logprobs)
+
+    @staticmethod
     def draws(params: SamplingParams) -> int:
         """Responses an engine draws per prompt: n greedy samples are one sample n times (``rollouts`` repeats it)."""
         return 1 if params.greedy else params.n

@@ -202,43 +202,27 @@ class VLLMEngine(RolloutEngine):
         self.start()
         if self.asleep:
             self.llm.wake_up()
-        ids, attention = prompt["input_ids"], prompt["attention_mask"].bool()
-        requests = []  # (token ids, images, seed) per prompt: what an engine's ranks must all be given alike
-        for row in range(ids.shape[0]):
-            row_seed = None if seed is None else (seed + row) % 2**31
-            requests.append(
-                (ids[row][attention[row]].tolist(), list(images[row] or []) if images is not None else [], row_seed)
-            )
-        requests, mine = self._engine_requests(requests)
-        prompts, per_prompt, expected = [], [], []
+        requests, mine = self._engine_requests(self.prompt_rows(prompt, images, seed))
+        prompts, per_prompt = [], []
         for tokens, row_images, row_seed in requests:
-            expected.append(tokens)
             request = TokensPrompt(prompt_token_ids=fold_image_placeholders(tokens, self.image_token_id))
             if row_images:
                 request["multi_modal_data"] = {"image": row_images}
             prompts.append(request)
             per_prompt.append(self._sampling_params(params, logprobs, row_seed))
         outputs = self.llm.generate(prompts, per_prompt, use_tqdm=False)
-        for row, output in enumerate(outputs):
-            if list(output.prompt_token_ids) != expected[row]:
+        for row, (output, (tokens, _, _)) in enumerate(zip(outputs, requests)):
+            if list(output.prompt_token_ids) != tokens:
                 raise RuntimeError(
                     f"vLLM expanded prompt {row} into {len(output.prompt_token_ids)} tokens where the processor made "
-                    f"{len(expected[row])}: its image processing differs from the project's processor"
+                    f"{len(tokens)}: its image processing differs from the project's processor"
                 )
-        outputs = outputs[mine]
-        samples = [sample for output in outputs for sample in output.outputs]
-        width = max(1, max(len(sample.token_ids) for sample in samples))
-        response = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
-        sampled_logprobs = torch.zeros(len(samples), width) if logprobs else None
-        for row, sample in enumerate(samples):
-            response[row, : len(sample.token_ids)] = torch.tensor(sample.token_ids, dtype=torch.long)
-            if logprobs:
-                values = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
-                sampled_logprobs[row, : len(values)] = torch.tensor(values)
-        device = ids.device
-        if sampled_logprobs is not None:
-            sampled_logprobs = sampled_logprobs.to(device)
-        return self.rollouts(ids.shape[0], response.to(device), params.n, sampled_logprobs)
+        samples = [
+            (sample.token_ids, [step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)])
+            for output in outputs[mine]
+            for sample in output.outputs
+        ]
+        return self.rollouts_from_samples(prompt, samples, params.n, logprobs)
 
     def _engine_requests(self, requests: list) -> tuple[list, slice]:
         """The requests this rank's engine serves, and which of them are this rank's own.

@@ -115,37 +115,24 @@ class VLLMServerEngine(RolloutEngine):
     ) -> Rollouts:
         """Sample from the servers' weights: call ``sync`` first whenever the policy's weights changed."""
         self.start()
-        ids, attention = prompt["input_ids"], prompt["attention_mask"].bool()
-        bodies, expected = [], []
-        for row in range(ids.shape[0]):
-            expected.append(ids[row][attention[row]].tolist())
-            row_images = list(images[row] or []) if images is not None else []
-            row_seed = None if seed is None else (seed + row) % 2**31
-            bodies.append(self._request(expected[-1], row_images, params, logprobs, row_seed))
+        rows = self.prompt_rows(prompt, images, seed)
+        bodies = [
+            self._request(tokens, row_images, params, logprobs, row_seed) for tokens, row_images, row_seed in rows
+        ]
         with ThreadPoolExecutor(max_workers=min(64, len(bodies))) as pool:
             answers = list(pool.map(self._complete, range(len(bodies)), bodies))
         samples = []
-        for row, answer in enumerate(answers):
-            if answer.get("prompt_token_ids") != expected[row]:
+        for row, (answer, (tokens, _, _)) in enumerate(zip(answers, rows)):
+            if answer.get("prompt_token_ids") != tokens:
                 got = len(answer.get("prompt_token_ids") or [])
                 raise RuntimeError(
-                    f"the vLLM server made {got} tokens of prompt {row} where the processor made {len(expected[row])}:"
+                    f"the vLLM server made {got} tokens of prompt {row} where the processor made {len(tokens)}:"
                     " its chat template or image processing differs from the project's processor"
                 )
             for choice in answer["choices"]:
                 values = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []]
                 samples.append((choice["token_ids"], values))
-        width = max(1, max(len(tokens) for tokens, _ in samples))
-        response = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
-        sampled_logprobs = torch.zeros(len(samples), width) if logprobs else None
-        for row, (tokens, values) in enumerate(samples):
-            response[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            if logprobs:
-                sampled_logprobs[row, : len(values)] = torch.tensor(values)
-        device = ids.device
-        if sampled_logprobs is not None:
-            sampled_logprobs = sampled_logprobs.to(device)
-        return self.rollouts(ids.shape[0], response.to(device), params.n, sampled_logprobs)
+        return self.rollouts_from_samples(prompt, samples, params.n, logprobs)
 
     def _request(self, ids: list[int], images: list, params: SamplingParams, logprobs: bool, seed: int | None) -> dict:
         text = self.processor.tokenizer.decode(fold_image_placeholders(ids, self.image_token_id))
