@@ -123,6 +123,7 @@ class VLLMEngine(RolloutEngine):
         if self.llm is not None:
             return
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         tp, world, rank = self.config.tensor_parallel_size, 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -140,8 +141,6 @@ class VLLMEngine(RolloutEngine):
             # One engine process: no executor processes to start (vLLM's default for one GPU, too).
             placement = {"distributed_executor_backend": "uni" if tp == 1 else None}
         self.colocated = world > 1
-        from vllm.platforms import current_platform
-
         # vLLM's CPU build cannot rewind a seeded request's random generator when a chunked prefill discards the
         # token it sampled ("CPU Generator does not use offset"), which every seeded training step hits once its
         # prompts exceed one forward's token budget: there, prompts are scheduled whole.

@@ -4,7 +4,7 @@ For a policy whose sampling needs GPUs or nodes of its own. Each server is vLLM'
 with the policy's folder and the settings this engine relies on (docs/rollout.md, "Server mode")::
 
     VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model <policy folder> \\
-        --logprobs-mode processed_logprobs --generation-config vllm --port 8000
+        --logprobs-mode processed_logprobs --generation-config vllm --trust-request-chat-template --port 8000
 
 Prompts go to ``/v1/chat/completions`` as the project's own prompt text (the processor's chat-templated prompt,
 each image's placeholder run folded to one, rendered through a template that passes it through unchanged) with its
