@@ -101,8 +101,7 @@ class OnPolicyModule(PolicyModule):
             logprobs = True  # for the sync monitor (rollout_logprob_gap)
             seed = self.rollout_seed()
         samples = engine.sample(self.policy, batch, self.rollout, logprobs=logprobs, seed=seed)
-        if self.rollout.engine == "vllm":
-            engine.sleep()  # with model.vllm.enable_sleep_mode: the GPU's memory to the update until the next sync
+        engine.sleep()  # vLLM with enable_sleep_mode: the GPU's memory to the update until the next sync
         return samples
 
     def rollout_seed(self) -> int:

@@ -115,6 +115,10 @@ class RolloutEngine(ABC):
         rollouts = self.generate(policy, batch["prompt"], params, logprobs=logprobs, images=images, seed=seed)
         return RolloutBatch.from_rollouts(batch["prompt"], batch["image_counts"], rollouts, params.n)
 
+    def sleep(self) -> None:
+        """Free what the engine holds of the accelerator until its next use (an engine with its own copy of the
+        weights, asleep between samplings); nothing for an engine that samples from the policy itself."""
+
     @staticmethod
     def prompt_rows(
         prompt: dict, images: list[list] | None, seed: int | None

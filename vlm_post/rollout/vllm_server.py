@@ -101,9 +101,6 @@ class VLLMServerEngine(RolloutEngine):
         if distributed:
             torch.distributed.barrier()  # no rank samples before every server holds the new weights
 
-    def sleep(self) -> None:
-        """Servers keep their GPUs: nothing to free."""
-
     def generate(
         self,
         policy: torch.nn.Module,
