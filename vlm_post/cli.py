@@ -227,20 +227,42 @@ def main(args: list[str] | None = None) -> None:
             raise
         _fail(str(cause), EXIT_RUN_STOPPED if isinstance(cause, RunStopped) else EXIT_CONFIG_ERROR)
     finally:
-        _destroy_process_group()
+        distributed = _destroy_process_group()
+    if distributed and args is None:  # a launched rank whose run succeeded (never a test calling main)
+        _exit_skipping_finalization()
 
 
-def _destroy_process_group() -> None:
-    """Tear down the process group Lightning started (its strategies never do) while the interpreter is whole.
+def _destroy_process_group() -> bool:
+    """Tear down the process group Lightning started (its strategies never do) while the interpreter is whole;
+    whether there was one.
 
     Left to interpreter exit, gloo's worker threads can outlive the objects they hold and the rank dies of
-    SIGABRT ("terminate called without an active exception") after a run that succeeded: seen once in a
-    torchrun launch here, and pytorch/pytorch#190489. Destroying it is local to this rank (no collective).
+    SIGABRT ("terminate called without an active exception") after a run that succeeded: pytorch/pytorch#190489.
+    Destroying it is local to this rank (no collective).
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def _exit_skipping_finalization() -> None:
+    """Exit 0 now: the atexit handlers run (the sympy pool's, logging's), streams are flushed, and the interpreter's
+    teardown, where C++ objects of torch.distributed are destroyed in no set order, is skipped.
+
+    Destroying the process group was not enough: a rank of a 2-process FSDP2 run still died of SIGABRT
+    ("terminate called without an active exception") after its work was done and saved: rarely, twice in CI (a
+    torchrun and a SLURM launch, tests/test_launch.py). A rank's outputs are all written by then (checkpoints, export, the
+    loggers' files: Lightning finalizes its loggers at the end of fit and test).
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _user_error_in_chain(error: BaseException | None) -> ConfigError | RunStopped | None:
