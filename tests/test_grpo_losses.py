@@ -179,6 +179,18 @@ def test_unknown_kl_kind_is_rejected():
 # ---------------------------------------------------------------- PPO-clip policy loss
 
 
+def _ppo(clip_low=0.2, clip_high=0.2, dual_clip=None, aggregation="token-mean", max_response_length=None):
+    """The PPO loss's settings (policy_loss's defaults before the registry: symmetric clip, no dual clip)."""
+    return GRPOLossConfig(
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        aggregation=aggregation,
+        max_response_length=max_response_length,
+        kl_mode="off",
+    )
+
+
 def _logprobs_for_ratios(ratios):
     old = torch.full((len(ratios),), -1.0)
     logprobs = (old + torch.tensor(ratios).log()).requires_grad_()
@@ -191,7 +203,7 @@ def test_policy_loss_is_minus_advantage_times_ratio_when_nothing_is_clipped():
     logprobs = (old + torch.empty(3, 5).uniform_(-0.15, 0.15)).requires_grad_()  # ratio within [0.86, 1.17]
     advantages = torch.tensor([1.5, -0.7, 0.3])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
-    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, _ppo(0.2, 0.2, 3.0))
     ratio = (logprobs - old).exp()
     expected = (-advantages[:, None] * ratio)[mask.bool()].mean()
     torch.testing.assert_close(loss, expected)
@@ -220,7 +232,7 @@ CLIP_LOSSES = [-1.1, -1.3, -0.5, 1.6, 3.0, 8.0]
 
 def test_clipped_cases_for_positive_and_negative_advantages_with_asymmetric_clips():
     logprobs, old = _logprobs_for_ratios(CLIP_RATIOS)
-    loss, stats = policy_loss(logprobs, old, CLIP_ADVANTAGES, CLIP_MASK, clip_low=0.2, clip_high=0.3)
+    loss, stats = policy_loss(logprobs, old, CLIP_ADVANTAGES, CLIP_MASK, _ppo(0.2, 0.3))
     torch.testing.assert_close(loss, torch.tensor(sum(CLIP_LOSSES) / 6))
     torch.testing.assert_close(stats["clip_fraction"], torch.tensor(2 / 6))
     assert stats["dual_clip_fraction"] == 0
@@ -229,18 +241,18 @@ def test_clipped_cases_for_positive_and_negative_advantages_with_asymmetric_clip
 
 def test_dual_clip_caps_the_loss_of_negative_advantages():
     logprobs, old = _logprobs_for_ratios(CLIP_RATIOS)
-    loss, stats = policy_loss(logprobs, old, CLIP_ADVANTAGES, CLIP_MASK, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    loss, stats = policy_loss(logprobs, old, CLIP_ADVANTAGES, CLIP_MASK, _ppo(0.2, 0.3, 3.0))
     capped = CLIP_LOSSES[:5] + [6.0]
     torch.testing.assert_close(loss, torch.tensor(sum(capped) / 6))
     torch.testing.assert_close(stats["clip_fraction"], torch.tensor(2 / 6))
     torch.testing.assert_close(stats["dual_clip_fraction"], torch.tensor(1 / 6))
-    with pytest.raises(ValueError):
-        policy_loss(logprobs, old, CLIP_ADVANTAGES, CLIP_MASK, dual_clip=1.0)
+    with pytest.raises(ConfigError, match="dual_clip"):
+        _ppo(dual_clip=1.0)
 
 
 def test_clipped_and_masked_tokens_get_no_gradient():
     logprobs, old = _logprobs_for_ratios(CLIP_RATIOS)
-    loss, _ = policy_loss(logprobs, old, CLIP_ADVANTAGES, CLIP_MASK, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    loss, _ = policy_loss(logprobs, old, CLIP_ADVANTAGES, CLIP_MASK, _ppo(0.2, 0.3, 3.0))
     (grad,) = torch.autograd.grad(loss, logprobs)
     ratios, advantages = torch.tensor(CLIP_RATIOS), CLIP_ADVANTAGES[0]
     # d(-A * exp(logp - old)) / dlogp = -A * ratio, over 6 valid tokens
@@ -255,7 +267,7 @@ def test_gradient_at_ratio_one_is_minus_advantage_over_token_count():
     advantages = torch.tensor([0.8, -1.2, 0.4])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     # on-policy: old log-probs are the current ones (passed undetached: policy_loss detaches them)
-    loss, stats = policy_loss(logprobs, logprobs, advantages, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    loss, stats = policy_loss(logprobs, logprobs, advantages, mask, _ppo(0.2, 0.3, 3.0))
     (grad,) = torch.autograd.grad(loss, logprobs)
     expected = -advantages[:, None].expand(3, 4) / 7 * mask
     torch.testing.assert_close(grad, expected)
@@ -315,7 +327,7 @@ def test_grpo_loss_adds_kl_in_loss_mode_and_subtracts_the_entropy_bonus():
     entropy = torch.rand(4, 5)
     config = GRPOLossConfig(kl_mode="loss", kl_coef=0.1, entropy_coef=0.01, aggregation="seq-mean-token-mean")
     loss, stats = grpo_loss(logprobs, old, advantages, mask, config, ref_logprobs=ref, entropy=entropy)
-    pg, _ = policy_loss(logprobs, old, advantages, mask, 0.2, 0.3, 3.0, "seq-mean-token-mean")
+    pg, _ = policy_loss(logprobs, old, advantages, mask, _ppo(0.2, 0.3, 3.0, "seq-mean-token-mean"))
     kl = aggregate(kl_penalty(logprobs, ref, "low_var_kl"), mask, "seq-mean-token-mean")
     ent = aggregate(entropy, mask, "seq-mean-token-mean")
     torch.testing.assert_close(loss, pg + 0.1 * kl - 0.01 * ent)
@@ -337,7 +349,7 @@ def test_max_response_length_is_taken_from_the_rollout():
     assert config.max_response_length == 8 and unset.max_response_length is None  # a copy; frozen
     assert config == GRPOLossConfig(aggregation="seq-mean-token-sum-norm", kl_mode="off", max_response_length=8)
     loss, _ = grpo_loss(logprobs, old, advantages, mask, config)
-    pg, _ = policy_loss(logprobs, old, advantages, mask, 0.2, 0.3, 3.0, "seq-mean-token-sum-norm", 8)
+    pg, _ = policy_loss(logprobs, old, advantages, mask, _ppo(0.2, 0.3, 3.0, "seq-mean-token-sum-norm", 8))
     torch.testing.assert_close(loss, pg)
     assert config.with_max_response_length(8) == config  # set to the same value: fine
     message = (
@@ -361,7 +373,7 @@ def test_grpo_loss_refuses_ref_logprobs_it_would_not_use(config):
     with pytest.raises(ValueError, match="ref_logprobs given.*would not be used"):
         grpo_loss(logprobs, old, advantages, mask, config, ref_logprobs=ref)
     loss, stats = grpo_loss(logprobs, old, advantages, mask, config)
-    pg, _ = policy_loss(logprobs, old, advantages, mask, 0.2, 0.3, 3.0)
+    pg, _ = policy_loss(logprobs, old, advantages, mask, _ppo(0.2, 0.3, 3.0))
     torch.testing.assert_close(loss, pg)
     assert "kl" not in stats  # in reward mode the trainer logs aggregate(token_kl(...)) itself
 
@@ -386,7 +398,7 @@ def test_kl_reward_mode_changes_rewards_and_not_the_loss():
     logprobs, old, ref, mask, advantages = _rollout()
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
     loss_mode, stats = grpo_loss(logprobs, old, advantages, mask, GRPOLossConfig(kl_mode="loss"), ref_logprobs=ref)
-    pg, _ = policy_loss(logprobs, old, advantages, mask, 0.2, 0.3, 3.0)
+    pg, _ = policy_loss(logprobs, old, advantages, mask, _ppo(0.2, 0.3, 3.0))
     assert not torch.allclose(loss_mode, pg)
     kl = aggregate(token_kl(logprobs, ref, mask, "low_var_kl"), mask)
     torch.testing.assert_close(stats["kl"], kl.detach())

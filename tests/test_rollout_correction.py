@@ -88,7 +88,7 @@ def test_the_weights_multiply_the_policy_losss_tokens():
     token_losses = torch.stack(
         [
             policy_loss(
-                logprobs, old, advantages, MASK * (torch.arange(8).view(2, 4) == i), clip_high=0.3, dual_clip=3.0
+                logprobs, old, advantages, MASK * (torch.arange(8).view(2, 4) == i), GRPOLossConfig(kl_mode="off")
             )[0]
             for i in range(8)
         ]

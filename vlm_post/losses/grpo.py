@@ -37,67 +37,23 @@ from typing import Literal, get_args
 import torch
 
 from vlm_post.errors import ConfigError
+from vlm_post.losses.advantages import (  # noqa: F401 (re-exported: the loss module's step 2)
+    ADVANTAGE_ESTIMATORS,
+    AdvantageEstimatorName,
+    group_advantages,
+    groups_with_signal,
+)
 from vlm_post.losses.kl import KL_KINDS, LOG_RATIO_CLAMP, KLKind, kl_penalty
+from vlm_post.losses.policy_losses import POLICY_LOSSES, PolicyLossName
 from vlm_post.losses.rollout_correction import RolloutCorrectionConfig
-from vlm_post.ranges import AboveOne, NonNegativeFloat, PositiveInt, ProperFraction, check_ranges
+from vlm_post.ranges import AboveOne, NonNegativeFloat, PositiveFloat, PositiveInt, ProperFraction, check_ranges
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 KLMode = Literal["loss", "reward", "off"]
 KL_MODES: tuple[str, ...] = get_args(KLMode)
-
-
-def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    if rewards.dim() != 1:
-        raise ValueError(f"expected rewards of shape (B*n,), got {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
-    return rewards.detach().view(-1, group_size)
-
-
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
-) -> torch.Tensor:
-    """Group-relative advantages, (B*n,) from (B*n,) rewards in consecutive groups of ``group_size``.
-
-    GRPO (``normalize_std=True``): (r - mean_group) / (std_group + eps), with
-    the unbiased std (divides by n - 1, torch.std's default, as verl uses).
-    Dr. GRPO (``normalize_std=False``): r - mean_group. Needs
-    ``group_size >= 2``: with one response per prompt there is no group
-    baseline.
-
-    A group whose rewards are all equal (max == min, the test of
-    ``groups_with_signal``) gets advantages of exactly 0 either way. Without
-    that rule, the float mean of eight fp32 rewards of 0.9 is one ulp off 0.9,
-    and that ulp divided by std + eps = 0 + 1e-6 is an advantage of -0.056 on
-    every row of a group without signal. The statistics are computed in
-    float64; the result is float32 (float64 for float64 rewards).
-    """
-    if group_size < 2:
-        raise ValueError(f"group-relative advantages need group_size >= 2, got {group_size}")
-    grouped = _grouped(rewards, group_size)
-    out_dtype = torch.float64 if grouped.dtype == torch.float64 else torch.float32
-    grouped = grouped.double()
-    advantages = grouped - grouped.mean(dim=-1, keepdim=True)
-    if normalize_std:
-        advantages = advantages / (grouped.std(dim=-1, keepdim=True) + eps)
-    constant = (grouped.amax(dim=-1) == grouped.amin(dim=-1))[:, None]
-    advantages = torch.where(constant, torch.zeros((), dtype=advantages.dtype, device=advantages.device), advantages)
-    return advantages.reshape(-1).to(out_dtype)
-
-
-def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B,) bool: True for groups whose rewards are not all equal (DAPO dynamic sampling).
-
-    A group with equal rewards has zero advantages and contributes no policy
-    gradient (only KL and entropy terms), so the trainer can drop it and log
-    the fraction dropped, ``1 - mask.float().mean()``. Pass the verifiable
-    rewards, before any KL reward penalty, which would make every group differ.
-    """
-    grouped = _grouped(rewards, group_size)
-    return grouped.amax(dim=-1) > grouped.amin(dim=-1)
+POLICY_LOSS_NAMES: tuple[str, ...] = get_args(PolicyLossName)
+ADVANTAGE_ESTIMATOR_NAMES: tuple[str, ...] = get_args(AdvantageEstimatorName)
 
 
 def aggregate(
@@ -147,34 +103,27 @@ def policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    aggregation: Aggregation = "token-mean",
-    max_response_length: int | None = None,
+    config: GRPOLossConfig,
     token_weights: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip surrogate loss with asymmetric clipping and optional dual clip; returns (loss, stats).
+    """The policy loss ``config.policy_loss`` (policy_losses.py: ppo, gspo, gspo_token, sapo, cispo); returns
+    (loss, stats).
 
-    ``logprobs`` (rows, L) are log pi(x_t) under the policy being trained,
-    ``old_logprobs`` (rows, L) those under the policy that sampled (constant:
-    detached here, so passing ``logprobs`` itself gives ratio 1 with the right
-    gradient), ``advantages`` (rows,) broadcast over tokens, or (rows, L).
-    Per token, with rho = exp(logprobs - old_logprobs):
+    ``logprobs`` (rows, L) are log pi(x_t) under the policy being trained, ``old_logprobs`` (rows, L) those under
+    the policy that sampled (constant: detached here, so passing ``logprobs`` itself gives ratio 1 with the right
+    gradient), ``advantages`` (rows,) broadcast over tokens, or (rows, L). The per-token losses are multiplied by
+    ``token_weights`` (rows, L) or (rows, 1), constants (the rollout correction's importance weights), and by
+    ``token_mask`` (rows, L), the tokens the loss keeps (top-entropy-quantile: the others count in the
+    aggregation's token count, with a loss of 0, as in TRL), then reduced with ``aggregate(config.aggregation)``.
+    Where a clip is active a token's loss is constant in the ratio (no gradient), except in cispo.
 
-        loss_t = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))
-        if dual_clip and A < 0:  loss_t = min(loss_t, dual_clip * |A|)
-
-    Where a clip is active the token's loss is constant in rho, so it gets no
-    gradient. ``token_weights`` (rows, L) or (rows, 1), constants, multiply the token losses (the rollout
-    correction's importance weights). The token losses are reduced with ``aggregate(aggregation)``.
-
-    Stats (detached scalars, means over valid tokens whatever the aggregation):
-    ``clip_fraction`` (tokens where the PPO clip is active, i.e. the clipped
-    term is strictly larger), ``dual_clip_fraction`` (tokens capped by the dual
-    clip; disjoint from the former), ``ratio_mean``, ``ratio_min``,
-    ``ratio_max``, and ``approx_kl``, the k3 estimate of KL(pi_old || pi) at the
-    sampled tokens, (rho - 1) - log rho.
+    Stats (detached scalars, means over valid tokens whatever the aggregation): the loss's own flags (``ppo``:
+    ``clip_fraction``, the tokens where the PPO clip is active, i.e. the clipped term is strictly larger, and
+    ``dual_clip_fraction``, those capped by the dual clip, disjoint from the former; gspo: ``clip_fraction``; cispo:
+    ``clip_fraction``, the tokens whose weight is capped), ``ratio_mean``, ``ratio_min``, ``ratio_max`` of the ratio
+    it used (GSPO's: the sequence's), and ``approx_kl``, the k3 estimate of KL(pi_old || pi) at the sampled tokens,
+    (rho - 1) - log rho with rho the token ratio.
     """
     if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != response_mask.shape:
         shapes = f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(response_mask.shape)}"
@@ -183,38 +132,29 @@ def policy_loss(
         advantages = advantages[:, None]
     if advantages.shape not in ((logprobs.shape[0], 1), logprobs.shape):
         raise ValueError(f"expected advantages of shape (rows,) or (rows, L), got {tuple(advantages.shape)}")
-    if not (0.0 <= clip_low < 1.0 and clip_high >= 0.0):
-        raise ValueError(f"expected 0 <= clip_low < 1 and clip_high >= 0, got {clip_low} and {clip_high}")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (it caps the loss above the unclipped one), got {dual_clip}")
     advantages = advantages.detach().to(logprobs.dtype)
-    log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    token_loss = torch.maximum(unclipped, clipped)
-    clip_active = clipped > unclipped
-    dual_clip_active = torch.zeros_like(clip_active)
-    if dual_clip is not None:
-        cap = (-advantages * dual_clip).expand_as(token_loss)  # = dual_clip * |A| where A < 0; no gradient
-        dual_clip_active = (advantages < 0) & (token_loss > cap)
-        token_loss = torch.where(dual_clip_active, cap, token_loss)
+    old_logprobs = old_logprobs.detach()
+    token = POLICY_LOSSES[config.policy_loss](logprobs, old_logprobs, advantages, response_mask, config)
+    token_loss = token.loss
     if token_weights is not None:
         token_loss = token_loss * token_weights.detach()
-    loss = aggregate(token_loss, response_mask, aggregation, max_response_length)
+    if token_mask is not None:
+        token_loss = token_loss * token_mask.detach().to(token_loss.dtype)
+    loss = aggregate(token_loss, response_mask, config.aggregation, config.max_response_length)
 
     with torch.no_grad():
         valid = response_mask.bool()
         num_valid = valid.sum().clamp(min=1)
+        ratio = token.ratio
 
         def token_mean(values: torch.Tensor) -> torch.Tensor:
             return torch.where(valid, values.to(ratio.dtype), 0.0).sum() / num_valid
 
         any_valid = valid.any()
         one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
-        stats = {
-            "clip_fraction": token_mean(clip_active),
-            "dual_clip_fraction": token_mean(dual_clip_active),
+        log_ratio = (logprobs.detach() - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        stats = {name: token_mean(flag) for name, flag in token.flags.items()}
+        stats |= {
             "ratio_mean": token_mean(ratio),
             "ratio_min": torch.where(any_valid, torch.where(valid, ratio, torch.inf).amin(), one),
             "ratio_max": torch.where(any_valid, torch.where(valid, ratio, -torch.inf).amax(), one),
@@ -272,12 +212,23 @@ def kl_reward_penalty(
 class GRPOLossConfig:
     """Loss settings of GRPO-family RL. Defaults: EasyR1's Geometry3K recipe."""
 
+    policy_loss: PolicyLossName = "ppo"
+    """The policy loss (see policy_losses.py): ``ppo`` (clipped surrogate, verl's ``vanilla``), ``gspo`` (one
+    clipped ratio per sequence; needs ``aggregation: seq-mean-token-mean``), ``gspo_token``, ``sapo`` (a soft gate
+    instead of the clip) or ``cispo`` (REINFORCE with a clipped, stop-gradient importance weight)."""
     clip_low: ProperFraction = 0.2
-    """PPO clip below: the ratio is clipped at 1 - clip_low."""
+    """PPO clip below: the ratio is clipped at 1 - clip_low (ppo, gspo, gspo_token; GSPO's paper uses 3e-4)."""
     clip_high: NonNegativeFloat = 0.3
-    """PPO clip above: the ratio is clipped at 1 + clip_high (> clip_low is DAPO's clip-higher)."""
+    """PPO clip above: the ratio is clipped at 1 + clip_high (> clip_low is DAPO's clip-higher; GSPO's paper: 4e-4)."""
     dual_clip: AboveOne | None = 3.0
-    """For A < 0, cap a token's loss at dual_clip * |A| (Ye et al. 2020); None: no cap. EasyR1 and verl use 3."""
+    """For A < 0, cap a token's loss at dual_clip * |A| (Ye et al. 2020); None: no cap. EasyR1 and verl use 3.
+    ``ppo`` only."""
+    sapo_tau_pos: PositiveFloat = 1.0
+    """``sapo``: the gate's temperature for tokens with A > 0 (the paper's, verl's and TRL's default)."""
+    sapo_tau_neg: PositiveFloat = 1.05
+    """``sapo``: the gate's temperature for tokens with A <= 0 (larger: negative updates fade sooner)."""
+    cispo_max_weight: AboveOne = 5.0
+    """``cispo``: the importance weight's upper bound (TRL's ``epsilon_high`` for cispo, ScaleRL's 5)."""
     aggregation: Aggregation = "token-mean"
     """How token losses become a scalar, for the policy loss, the KL term and the entropy bonus; see ``aggregate``."""
     max_response_length: PositiveInt | None = None
@@ -293,20 +244,37 @@ class GRPOLossConfig:
     each reward (``kl_reward_penalty``) before the advantages; ``off``: no reference model."""
     entropy_coef: NonNegativeFloat = 0.0
     """Entropy bonus: the loss gets -entropy_coef * aggregate(entropy). 0 disables it."""
+    advantage_estimator: AdvantageEstimatorName = "grpo"
+    """How rewards become advantages (see advantages.py): ``grpo``, ``rloo``, ``reinforce_plus_plus`` (whitened over
+    the batch, no group baseline), ``reinforce_plus_plus_baseline`` or ``grpo_passk`` (only each group's best)."""
     normalize_std: bool = True
-    """GRPO advantages divide by the group's std; False is Dr. GRPO (pair with seq-mean-token-sum-norm)."""
+    """``grpo`` and ``grpo_passk`` divide by the group's std; False is Dr. GRPO (pair with seq-mean-token-sum-norm).
+    The other estimators have no such division, and refuse False."""
     rollout_correction: RolloutCorrectionConfig = dataclasses.field(default_factory=RolloutCorrectionConfig)
     """Importance weights for the rollout engine's distribution (``mode: tis | mask``), see ``rollout_correction``."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
         for name, value, allowed in (
+            ("policy_loss", self.policy_loss, POLICY_LOSS_NAMES),
+            ("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATOR_NAMES),
             ("aggregation", self.aggregation, AGGREGATIONS),
             ("kl_kind", self.kl_kind, KL_KINDS),
             ("kl_mode", self.kl_mode, KL_MODES),
         ):
             if value not in allowed:  # a config built in Python; a parsed one was checked against the Literal
                 raise ConfigError(f"loss.{name}: unknown {value!r}; expected one of {allowed}")
+        if not self.normalize_std and self.advantage_estimator not in ("grpo", "grpo_passk"):
+            raise ConfigError(
+                f"loss.normalize_std: false divides nothing with loss.advantage_estimator {self.advantage_estimator} "
+                "(only grpo and grpo_passk divide by the group's std); leave it true"
+            )
+        if self.policy_loss == "gspo" and self.aggregation != "seq-mean-token-mean":
+            # its loss is one per sequence: a token mean would weigh each sequence by its length
+            raise ConfigError(
+                f"loss.policy_loss gspo is a loss per sequence: it needs loss.aggregation seq-mean-token-mean, "
+                f"not {self.aggregation} (gspo_token takes any aggregation)"
+            )
 
     def with_max_response_length(self, n: int) -> GRPOLossConfig:
         """This config with ``max_response_length`` = ``n``, the rollout's ``max_new_tokens``.
@@ -355,16 +323,7 @@ def grpo_loss(
         state = "on" if config.rollout_correction.enabled else "off"
         raise ValueError(f"rollout_correction is {state}: rollout_weights must be given exactly when it is on")
     pg_loss, stats = policy_loss(
-        logprobs,
-        old_logprobs,
-        advantages,
-        response_mask,
-        clip_low=config.clip_low,
-        clip_high=config.clip_high,
-        dual_clip=config.dual_clip,
-        aggregation=config.aggregation,
-        max_response_length=config.max_response_length,
-        token_weights=rollout_weights,
+        logprobs, old_logprobs, advantages, response_mask, config, token_weights=rollout_weights
     )
     loss = pg_loss
     stats["pg_loss"] = pg_loss.detach()

@@ -7,7 +7,8 @@ Algorithm, per training step (one batch of ``data.batch_size`` prompts = the rol
      weights when a KL term is used (as a loss term, or subtracted from the rewards); with
      ``loss.rollout_correction``, importance weights of the trainer's old log-probs against the
      sampler's (a vLLM engine's distribution is not exactly the trainer's);
-  4. group-normalised advantages (GRPO; Dr. GRPO without the std), optionally dropping groups
+  4. advantages by ``loss.advantage_estimator`` (GRPO's group-normalised ones by default; Dr. GRPO, RLOO,
+     REINFORCE++, pass@k), optionally dropping groups
      whose rewards are all equal (dynamic sampling);
   5. ``epochs`` passes over the rows in mini-batches of ``mini_batch_size`` prompts' rows;
      each mini-batch is one optimizer step, accumulated over micro-batches of ``micro_batch_size``
@@ -36,13 +37,13 @@ from vlm_post.losses import (
     OverlongConfig,
     aggregate,
     check_overlong_buffer,
-    group_advantages,
     groups_with_signal,
     grpo_loss,
     kl_reward_penalty,
     overlong_penalty,
     token_kl,
 )
+from vlm_post.losses.advantages import ADVANTAGE_ESTIMATORS, NEEDS_NO_GROUP
 from vlm_post.losses.rollout_correction import RolloutCorrectionConfig, rollout_correction_weights
 from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.modules.on_policy import OnPolicyModule
@@ -84,10 +85,17 @@ class RLModule(OnPolicyModule):
         self.loss_config = (loss or GRPOLossConfig()).with_max_response_length(self.rollout.max_new_tokens)
         self.reward_fn = load_reward_fn(reward)
         self.overlong = overlong or OverlongConfig()
-        if self.rollout.n < 2:
+        estimator = self.loss_config.advantage_estimator
+        if self.rollout.n < 2 and estimator not in NEEDS_NO_GROUP:
             raise ConfigError(
                 f"model.init_args.rollout.n: {self.rollout.n} sample per prompt has no group to compare with "
-                "(GRPO's advantage is a reward minus its group's mean); use n >= 2"
+                f"(the {estimator} advantage compares a reward with its group's); use n >= 2, or "
+                "loss.advantage_estimator reinforce_plus_plus (whitened over the batch)"
+            )
+        if self.rollout.n < 2 and dynamic_sampling:
+            raise ConfigError(
+                "model.init_args.dynamic_sampling drops groups whose rewards are all equal: with rollout.n 1 every "
+                "group is one reward, and all would be dropped; use n >= 2 or leave it off"
             )
         check_overlong_buffer(self.overlong.buffer, self.rollout.max_new_tokens)
         if self.loss_config.rollout_correction.enabled and old_logprobs == "sampler":
@@ -170,7 +178,8 @@ class RLModule(OnPolicyModule):
         if correction.enabled:  # the trainer's rollout policy against the engine's distribution
             sampled = samples.sampler_logprobs.to(self.device)
             rollout_weights, correction_stats = rollout_correction_weights(old_logprobs, sampled, mask, correction)
-        advantages = group_advantages(rewards, n, normalize_std=config.normalize_std)
+        estimate = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
+        advantages = estimate(rewards, n, mask, config.normalize_std).to(self.device)
         keep_groups = signal if self.dynamic_sampling else torch.ones_like(signal)
         keep_rows = keep_groups.repeat_interleave(n)
         if self.overlong.filter_truncated:
