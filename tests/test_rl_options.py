@@ -8,14 +8,14 @@ import torch
 
 from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved
 from tests.test_rl import Record
-from vlm_post.losses import GRPOLossConfig
+from vlm_post.losses import EntropyControlConfig, GRPOLossConfig
 from vlm_post.modules import EvalConfig, OptimConfig, RLModule
 from vlm_post.rollout import SamplingParams
 
 pytestmark = pytest.mark.slow
 
 
-def _fit(tiny_model, demo_data, tmp_path, loss: GRPOLossConfig, n: int = 4) -> tuple[dict, bool]:
+def _fit(tiny_model, demo_data, tmp_path, loss: GRPOLossConfig, n: int = 4) -> tuple[dict, bool, RLModule]:
     torch.manual_seed(0)
     module = RLModule(
         str(tiny_model),
@@ -31,7 +31,7 @@ def _fit(tiny_model, demo_data, tmp_path, loss: GRPOLossConfig, n: int = 4) -> t
     before = trainable_weights(module.policy)
     record = Record()
     trainer(tmp_path, max_steps=4, callbacks=[record]).fit(module, demo_datamodule(demo_data, batch_size=2))
-    return record.metrics[-1], not unmoved(module.policy, before)
+    return record.metrics[-1], not unmoved(module.policy, before), module
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def _fit(tiny_model, demo_data, tmp_path, loss: GRPOLossConfig, n: int = 4) -> t
 )
 def test_each_policy_loss_trains(tiny_model, demo_data, tmp_path, policy_loss, aggregation):
     loss = GRPOLossConfig(policy_loss=policy_loss, aggregation=aggregation, kl_mode="off", dual_clip=None)
-    logged, moved = _fit(tiny_model, demo_data, tmp_path, loss)
+    logged, moved, _ = _fit(tiny_model, demo_data, tmp_path, loss)
     assert moved
     assert logged["train/ratio_max"] != 1.0  # the second epoch's update is off-policy
     assert ("train/clip_fraction" in logged) == (policy_loss != "sapo")
@@ -53,11 +53,37 @@ def test_each_policy_loss_trains(tiny_model, demo_data, tmp_path, policy_loss, a
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "grpo_passk"])
 def test_each_advantage_estimator_trains(tiny_model, demo_data, tmp_path, estimator):
-    logged, moved = _fit(tiny_model, demo_data, tmp_path, GRPOLossConfig(advantage_estimator=estimator, kl_mode="off"))
+    loss = GRPOLossConfig(advantage_estimator=estimator, kl_mode="off")
+    logged, moved, _ = _fit(tiny_model, demo_data, tmp_path, loss)
     assert moved and "train/pg_loss" in logged
 
 
 def test_reinforce_plus_plus_trains_on_one_response_per_prompt(tiny_model, demo_data, tmp_path):
     loss = GRPOLossConfig(advantage_estimator="reinforce_plus_plus", kl_mode="off")
-    _, moved = _fit(tiny_model, demo_data, tmp_path, loss, n=1)
+    _, moved, _ = _fit(tiny_model, demo_data, tmp_path, loss, n=1)
     assert moved
+
+
+def test_top_entropy_quantile_trains_and_the_entropy_stats_are_logged(tiny_model, demo_data, tmp_path):
+    logged, moved, _ = _fit(tiny_model, demo_data, tmp_path, GRPOLossConfig(kl_mode="off", top_entropy_quantile=0.2))
+    assert moved
+    assert logged["train/entropy_top20_mean"] >= logged["train/entropy"]  # the top fifth's mean: at least the mean
+    assert 0.0 <= logged["train/entropy_above_threshold"] <= 1.0
+
+
+def test_adaptive_entropy_control_steps_its_coefficient_every_optimizer_step_and_is_checkpointed(
+    tiny_model, demo_data, tmp_path
+):
+    control = EntropyControlConfig(target=100.0, delta=0.005)  # every entropy is below: the coefficient rises
+    loss = GRPOLossConfig(kl_mode="off", entropy_coef=0.01, entropy_control=control)
+    logged, _, module = _fit(tiny_model, demo_data, tmp_path, loss)
+    # 2 training steps x 2 epochs = 4 optimizer steps of +0.005
+    assert module.trainer.global_step == 4 and module.entropy_coef == pytest.approx(0.01 + 4 * 0.005)
+    assert module.last_policy_entropy is not None and module.last_policy_entropy <= 100.0
+    assert logged["train/entropy_coef"] == pytest.approx(0.03)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = RLModule(str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4), loss=loss)
+    assert resumed.entropy_coef == 0.01
+    resumed.on_load_checkpoint(checkpoint)
+    assert (resumed.entropy_coef, resumed.last_policy_entropy) == (module.entropy_coef, module.last_policy_entropy)

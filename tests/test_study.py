@@ -90,6 +90,13 @@ def test_study_runs_every_stage_and_reports(finished):
     entropy = _csv(figures / "entropy_vs_step.csv")
     assert {r["arm"] for r in entropy} == {"short", "long"}
     assert all(sorted(int(r["step"]) for r in entropy if r["arm"] == arm) == [0, 1, 2, 3] for arm in ("short", "long"))
+    detail = _csv(figures / "entropy_detail_vs_step.csv")  # RLModule's entropy_top20_mean, entropy_above_threshold
+    assert (figures / "entropy_detail_vs_step.png").stat().st_size > 1000
+    for measure in ("entropy_top20_mean", "entropy_above_threshold"):
+        for arm in ("short", "long"):
+            assert sorted(int(r["step"]) for r in detail if (r["arm"], r["measure"]) == (arm, measure)) == [0, 1, 2, 3]
+    top20 = {(r["arm"], r["step"]): float(r["value"]) for r in detail if r["measure"] == "entropy_top20_mean"}
+    assert all(top20[(r["arm"], r["step"])] >= float(r["entropy"]) for r in entropy)  # the top fifth: at least the mean
     accuracy_curve = [r for r in _csv(figures / "accuracy_vs_step.csv") if r["source"] == "eval"]
     for arm in ("short", "long"):
         for dataset in ("demo_test", "demo_shifted"):

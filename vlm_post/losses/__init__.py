@@ -10,6 +10,7 @@ from vlm_post.losses.distill import (
     topk_reverse_kl_and_entropy_from_hidden,
     topk_reverse_kl_from_hidden,
 )
+from vlm_post.losses.entropy import EntropyControlConfig
 from vlm_post.losses.grpo import (
     GRPOLossConfig,
     aggregate,
@@ -29,6 +30,7 @@ from vlm_post.losses.sft import IGNORE_INDEX, sft_cross_entropy
 __all__ = [
     "IGNORE_INDEX",
     "TAIL_FLOOR",
+    "EntropyControlConfig",
     "GRPOLossConfig",
     "OverlongConfig",
     "RolloutCorrectionConfig",

@@ -43,10 +43,19 @@ from vlm_post.losses.advantages import (  # noqa: F401 (re-exported: the loss mo
     group_advantages,
     groups_with_signal,
 )
+from vlm_post.losses.entropy import EntropyControlConfig, high_entropy_mask
 from vlm_post.losses.kl import KL_KINDS, LOG_RATIO_CLAMP, KLKind, kl_penalty
 from vlm_post.losses.policy_losses import POLICY_LOSSES, PolicyLossName
 from vlm_post.losses.rollout_correction import RolloutCorrectionConfig
-from vlm_post.ranges import AboveOne, NonNegativeFloat, PositiveFloat, PositiveInt, ProperFraction, check_ranges
+from vlm_post.ranges import (
+    AboveOne,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveFraction,
+    PositiveInt,
+    ProperFraction,
+    check_ranges,
+)
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
@@ -243,7 +252,15 @@ class GRPOLossConfig:
     """``loss``: add kl_coef * aggregate(KL) to the loss; ``reward``: subtract kl_coef * sum(KL) from
     each reward (``kl_reward_penalty``) before the advantages; ``off``: no reference model."""
     entropy_coef: NonNegativeFloat = 0.0
-    """Entropy bonus: the loss gets -entropy_coef * aggregate(entropy). 0 disables it."""
+    """Entropy bonus: the loss gets -entropy_coef * aggregate(entropy). 0 disables it. With ``entropy_control``,
+    the coefficient's start value."""
+    entropy_control: EntropyControlConfig | None = None
+    """Adaptive entropy control (Skywork-OR1, TRL's ``use_adaptive_entropy``): the bonus's coefficient moves after
+    every optimizer step to hold the entropy at ``entropy_control.target``; see ``losses/entropy.py``. None: off."""
+    top_entropy_quantile: PositiveFraction = 1.0
+    """Train only on the highest-entropy tokens (the 80/20 paper: 0.2; TRL's ``top_entropy_quantile``): the policy
+    loss and the entropy bonus keep the tokens at or above the (1 - q) entropy quantile of each micro-batch's
+    tokens (of each rank's). 1: every token."""
     advantage_estimator: AdvantageEstimatorName = "grpo"
     """How rewards become advantages (see advantages.py): ``grpo``, ``rloo``, ``reinforce_plus_plus`` (whitened over
     the batch, no group baseline), ``reinforce_plus_plus_baseline`` or ``grpo_passk`` (only each group's best)."""
@@ -290,6 +307,11 @@ class GRPOLossConfig:
         return dataclasses.replace(self, max_response_length=n)
 
     @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss reads the per-token entropy (an entropy bonus, its control, or top-entropy masking)."""
+        return self.entropy_coef > 0 or self.entropy_control is not None or self.top_entropy_quantile < 1.0
+
+    @property
     def uses_reference(self) -> bool:
         """Whether a step needs the reference model's log-probs."""
         return self.kl_mode != "off" and self.kl_coef > 0
@@ -304,6 +326,7 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     rollout_weights: torch.Tensor | None = None,
+    entropy_coef: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """policy_loss + kl_coef * aggregate(KL to ref) [kl_mode "loss"] - entropy_coef * aggregate(entropy).
 
@@ -312,18 +335,28 @@ def grpo_loss(
     and refused otherwise (ValueError), so that no caller believes they are
     used. With kl_mode "reward" the KL went into the rewards
     (``kl_reward_penalty``), and the trainer logs ``aggregate(token_kl(...))``.
-    ``entropy`` (rows, L) is needed when ``entropy_coef > 0`` and logged when
-    given. ``rollout_weights`` (rows, L), ``rollout_correction_weights``, multiply the policy loss's tokens (as
+    ``entropy`` (rows, L) is needed when an entropy bonus or ``top_entropy_quantile`` < 1 needs it, and logged
+    when given. With ``top_entropy_quantile`` < 1 the policy loss and the entropy bonus keep only the tokens of
+    ``high_entropy_mask`` (the KL term keeps all). ``entropy_coef`` is the bonus's coefficient now (adaptive entropy
+    control's; default ``config.entropy_coef``).
+    ``rollout_weights`` (rows, L), ``rollout_correction_weights``, multiply the policy loss's tokens (as
     verl does; TRL weights its KL term too): required when ``config.rollout_correction`` is on, refused otherwise.
     Stats: those of ``policy_loss`` plus ``pg_loss``, ``loss``, and
     ``kl`` (the KL term before kl_coef) / ``entropy``, aggregated like the
-    loss, when their inputs are given.
+    loss, when their inputs are given. With ``entropy``, two per-token stats, 1-D, whose names start with ``_``:
+    ``_entropy`` (the valid tokens') and ``_policy_entropy`` (those the policy loss keeps).
     """
     if config.rollout_correction.enabled != (rollout_weights is not None):
         state = "on" if config.rollout_correction.enabled else "off"
         raise ValueError(f"rollout_correction is {state}: rollout_weights must be given exactly when it is on")
+    entropy_coef = config.entropy_coef if entropy_coef is None else entropy_coef
+    if entropy is None and (config.needs_entropy or entropy_coef > 0):
+        raise ValueError("an entropy bonus or top_entropy_quantile < 1 needs the per-token entropy")
+    keep = None
+    if config.top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(entropy, response_mask, config.top_entropy_quantile)
     pg_loss, stats = policy_loss(
-        logprobs, old_logprobs, advantages, response_mask, config, token_weights=rollout_weights
+        logprobs, old_logprobs, advantages, response_mask, config, token_weights=rollout_weights, token_mask=keep
     )
     loss = pg_loss
     stats["pg_loss"] = pg_loss.detach()
@@ -340,12 +373,14 @@ def grpo_loss(
         kl = aggregate(per_token, response_mask, config.aggregation, config.max_response_length)
         stats["kl"] = kl.detach()
         loss = loss + config.kl_coef * kl
-    if config.entropy_coef > 0 and entropy is None:
-        raise ValueError("entropy_coef > 0 needs the per-token entropy")
     if entropy is not None:
         mean_entropy = aggregate(entropy, response_mask, config.aggregation, config.max_response_length)
         stats["entropy"] = mean_entropy.detach()
-        if config.entropy_coef > 0:
-            loss = loss - config.entropy_coef * mean_entropy
+        policy_tokens = response_mask.bool() if keep is None else keep
+        if entropy_coef > 0:  # on the tokens the policy loss keeps, as TRL
+            bonus = aggregate(entropy, policy_tokens, config.aggregation, config.max_response_length)
+            loss = loss - entropy_coef * bonus
+        stats["_entropy"] = entropy.detach()[response_mask.bool()]
+        stats["_policy_entropy"] = entropy.detach()[policy_tokens]
     stats["loss"] = loss.detach()
     return loss, stats

@@ -164,7 +164,10 @@ class OnPolicyModule(PolicyModule):
 
     def micro_loss(self, scored, micro: list[int], rows: ModelRows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of rows ``micro`` of the batch (``rows``: their model inputs) and its stats to log; ``scored``:
-        what the subclass's step computed per row (rewards and advantages, teacher scores, old log-probs)."""
+        what the subclass's step computed per row (rewards and advantages, teacher scores, old log-probs).
+
+        A stat is a scalar, averaged over the micro-batches, or, when its name starts with ``_``, values per token
+        (1-D), concatenated: ``_update`` returns them whole, and ``after_optimizer_step`` gets each step's."""
         raise NotImplementedError
 
     def _update(self, batch: RolloutBatch, rows: list[int], scored) -> dict:
@@ -179,7 +182,8 @@ class OnPolicyModule(PolicyModule):
         mini_batches: list[list[int]] = [[] for _ in range(0, len(prompts), per_step)]
         for row in rows:
             mini_batches[step_of_prompt[row // n]].append(row)
-        totals: dict[str, list[torch.Tensor]] = {}
+        totals: dict[str, list[torch.Tensor]] = {}  # scalar stats, averaged over the micro-batches
+        step_tokens_of: dict[str, list[torch.Tensor]] = {}  # per-token stats (names starting with _), concatenated
         # Under data parallelism each forward/backward is a collective (FSDP's gathers, the gradient sync), so every
         # rank runs as many as the busiest one: a rank whose filters kept fewer rows adds passes of zero weight.
         steps = self._most_over_ranks(len(mini_batches))
@@ -192,6 +196,7 @@ class OnPolicyModule(PolicyModule):
                 step_tokens = mask[step_rows].sum().clamp(min=1)
                 share = self.token_share(mask[step_rows].sum())  # across ranks: the global token mean
                 optimizer.zero_grad()
+                token_values: dict[str, list[torch.Tensor]] = {}  # this optimizer step's per-token stats
                 for k in range(self._most_over_ranks(len(micros))):
                     micro = micros[k] if k < len(micros) else [0]
                     loss, stats = self.micro_loss(scored, micro, batch.rows(micro))
@@ -201,7 +206,8 @@ class OnPolicyModule(PolicyModule):
                     # token-mean over the whole mini-batch: weigh each micro-batch by its share of tokens
                     self.manual_backward(loss * (mask[micro].sum() / step_tokens) * share)
                     for name, value in stats.items():
-                        totals.setdefault(name, []).append(value.detach().float())
+                        collected = token_values if name.startswith("_") else totals
+                        collected.setdefault(name, []).append(value.detach().float().flatten())
                 finite = self.gradients_finite()
                 self.record_step(finite)
                 if not finite:
@@ -213,8 +219,17 @@ class OnPolicyModule(PolicyModule):
                 scheduler.step()
                 if finite:
                     self.check_weights_finite()
-        stats = {name: torch.stack(values).mean() for name, values in totals.items()}
+                step_values = {name: torch.cat(values) for name, values in token_values.items()}
+                self.after_optimizer_step(step_values)
+                for name, values in step_values.items():
+                    step_tokens_of.setdefault(name, []).append(values)
+        stats = {name: torch.cat(values).mean() for name, values in totals.items()}
+        stats |= {name: torch.cat(values) for name, values in step_tokens_of.items()}
         return stats
+
+    def after_optimizer_step(self, token_values: dict[str, torch.Tensor]) -> None:
+        """Called on every rank after each optimizer step (and in the same order), with the step's per-token stats:
+        those of its micro-batches' stats whose names start with ``_``, each concatenated (1-D, this rank's)."""
 
     def _most_over_ranks(self, count: int) -> int:
         """The largest ``count`` over the data-parallel ranks (``count`` itself in one process)."""

@@ -44,14 +44,18 @@ from vlm_post.losses import (
     token_kl,
 )
 from vlm_post.losses.advantages import ADVANTAGE_ESTIMATORS, NEEDS_NO_GROUP
+from vlm_post.losses.entropy import EntropyControlConfig, applied_entropy_coef, entropy_stats, next_entropy_coef
 from vlm_post.losses.rollout_correction import RolloutCorrectionConfig, rollout_correction_weights
 from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.modules.on_policy import OnPolicyModule
+from vlm_post.ranges import NonNegativeFloat
 from vlm_post.rewards import RewardFn, load_reward_fn
 from vlm_post.rollout import ModelRows, RolloutBatch, SamplingParams
 
 # Checkpoints keep these dataclasses in their hyperparameters (see base.py).
-torch.serialization.add_safe_globals([SamplingParams, GRPOLossConfig, OverlongConfig, RolloutCorrectionConfig])
+torch.serialization.add_safe_globals(
+    [SamplingParams, GRPOLossConfig, OverlongConfig, RolloutCorrectionConfig, EntropyControlConfig]
+)
 
 
 class RLModule(OnPolicyModule):
@@ -63,6 +67,7 @@ class RLModule(OnPolicyModule):
         overlong: OverlongConfig | None = None,
         dynamic_sampling: bool = False,
         old_logprobs: Literal["recompute", "sampler"] = "recompute",
+        entropy_threshold: NonNegativeFloat = 0.672,
         **kwargs,
     ) -> None:
         """
@@ -79,6 +84,9 @@ class RLModule(OnPolicyModule):
                 updates: ``recompute`` (a no-grad forward of the rollout policy, as verl does) or ``sampler``
                 (the engine's own log-probs of the drawn tokens: no extra forward; those of the distribution
                 sampled from, i.e. after top-k/top-p and without the never-sampled vision tokens).
+            entropy_threshold: each step logs ``train/entropy_above_threshold``, the share of the rollouts' tokens
+                whose entropy (nats) exceeds it (default: the 80th percentile of a reasoning model's token entropy,
+                0.672, from the 80/20 paper), beside ``train/entropy_top20_mean``.
         """
         super().__init__(*args, **kwargs)
         # The response budget is rollout.max_new_tokens; every length derives from it (one set in loss is checked).
@@ -106,6 +114,10 @@ class RLModule(OnPolicyModule):
             )
         self.dynamic_sampling = dynamic_sampling
         self.old_logprobs_source = old_logprobs
+        self.entropy_threshold = entropy_threshold
+        # adaptive entropy control's state: the coefficient, and the last optimizer step's entropy (checkpointed)
+        self.entropy_coef = self.loss_config.entropy_coef
+        self.last_policy_entropy: float | None = None
         self.reference: torch.nn.Module | None = None
 
     def on_policy_loaded(self, policy: torch.nn.Module) -> None:
@@ -215,7 +227,41 @@ class RLModule(OnPolicyModule):
             ref_logprobs=ref[micro] if ref is not None else None,
             entropy=entropy,
             rollout_weights=weights[micro] if weights is not None else None,
+            entropy_coef=self.applied_entropy_coef(),
         )
+
+    # --- adaptive entropy control (loss.entropy_control) -------------------------------------------------------
+
+    def applied_entropy_coef(self) -> float:
+        """The entropy bonus's coefficient now: the config's, or adaptive control's while it applies."""
+        control = self.loss_config.entropy_control
+        if control is None:
+            return self.loss_config.entropy_coef
+        return applied_entropy_coef(self.entropy_coef, self.last_policy_entropy, control)
+
+    def after_optimizer_step(self, token_values: dict[str, torch.Tensor]) -> None:
+        control = self.loss_config.entropy_control
+        if control is None:
+            return
+        # the token mean over every rank's tokens of the policy loss in this optimizer step (one collective)
+        values = token_values.get("_policy_entropy", torch.zeros(0, device=self.device))
+        totals = torch.stack([values.sum(), values.new_tensor(float(values.numel()))]).to(self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        if totals[1] > 0:
+            entropy = float(totals[0] / totals[1])
+            self.entropy_coef = next_entropy_coef(self.entropy_coef, entropy, control)
+            self.last_policy_entropy = entropy
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["vlm_post_entropy_control"] = {"coef": self.entropy_coef, "last_entropy": self.last_policy_entropy}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("vlm_post_entropy_control")
+        if state is not None:
+            self.entropy_coef, self.last_policy_entropy = state["coef"], state["last_entropy"]
 
     def log_step(self, scored: ScoredRollouts, stats: dict, times: dict[str, float], elapsed: float, gap: dict) -> None:
         samples, task_rewards = scored.samples, scored.task_rewards
@@ -233,7 +279,13 @@ class RLModule(OnPolicyModule):
             {f"train/{name}": torch.tensor(values).float().mean() for name, values in scored.reward_components.items()}
         )
         logged.update({f"train/{name}": value.mean() for name, value in scored.shaping.items()})
+        token_stats = {name: stats.pop(name) for name in [name for name in stats if name.startswith("_")]}
         logged.update({f"train/{name}": value for name, value in stats.items()})
+        entropies = token_stats.get("_entropy", torch.zeros(0))  # none when the filters kept no row
+        logged.update({f"train/{name}": v for name, v in entropy_stats(entropies, self.entropy_threshold).items()})
+        if self.loss_config.entropy_control is not None:  # the coefficient the next step applies, and its state
+            logged["train/entropy_coef"] = torch.tensor(self.applied_entropy_coef())
+            logged["train/entropy_coef_state"] = torch.tensor(self.entropy_coef)
         logged.update(gap)  # rollout/logprob_diff_*: vLLM's log-probs against the policy's
         logged.update({f"rollout/{name}": value for name, value in scored.rollout_correction.items()})
         if scored.reward_kl is not None:  # kl_mode reward: the KL of the rollout policy, aggregated as the loss would

@@ -13,13 +13,18 @@ from statistics import mean
 from vlm_post.study.plan import Plan
 
 ENTROPY_TAG = "train/entropy"  # RLModule's token entropy of its own rollouts, at the rollout temperature
+# what else RLModule logs of that entropy (losses/entropy.py: entropy_stats), for the entropy_detail figure
+ENTROPY_DETAIL_TAGS = ("train/entropy_top20_mean", "train/entropy_above_threshold")
 
 
 @dataclass
 class Curves:
-    """Per (arm, seed): the RL stage's entropy by step; per (arm, seed, data set): its validation accuracy by step."""
+    """Per (arm, seed): the RL stage's entropy by step (and its top-20% mean and share above a threshold, where
+    logged); per (arm, seed, data set): its validation accuracy by step."""
 
     entropy: dict[tuple[str, int], list[tuple[int, float]]] = field(default_factory=dict)
+    # per (arm, seed, measure): the other entropy statistics, measure the tag without "train/"
+    entropy_detail: dict[tuple[str, int, str], list[tuple[int, float]]] = field(default_factory=dict)
     val_accuracy: dict[tuple[str, int, str], list[tuple[int, float]]] = field(default_factory=dict)
 
     def mean_entropy(self, arm: str, seed: int | None) -> float | None:
@@ -56,6 +61,9 @@ def read_curves(plan: Plan) -> Curves:
         logged = scalars(stage.run_path)
         if logged.get(ENTROPY_TAG):
             curves.entropy[(stage.arm, stage.seed)] = logged[ENTROPY_TAG]
+        for tag in ENTROPY_DETAIL_TAGS:
+            if logged.get(tag):
+                curves.entropy_detail[(stage.arm, stage.seed, tag[len("train/") :])] = logged[tag]
         for tag, points in logged.items():  # every validation set the RL stage has, the protocol's or its own
             if tag.startswith("val/") and tag.endswith("/accuracy") and points:
                 curves.val_accuracy[(stage.arm, stage.seed, tag[len("val/") : -len("/accuracy")])] = points

@@ -4,6 +4,8 @@ Each shows its uncertainty, and its CSV carries the bounds:
 
 - ``entropy_vs_step``: the RL stage's logged entropy against RL step, one line per arm (the mean over seeds), in a
   band of ± the sample SD across seeds where there are several (``seed_sd`` on each row);
+- ``entropy_detail_vs_step`` (where the RL stages logged them): the mean entropy of the highest-entropy 20% of
+  tokens and the share of tokens above the entropy threshold, one panel each, drawn like ``entropy_vs_step``;
 - ``accuracy_vs_step``: in-domain and out-of-domain accuracy against RL step, per arm, from the evaluation points
   (entry at step 0, every K steps, end; ``source: eval``) and the RL stage's own validation (``source: val``; a
   validation set that the protocol does not name counts as in-domain). Each evaluation point has its interval
@@ -58,33 +60,71 @@ def write_figures(out: Path, plan, evaluations, curves) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     written.update(_entropy(out, plan, curves))
+    if curves.entropy_detail:
+        written.update(_entropy_detail(out, plan, curves))
     written.update(_accuracy(out, plan, evaluations, curves))
     written.update(_pass_at_k(out, plan, evaluations))
     return written
 
 
-def _entropy(out: Path, plan, curves) -> dict[str, Path]:
-    rows = [[arm, seed, step, value] for (arm, seed), points in curves.entropy.items() for step, value in points]
+def _with_seed_sd(rows: list[list]) -> list[list]:
+    """[arm, seed, step, value] rows, each with the SD across seeds of its (arm, step) appended (None: one seed)."""
     by_step = defaultdict(list)
     for arm, _, step, value in rows:
         by_step[(arm, step)].append(value)
     spread = {key: stdev(values) if len(values) > 1 else None for key, values in by_step.items()}
-    rows = [[*row, spread[(row[0], row[2])]] for row in rows]
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
+    return [[*row, spread[(row[0], row[2])]] for row in rows]
+
+
+def _plot_arms(axis, plan, rows: list[list]) -> None:
+    """One line per arm, the mean over seeds, in a band of ± the SD across seeds where there are several."""
     for index, arm in enumerate(plan.arms):
         points = _seed_mean([(step, value) for a, _, step, value, _ in rows if a == arm])
         if points:
             steps, means = zip(*points)
             axis.plot(steps, means, label=arm, color=f"C{index}")
-            sds = [spread[(arm, step)] for step in steps]
+            sds = [next(sd for a, _, s, _, sd in rows if (a, s) == (arm, step)) for step in steps]
             if all(sd is not None for sd in sds):  # several seeds: their spread
                 low, high = [m - sd for m, sd in zip(means, sds)], [m + sd for m, sd in zip(means, sds)]
                 axis.fill_between(steps, low, high, color=f"C{index}", alpha=0.2, linewidth=0)
-    axis.set(xlabel="RL step", ylabel="RL train entropy (nats)", title="Entropy through RL (± SD across seeds)")
     if axis.lines:
         axis.legend()
+
+
+def _entropy(out: Path, plan, curves) -> dict[str, Path]:
+    rows = [[arm, seed, step, value] for (arm, seed), points in curves.entropy.items() for step, value in points]
+    rows = _with_seed_sd(rows)
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    _plot_arms(axis, plan, rows)
+    axis.set(xlabel="RL step", ylabel="RL train entropy (nats)", title="Entropy through RL (± SD across seeds)")
     return _save(figure, out, "entropy_vs_step", ["arm", "seed", "step", "entropy", "seed_sd"], rows)
+
+
+ENTROPY_DETAIL_LABELS = {
+    "entropy_top20_mean": "entropy of the top-20% tokens (nats)",
+    "entropy_above_threshold": "share of tokens above the threshold",
+}
+
+
+def _entropy_detail(out: Path, plan, curves) -> dict[str, Path]:
+    measures = [m for m in ENTROPY_DETAIL_LABELS if any(key[2] == m for key in curves.entropy_detail)]
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4), squeeze=False)
+    written_rows = []
+    for axis, measure in zip(axes[0], measures):
+        rows = [
+            [arm, seed, step, value]
+            for (arm, seed, m), points in curves.entropy_detail.items()
+            if m == measure
+            for step, value in points
+        ]
+        rows = _with_seed_sd(rows)
+        _plot_arms(axis, plan, rows)
+        axis.set(xlabel="RL step", ylabel=ENTROPY_DETAIL_LABELS[measure], title=f"{measure} (± SD across seeds)")
+        written_rows += [[arm, seed, step, measure, value, sd] for arm, seed, step, value, sd in rows]
+    header = ["arm", "seed", "step", "measure", "value", "seed_sd"]
+    return _save(figure, out, "entropy_detail_vs_step", header, written_rows)
 
 
 def _pooled_interval(runs, metric: str, protocol) -> tuple[float | None, float | None]:
