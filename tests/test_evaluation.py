@@ -116,5 +116,9 @@ def test_test_writes_records_summary_and_intervals(tiny_model, demo_data, tmp_pa
         assert key in row and f"test/demo_test/{key}" in results
     low, high = row["ci"]["pass@4"]
     assert low <= row["pass@4"] <= high
+    for k in (1, 2, 4):  # maj@k beside pass@k, with its interval; a vote is never right more often than some sample
+        low, high = row["ci"][f"maj@{k}"]
+        assert low <= row[f"maj@{k}"] <= high and row[f"maj@{k}"] <= row[f"pass@{k}"] + 1e-6
+    assert row["maj@1"] == pytest.approx(row["mean_accuracy"])
     lines = (tmp_path / "demo_test.jsonl").read_text().splitlines()
     assert len(lines) == 16 and "mean_token_entropy" in json.loads(lines[0])

@@ -65,9 +65,15 @@ def test_study_runs_every_stage_and_reports(finished):
     assert {r["point"] for r in rows} == {"entry", "step_2", "end"}
     assert {(r["dataset"], r["domain"]) for r in rows} == {("demo_test", "in"), ("demo_shifted", "out")}
     for row in rows:
-        assert {"accuracy", "pass@4", "entropy", "mean_distinct_answers", "accuracy_ci_low", "pass@4_ci_high"} <= set(
-            row
-        )
+        assert {
+            "accuracy",
+            "pass@4",
+            "maj@4",
+            "entropy",
+            "mean_distinct_answers",
+            "maj@4_ci_low",
+            "pass@4_ci_high",
+        } <= set(row)
         assert row["accuracy_ci_low"] <= row["accuracy"] <= row["accuracy_ci_high"]
     end = [r for r in rows if r["point"] == "end"]
     assert all(r["step"] == 4 and r["rl_train_entropy_mean"] > 0 for r in end)
@@ -389,15 +395,17 @@ def test_a_comparison_that_cannot_be_made_is_a_row_with_its_reason(tmp_path, mon
     plan = _hand_made_study(tmp_path, n=4, skip=lambda stage: stage.arm == "b" and stage.point == "end")
     build_report(plan.study_dir)
     differences = json.loads((tmp_path / "study/differences.json").read_text())
-    assert len(differences) == 2 * 6  # (entry, end) x the six metrics: none dropped
+    assert len(differences) == 2 * 7  # (entry, end) x the seven metrics: none dropped
     entry = {d["metric"]: d for d in differences if d["point"] == "entry"}
     assert entry["pass@4"]["difference"] is None and entry["pass@4"]["ci_low"] is None
     assert entry["pass@4"]["reason"] == "pass@4 needs 4 samples per problem; a seed 0 has 2 on some problem"
+    assert entry["maj@4"]["reason"] == "maj@4 needs 4 samples per problem; a seed 0 has 2 on some problem"
     assert all(entry[m]["reason"] is None and entry[m]["difference"] is not None for m in ("accuracy", "pass@1"))
     end = [d for d in differences if d["point"] == "end"]
     assert all(d["reason"] == "no seed has both arms' evaluation finished" and d["seeds"] == [] for d in end)
     markdown = (tmp_path / "study/results.md").read_text()
     assert "| a − b | entry | demo_test | pass@4 | – | not compared: pass@4 needs 4 samples" in markdown
+    assert "| maj@4 entry | maj@4 end |" in markdown  # the main table's columns
 
     def broken(self, metric):  # a bug in per_problem is not a comparison that cannot be made
         raise KeyError(metric)

@@ -9,6 +9,7 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 
 from vlm_post.metrics.diversity import AnswerDiversity
 from vlm_post.metrics.entropy import TokenEntropy
+from vlm_post.metrics.majority import MajorityAtK
 from vlm_post.metrics.pass_at_k import PassAtK
 
 
@@ -17,7 +18,8 @@ class EvalMetrics(MetricCollection):
 
     - ``accuracy``: greedy accuracy when greedy decoding is on, mean@n otherwise;
       ``greedy_accuracy`` and ``mean_accuracy`` (mean@n) separately;
-    - ``pass@k`` for each k (unbiased estimator, over the n samples);
+    - ``pass@k`` for each k (unbiased estimator, over the n samples), and ``maj@k`` (majority vote of k samples'
+      answers, averaged over k-subsets like pass@k; see metrics/majority.py);
     - ``entropy``: token-mean full-vocabulary entropy of the sampled responses;
     - ``mean_distinct_answers``, ``share_multiple_answers``: answer diversity over the n samples;
     - ``format_rate`` (a ``\\boxed{}`` answer was given) and ``response_length`` (tokens),
@@ -31,6 +33,7 @@ class EvalMetrics(MetricCollection):
         metrics.update(mean_accuracy=MeanMetric(), entropy=TokenEntropy(), diversity=AnswerDiversity())
         if pass_k:
             metrics["pass_at_k"] = PassAtK(pass_k)
+            metrics["majority_at_k"] = MajorityAtK(pass_k)
         super().__init__(metrics, compute_groups=False)
         self.greedy = greedy
 
@@ -57,6 +60,7 @@ class EvalMetrics(MetricCollection):
             self["diversity"].update(answers)
             if "pass_at_k" in self:
                 self["pass_at_k"].update(sample_correct.bool().to(device))
+                self["majority_at_k"].update(answers, sample_correct.bool().tolist())
             if token_entropy is not None:
                 self["entropy"].update(token_entropy.to(device), entropy_mask.to(device))
         self["format_rate"].update(as_float(sample_formatted if sampled else greedy_formatted))
@@ -75,5 +79,6 @@ class EvalMetrics(MetricCollection):
             out["accuracy"] = out["mean_accuracy"]
         order = ["accuracy", "greedy_accuracy", "mean_accuracy"]
         order += sorted((k for k in out if k.startswith("pass@")), key=lambda k: int(k[5:]))
+        order += sorted((k for k in out if k.startswith("maj@")), key=lambda k: int(k[4:]))
         order += ["entropy", "mean_distinct_answers", "share_multiple_answers", "format_rate", "response_length"]
         return {key: out[key] for key in order if key in out}

@@ -2,14 +2,14 @@
 
 For each batch of problems:
   1. optionally a greedy answer (``greedy_accuracy``);
-  2. ``n`` sampled answers at ``temperature`` (mean@n accuracy, pass@k, answer diversity);
+  2. ``n`` sampled answers at ``temperature`` (mean@n accuracy, pass@k, maj@k, answer diversity);
   3. the policy's full-vocabulary entropy on the sampled tokens, from one extra
      forward over prompt + response (chunked over tokens, never the whole batch's logits);
   4. grading with the time-bounded grader; format compliance and response length.
 
 ``accuracy`` is the greedy accuracy when ``greedy`` is on, mean@n otherwise.
 ``vlm_post test`` also writes per-problem JSONL and ``summary.json`` with
-problem-level bootstrap confidence intervals for accuracy and pass@k.
+problem-level bootstrap confidence intervals for accuracy, pass@k and maj@k.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from vlm_post.errors import ConfigError
-from vlm_post.metrics import bootstrap_ci, pass_at_k_per_problem
+from vlm_post.metrics import bootstrap_ci, majority_at_k_per_problem, pass_at_k_per_problem
 from vlm_post.models.logprobs import batch_logprobs
 from vlm_post.ranges import (
     NonNegativeFloat,
@@ -45,7 +45,7 @@ class EvalConfig:
         top_k: top-k sampling (0: off).
         max_new_tokens: response budget.
         greedy: also decode one greedy answer per problem.
-        pass_k: the k of pass@k (default: 1, 2, 4, ... below n, and n itself).
+        pass_k: the k of pass@k and maj@k (default: 1, 2, 4, ... below n, and n itself).
         entropy: measure the policy's token entropy on the samples (one extra forward pass).
         forward_batch_size: rows per entropy forward pass.
         bootstrap_resamples: resamples of problems for the confidence intervals (test only).
@@ -214,7 +214,7 @@ def sampled_token_entropy(module, samples: RolloutBatch, config: EvalConfig) -> 
 
 
 def confidence_intervals(records: list[dict], config: EvalConfig) -> dict[str, tuple[float, float]]:
-    """Problem-level bootstrap intervals for accuracy (and mean@n) and each pass@k."""
+    """Problem-level bootstrap intervals for accuracy (and mean@n), each pass@k and each maj@k."""
     if not records:
         return {}
     ci = lambda values: bootstrap_ci(values, config.bootstrap_resamples, config.confidence, config.seed)
@@ -226,9 +226,11 @@ def confidence_intervals(records: list[dict], config: EvalConfig) -> dict[str, t
         out["mean_accuracy"] = ci(correct.float().mean(-1))
         if not config.greedy:
             out["accuracy"] = out["mean_accuracy"]
+        answers = [[normalize_answer(a) if a is not None else None for a in r["extracted"]] for r in records]
         for k in config.pass_k:
             samples = torch.full((correct.shape[0],), correct.shape[1])
             out[f"pass@{k}"] = ci(pass_at_k_per_problem(samples, correct.sum(-1), k))
+            out[f"maj@{k}"] = ci(majority_at_k_per_problem(answers, correct.tolist(), k))
     return {key: (float(low), float(high)) for key, (low, high) in out.items()}
 
 

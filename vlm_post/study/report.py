@@ -23,6 +23,7 @@ import torch
 from vlm_post.metrics import (
     bootstrap_ci,
     distinct_answer_count,
+    majority_at_k_per_problem,
     paired_bootstrap_ci,
     pass_at_k_per_problem,
     seed_problem_bootstrap_ci,
@@ -33,7 +34,9 @@ from vlm_post.study.plan import Plan, Stage
 
 # mean_token_entropy: the mean over problems of each problem's token-mean entropy (problem-weighted, so that it has a
 # problem-level interval); the summary's ``entropy`` is token-weighted over the whole set.
-PAIRED_METRICS = ("accuracy", "mean_accuracy", "pass@1", "pass@{n}", "mean_distinct_answers", "mean_token_entropy")
+PAIRED_METRICS = (
+    "accuracy", "mean_accuracy", "pass@1", "pass@{n}", "maj@{n}", "mean_distinct_answers", "mean_token_entropy"
+)  # fmt: skip
 
 
 @dataclass
@@ -64,12 +67,12 @@ class Evaluation:
             return {
                 i: r["mean_token_entropy"] for i, r in zip(ids, self.records) if r["mean_token_entropy"] is not None
             }
-        if metric == "mean_distinct_answers":
-            normalized = [
-                [normalize_answer(a) if a is not None else None for a in r["extracted"]] for r in self.records
-            ]
-            return {i: float(distinct_answer_count(answers)) for i, answers in zip(ids, normalized)}
-        raise KeyError(metric)
+        if not (metric.startswith("maj@") or metric == "mean_distinct_answers"):
+            raise KeyError(metric)
+        normalized = [[normalize_answer(a) if a is not None else None for a in r["extracted"]] for r in self.records]
+        if metric.startswith("maj@"):
+            return dict(zip(ids, majority_at_k_per_problem(normalized, correct, int(metric[4:])).tolist()))
+        return {i: float(distinct_answer_count(answers)) for i, answers in zip(ids, normalized)}
 
     def label(self) -> str:
         seed = f" seed {self.seed}" if self.seed is not None else ""
@@ -207,7 +210,7 @@ def _why_not_comparable(metric: str, runs: list[Evaluation]) -> str | None:
         if lacking is not None:
             return f"{lacking.label()} measured no entropy (eval.entropy: false)"
     greedy = metric == "accuracy" and all("greedy_correct" in r for run in runs for r in run.records)
-    needed = 0 if greedy else int(metric[5:]) if metric.startswith("pass@") else 1
+    needed = 0 if greedy else int(metric.split("@")[1]) if metric.startswith(("pass@", "maj@")) else 1
     for run in runs:
         fewest = min((len(record.get("correct") or []) for record in run.records), default=0)
         if fewest < needed:
@@ -328,7 +331,7 @@ def _intro(plan: Plan, first: dict[str, str | None]) -> list[str]:
 
 
 def _arm_row(arm: str, plan: Plan, evaluations: list[Evaluation], curves: Curves, first: dict) -> list[str]:
-    """One row of the paper's table: in- and out-of-domain accuracy, entropy, pass@1 and pass@n, diversity."""
+    """One row of the paper's table: in- and out-of-domain accuracy, entropy, pass@1, pass@n, maj@n, diversity."""
     protocol = plan.evaluation
     ind, ood = first["in"], first["out"]
 
@@ -340,11 +343,12 @@ def _arm_row(arm: str, plan: Plan, evaluations: list[Evaluation], curves: Curves
 
     rl_entropy = [curves.mean_entropy(arm, seed) for seed in plan.seeds] if arm != "base" else []
     rl_entropy = [value for value in rl_entropy if value is not None]
-    top = f"pass@{protocol.n}"
+    top, vote = f"pass@{protocol.n}", f"maj@{protocol.n}"
     return [arm, cell("entry", ind, "accuracy"), cell("end", ind, "accuracy"), cell("entry", ood, "accuracy"),
             cell("end", ood, "accuracy"), cell("entry", ind, "entropy", False),
             f"{mean(rl_entropy):.3f}" if rl_entropy else "–", cell("entry", ind, "pass@1"), cell("end", ind, "pass@1"),
-            cell("entry", ind, top), cell("end", ind, top), cell("entry", ind, "mean_distinct_answers", False)]  # fmt: skip
+            cell("entry", ind, top), cell("end", ind, top), cell("entry", ind, vote), cell("end", ind, vote),
+            cell("entry", ind, "mean_distinct_answers", False)]  # fmt: skip
 
 
 def _seeds(runs: list[Evaluation]) -> str:
@@ -358,7 +362,7 @@ def markdown(plan: Plan, evaluations: list[Evaluation], curves: Curves, differen
     lines = _intro(plan, first)
     header = ["arm", "in-domain acc entry", "in-domain acc end", "out-of-domain acc entry", "out-of-domain acc end",
               "entropy entry", "RL train entropy", "pass@1 entry", "pass@1 end", f"{top} entry", f"{top} end",
-              "distinct answers entry"]  # fmt: skip
+              f"maj@{protocol.n} entry", f"maj@{protocol.n} end", "distinct answers entry"]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_arm_row(arm, plan, evaluations, curves, first)) + " |" for arm in ["base", *plan.arms]]
     lines += ["", "## Every data set", "",
