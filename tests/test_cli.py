@@ -168,6 +168,26 @@ def test_console_script_help():
 
 
 @pytest.mark.fast
+def test_rl_help_lists_every_loss_option_with_its_default(capsys):
+    import dataclasses
+
+    from vlm_post.losses import GRPOLossConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "vlm_post.modules.RLModule"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    # each option's entry: from its line to the next option's
+    entries = {m[1]: m[2] for m in re.finditer(r"^  --model\.loss\.(\w+) (.*?)(?=^  --)", out, re.M | re.S)}
+    for field in dataclasses.fields(GRPOLossConfig):
+        if field.name != "rollout_correction":  # a group: its own options, below
+            assert "default:" in entries.get(field.name, ""), field.name
+    for option in ("rollout_correction.mode", "entropy_control", "top_entropy_quantile", "advantage_estimator"):
+        assert f"--model.loss.{option}" in out
+    assert re.search(r"--model\.entropy_threshold ENTROPY_THRESHOLD", out)
+
+
+@pytest.mark.fast
 def test_help_lists_every_subcommand_with_study(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

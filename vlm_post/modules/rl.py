@@ -57,12 +57,15 @@ torch.serialization.add_safe_globals(
     [SamplingParams, GRPOLossConfig, OverlongConfig, RolloutCorrectionConfig, EntropyControlConfig]
 )
 
+# A frozen default, so that --model.help lists every loss option with its default (None would hide them).
+DEFAULT_LOSS = GRPOLossConfig()
+
 
 class RLModule(OnPolicyModule):
     def __init__(
         self,
         *args,
-        loss: GRPOLossConfig | None = None,
+        loss: GRPOLossConfig = DEFAULT_LOSS,
         reward: RewardFn | str = "vlm_post.rewards.MathReward",
         overlong: OverlongConfig | None = None,
         dynamic_sampling: bool = False,
@@ -90,7 +93,7 @@ class RLModule(OnPolicyModule):
         """
         super().__init__(*args, **kwargs)
         # The response budget is rollout.max_new_tokens; every length derives from it (one set in loss is checked).
-        self.loss_config = (loss or GRPOLossConfig()).with_max_response_length(self.rollout.max_new_tokens)
+        self.loss_config = loss.with_max_response_length(self.rollout.max_new_tokens)
         self.reward_fn = load_reward_fn(reward)
         self.overlong = overlong or OverlongConfig()
         estimator = self.loss_config.advantage_estimator
