@@ -6,22 +6,25 @@ consecutively: rows 0..n-1 answer prompt 0):
 1. Score each response with a scalar reward. Optionally drop groups whose
    rewards are all equal (``groups_with_signal``, DAPO's dynamic sampling):
    their advantages are all zero, so they only dilute the batch.
-2. Advantages without a critic (``group_advantages``): GRPO uses
-   A_i = (r_i - mean_group) / (std_group + eps); Dr. GRPO drops the division
-   by std, which up-weights groups that are nearly all right or all wrong.
-   The sequence's advantage applies to every one of its tokens.
-3. Per token, with ratio rho = pi(x) / pi_old(x), the PPO-clip loss
+2. Advantages without a critic, by ``advantage_estimator`` (advantages.py: GRPO's
+   A_i = (r_i - mean_group) / (std_group + eps) by default, ``group_advantages``;
+   Dr. GRPO without the std; RLOO, REINFORCE++, pass@k). The sequence's
+   advantage applies to every one of its tokens.
+3. Per token, the policy loss ``policy_loss`` names (policy_losses.py): by default
+   PPO-clip, with ratio rho = pi(x) / pi_old(x),
        max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))
-   (clip_high > clip_low is DAPO's "clip-higher"). With dual clip (Ye et al.
-   2020) the loss of a token with A < 0 is further capped at dual_clip * |A|,
-   so that a token whose ratio exploded cannot dominate the batch.
+   (clip_high > clip_low is DAPO's "clip-higher"), and with dual clip (Ye et al.
+   2020) the loss of a token with A < 0 further capped at dual_clip * |A|;
+   or GSPO, SAPO, CISPO. With ``top_entropy_quantile`` < 1 only the
+   highest-entropy tokens keep their loss (entropy.py).
 4. Aggregate token losses into a scalar (``aggregate``): token-mean,
    seq-mean-token-mean or seq-mean-token-sum-norm (Dr. GRPO).
 5. Regularise towards the reference policy, either as a loss term
    kl_coef * aggregate(KL_t) (GRPO, EasyR1) or as a reward penalty
    r - kl_coef * sum_t KL_t before step 2 (``kl_reward_penalty``, PPO-RLHF
-   style); optionally subtract entropy_coef * aggregate(entropy). The
-   per-token KL_t, zero on padding, is ``token_kl``.
+   style); optionally subtract entropy_coef * aggregate(entropy), the
+   coefficient fixed or adapted (``entropy_control``). The per-token KL_t,
+   zero on padding, is ``token_kl``.
 
 ``grpo_loss`` composes 3-5 under a ``GRPOLossConfig``. Everything here is
 pure torch on (rows, L) tensors of per-token log-probs (see
