@@ -178,7 +178,9 @@ def test_rl_help_lists_every_loss_option_with_its_default(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     # each option's entry: from its line to the next option's
-    entries = {m[1]: m[2] for m in re.finditer(r"^  --model\.loss\.(\w+) (.*?)(?=^  --)", out, re.M | re.S)}
+    entries = {
+        m[1]: m[2] for m in re.finditer(r"^  --model\.loss\.(\w+) (.*?)(?=^  --)", out, re.MULTILINE | re.DOTALL)
+    }
     for field in dataclasses.fields(GRPOLossConfig):
         if field.name != "rollout_correction":  # a group: its own options, below
             assert "default:" in entries.get(field.name, ""), field.name

@@ -69,3 +69,21 @@ def test_grpo_loss_trains_and_rewards_entropy_only_on_the_kept_tokens():
     assert len(stats["_entropy"]) == 5
     with pytest.raises(ValueError, match="needs the per-token entropy"):
         grpo_loss(logprobs, logprobs, advantages, MASK, config)
+
+
+def test_the_controller_steps_on_a_steps_token_mean_and_ignores_a_non_finite_step(tiny_model):
+    from vlm_post.modules import RLModule
+    from vlm_post.rollout import SamplingParams
+
+    control = EntropyControlConfig(target=0.5, delta=0.1)
+    module = RLModule(str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4),
+                      loss=GRPOLossConfig(entropy_coef=0.2, entropy_control=control))  # fmt: skip
+    assert module.applied_entropy_coef() == 0.0  # nothing measured yet
+    module.after_optimizer_step({"_policy_entropy": torch.tensor([0.1, 0.3, 0.5])})  # mean 0.3 <= 0.5: up
+    assert (module.entropy_coef, module.last_policy_entropy) == (pytest.approx(0.3), pytest.approx(0.3))
+    assert module.applied_entropy_coef() == pytest.approx(0.3)
+    module.after_optimizer_step({"_policy_entropy": torch.tensor([float("nan"), 0.3])})  # a non-finite step
+    module.after_optimizer_step({})  # a step without tokens
+    assert (module.entropy_coef, module.last_policy_entropy) == (pytest.approx(0.3), pytest.approx(0.3))
+    module.after_optimizer_step({"_policy_entropy": torch.tensor([0.9])})  # above: down, and no bonus
+    assert module.entropy_coef == pytest.approx(0.2) and module.applied_entropy_coef() == 0.0

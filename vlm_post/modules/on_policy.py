@@ -183,7 +183,7 @@ class OnPolicyModule(PolicyModule):
         for row in rows:
             mini_batches[step_of_prompt[row // n]].append(row)
         totals: dict[str, list[torch.Tensor]] = {}  # scalar stats, averaged over the micro-batches
-        step_tokens_of: dict[str, list[torch.Tensor]] = {}  # per-token stats (names starting with _), concatenated
+        token_stats: dict[str, list[torch.Tensor]] = {}  # per-token stats (names starting with _), concatenated
         # Under data parallelism each forward/backward is a collective (FSDP's gathers, the gradient sync), so every
         # rank runs as many as the busiest one: a rank whose filters kept fewer rows adds passes of zero weight.
         steps = self._most_over_ranks(len(mini_batches))
@@ -196,7 +196,7 @@ class OnPolicyModule(PolicyModule):
                 step_tokens = mask[step_rows].sum().clamp(min=1)
                 share = self.token_share(mask[step_rows].sum())  # across ranks: the global token mean
                 optimizer.zero_grad()
-                token_values: dict[str, list[torch.Tensor]] = {}  # this optimizer step's per-token stats
+                step_token_stats: dict[str, list[torch.Tensor]] = {}  # this optimizer step's per-token stats
                 for k in range(self._most_over_ranks(len(micros))):
                     micro = micros[k] if k < len(micros) else [0]
                     loss, stats = self.micro_loss(scored, micro, batch.rows(micro))
@@ -206,7 +206,7 @@ class OnPolicyModule(PolicyModule):
                     # token-mean over the whole mini-batch: weigh each micro-batch by its share of tokens
                     self.manual_backward(loss * (mask[micro].sum() / step_tokens) * share)
                     for name, value in stats.items():
-                        collected = token_values if name.startswith("_") else totals
+                        collected = step_token_stats if name.startswith("_") else totals
                         collected.setdefault(name, []).append(value.detach().float().flatten())
                 finite = self.gradients_finite()
                 self.record_step(finite)
@@ -219,12 +219,12 @@ class OnPolicyModule(PolicyModule):
                 scheduler.step()
                 if finite:
                     self.check_weights_finite()
-                step_values = {name: torch.cat(values) for name, values in token_values.items()}
+                step_values = {name: torch.cat(values) for name, values in step_token_stats.items()}
                 self.after_optimizer_step(step_values)
                 for name, values in step_values.items():
-                    step_tokens_of.setdefault(name, []).append(values)
+                    token_stats.setdefault(name, []).append(values)
         stats = {name: torch.cat(values).mean() for name, values in totals.items()}
-        stats |= {name: torch.cat(values) for name, values in step_tokens_of.items()}
+        stats |= {name: torch.cat(values) for name, values in token_stats.items()}
         return stats
 
     def after_optimizer_step(self, token_values: dict[str, torch.Tensor]) -> None:

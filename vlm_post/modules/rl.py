@@ -25,6 +25,7 @@ On the demo it takes a weak SFT warm start from 0.665 to 1.0 greedy test accurac
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -251,8 +252,8 @@ class RLModule(OnPolicyModule):
         totals = torch.stack([values.sum(), values.new_tensor(float(values.numel()))]).to(self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        if totals[1] > 0:
-            entropy = float(totals[0] / totals[1])
+        entropy = float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
+        if math.isfinite(entropy):  # a step without tokens, or a non-finite one, moves nothing
             self.entropy_coef = next_entropy_coef(self.entropy_coef, entropy, control)
             self.last_policy_entropy = entropy
 
