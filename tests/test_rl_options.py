@@ -10,6 +10,7 @@ from tests.helpers import demo_datamodule, trainable_weights, trainer, unmoved
 from tests.test_rl import Record
 from vlm_post.losses import EntropyControlConfig, GRPOLossConfig
 from vlm_post.modules import EvalConfig, OptimConfig, RLModule
+from vlm_post.ranges import NonNegativeFloat, PositiveFloat
 from vlm_post.rollout import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -74,8 +75,9 @@ def test_top_entropy_quantile_trains_and_the_entropy_stats_are_logged(tiny_model
 def test_adaptive_entropy_control_steps_its_coefficient_every_optimizer_step_and_is_checkpointed(
     tiny_model, demo_data, tmp_path
 ):
-    control = EntropyControlConfig(target=100.0, delta=0.005)  # every entropy is below: the coefficient rises
-    loss = GRPOLossConfig(kl_mode="off", entropy_coef=0.01, entropy_control=control)
+    # values of the range types a parsed config holds (a weights-only load of the checkpoint refuses them)
+    control = EntropyControlConfig(target=NonNegativeFloat(100.0), delta=PositiveFloat(0.005))  # always below: up
+    loss = GRPOLossConfig(kl_mode="off", entropy_coef=NonNegativeFloat(0.01), entropy_control=control)
     logged, _, module = _fit(tiny_model, demo_data, tmp_path, loss)
     # 2 training steps x 2 epochs = 4 optimizer steps of +0.005
     assert module.trainer.global_step == 4 and module.entropy_coef == pytest.approx(0.01 + 4 * 0.005)
@@ -83,7 +85,13 @@ def test_adaptive_entropy_control_steps_its_coefficient_every_optimizer_step_and
     assert logged["train/entropy_coef"] == pytest.approx(0.03)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "state.ckpt")
+    checkpoint = torch.load(tmp_path / "state.ckpt", weights_only=True)  # as --ckpt_path loads it
     resumed = RLModule(str(tiny_model), rollout=SamplingParams(n=2, max_new_tokens=4), loss=loss)
     assert resumed.entropy_coef == 0.01
+    untouched: dict = {}  # a controller that never stepped keeps the config's value: a plain float too
+    resumed.on_save_checkpoint(untouched)
+    torch.save(untouched, tmp_path / "untouched.ckpt")
+    assert torch.load(tmp_path / "untouched.ckpt", weights_only=True)["vlm_post_entropy_control"]["coef"] == 0.01
     resumed.on_load_checkpoint(checkpoint)
     assert (resumed.entropy_coef, resumed.last_policy_entropy) == (module.entropy_coef, module.last_policy_entropy)

@@ -74,8 +74,8 @@ class EntropyControlConfig:
 def next_entropy_coef(coef: float, entropy: float, config: EntropyControlConfig) -> float:
     """The coefficient after an optimizer step whose token-mean entropy was ``entropy``."""
     if entropy <= config.target:
-        return min(coef + config.delta, config.coef_max)
-    return max(coef - config.delta, config.coef_min)
+        return float(min(coef + config.delta, config.coef_max))
+    return float(max(coef - config.delta, config.coef_min))
 
 
 def applied_entropy_coef(coef: float, last_entropy: float | None, config: EntropyControlConfig) -> float:

@@ -120,7 +120,7 @@ class RLModule(OnPolicyModule):
         self.old_logprobs_source = old_logprobs
         self.entropy_threshold = entropy_threshold
         # adaptive entropy control's state: the coefficient, and the last optimizer step's entropy (checkpointed)
-        self.entropy_coef = self.loss_config.entropy_coef
+        self.entropy_coef = float(self.loss_config.entropy_coef)
         self.last_policy_entropy: float | None = None
         self.reference: torch.nn.Module | None = None
 
@@ -259,7 +259,12 @@ class RLModule(OnPolicyModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["vlm_post_entropy_control"] = {"coef": self.entropy_coef, "last_entropy": self.last_policy_entropy}
+        # plain floats: parsed values are jsonargparse's range types, which a weights-only load refuses
+        last = self.last_policy_entropy
+        checkpoint["vlm_post_entropy_control"] = {
+            "coef": float(self.entropy_coef),
+            "last_entropy": None if last is None else float(last),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
