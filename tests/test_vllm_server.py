@@ -25,7 +25,7 @@ from vlm_post.errors import ConfigError  # noqa: E402
 from vlm_post.models.loading import load_policy, load_processor  # noqa: E402
 from vlm_post.rollout import HFGenerateEngine, RolloutBatch, SamplingParams  # noqa: E402
 from vlm_post.rollout.vllm import VLLMConfig  # noqa: E402
-from vlm_post.rollout.vllm_server import VLLMServerEngine  # noqa: E402
+from vlm_post.rollout.vllm_server import SERVER_FLAGS, VLLMServerEngine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -49,7 +49,7 @@ def server(head64, tmp_path_factory):
     port = free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(head64), "--port", str(port),
-        "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm", "--trust-request-chat-template",
+        *SERVER_FLAGS,
         "--limit-mm-per-prompt", '{"image": 8, "video": 0}',
         "--dtype", "float32", "--max-model-len", "1024", "--no-enable-chunked-prefill",
     ]  # fmt: skip

@@ -347,7 +347,8 @@ def grpo_loss(
     Stats: those of ``policy_loss`` plus ``pg_loss``, ``loss``, and
     ``kl`` (the KL term before kl_coef) / ``entropy``, aggregated like the
     loss, when their inputs are given. With ``entropy``, two per-token stats, 1-D, whose names start with ``_``:
-    ``_entropy`` (the valid tokens') and ``_policy_entropy`` (those the policy loss keeps).
+    ``_entropy`` (the valid tokens') and, with ``top_entropy_quantile`` < 1, ``_policy_entropy`` (those the policy
+    loss keeps; otherwise they are all, ``_entropy``).
     """
     if config.rollout_correction.enabled != (rollout_weights is not None):
         state = "on" if config.rollout_correction.enabled else "off"
@@ -384,6 +385,7 @@ def grpo_loss(
             bonus = aggregate(entropy, policy_tokens, config.aggregation, config.max_response_length)
             loss = loss - entropy_coef * bonus
         stats["_entropy"] = entropy.detach()[response_mask.bool()]
-        stats["_policy_entropy"] = entropy.detach()[policy_tokens]
+        if keep is not None:  # otherwise the policy loss's tokens are all of them: _entropy
+            stats["_policy_entropy"] = entropy.detach()[keep]
     stats["loss"] = loss.detach()
     return loss, stats

@@ -138,7 +138,9 @@ class PolicyModule(NonFiniteGuard, LightningModule):
                 ``vllm``: one engine serves them all.
         """
         super().__init__()
-        require_vllm(vllm, eval=(eval or EvalConfig()).engine, val=(val or eval or EvalConfig()).engine)
+        self.eval_config = eval or EvalConfig()
+        self.val_config = val or self.eval_config
+        require_vllm(vllm, eval=self.eval_config.engine, val=self.val_config.engine)  # before any weights load
         # LightningCLI re-applies a checkpoint's hyperparameters over the config on `--ckpt_path`; the
         # evaluation protocol and the weights' origin belong to the command at hand, not to the checkpoint.
         self.save_hyperparameters(ignore=["init_from", "eval", "val", "reward", "vllm"])
@@ -155,8 +157,6 @@ class PolicyModule(NonFiniteGuard, LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.freeze = (freeze_vision_tower, freeze_projector)
         self.optim = optim or OptimConfig()
-        self.eval_config = eval or EvalConfig()
-        self.val_config = val or self.eval_config
         self.logprob_chunk_size = logprob_chunk_size
         self.fsdp = fsdp or FSDPConfig()
         self._fsdp_mesh = None

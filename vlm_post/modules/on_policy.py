@@ -60,10 +60,11 @@ class OnPolicyModule(PolicyModule):
             grad_clip: gradient norm clipping per optimizer step (these modules step the optimizer
                 themselves, so ``trainer.gradient_clip_val`` must stay unset).
         """
-        require_vllm(kwargs.get("vllm"), rollout=(rollout or self.default_rollout).engine)
+        rollout = rollout or self.default_rollout
+        require_vllm(kwargs.get("vllm"), rollout=rollout.engine)  # before PolicyModule loads anything
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        self.rollout = rollout or self.default_rollout
+        self.rollout = rollout
         self.epochs = epochs
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size

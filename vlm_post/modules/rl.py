@@ -248,7 +248,7 @@ class RLModule(OnPolicyModule):
         if control is None:
             return
         # the token mean over every rank's tokens of the policy loss in this optimizer step (one collective)
-        values = token_values.get("_policy_entropy", torch.zeros(0, device=self.device))
+        values = token_values.get("_policy_entropy", token_values.get("_entropy", torch.zeros(0, device=self.device)))
         totals = torch.stack([values.sum(), values.new_tensor(float(values.numel()))]).to(self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")

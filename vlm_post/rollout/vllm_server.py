@@ -36,6 +36,11 @@ from vlm_post.models.sharding import full_weight_buckets
 from vlm_post.rollout.base import RolloutEngine, Rollouts, SamplingParams
 from vlm_post.rollout.vllm import BANNED_LOGIT_BIAS, VLLMConfig, fold_image_placeholders
 
+# The server's settings this engine relies on (docs/rollout.md, "Server mode"), after ``--model`` and ``--port``; the
+# server also needs VLLM_SERVER_DEV_MODE=1 in its environment (for ``/collective_rpc``).
+SERVER_FLAGS = (
+    "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm", "--trust-request-chat-template"
+)  # fmt: skip
 # The chat template each request renders with: the prompt text as given (the processor already templated it).
 PASS_THROUGH_TEMPLATE = "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
 

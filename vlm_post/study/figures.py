@@ -78,12 +78,13 @@ def _with_seed_sd(rows: list[list]) -> list[list]:
 
 def _plot_arms(axis, plan, rows: list[list]) -> None:
     """One line per arm, the mean over seeds, in a band of ± the SD across seeds where there are several."""
+    spread = {(arm, step): sd for arm, _, step, _, sd in rows}
     for index, arm in enumerate(plan.arms):
         points = _seed_mean([(step, value) for a, _, step, value, _ in rows if a == arm])
         if points:
             steps, means = zip(*points)
             axis.plot(steps, means, label=arm, color=f"C{index}")
-            sds = [next(sd for a, _, s, _, sd in rows if (a, s) == (arm, step)) for step in steps]
+            sds = [spread[(arm, step)] for step in steps]
             if all(sd is not None for sd in sds):  # several seeds: their spread
                 low, high = [m - sd for m, sd in zip(means, sds)], [m + sd for m, sd in zip(means, sds)]
                 axis.fill_between(steps, low, high, color=f"C{index}", alpha=0.2, linewidth=0)

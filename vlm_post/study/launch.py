@@ -163,9 +163,10 @@ def stage_run_lines(stage: Stage, launcher: LauncherConfig) -> list[str]:
     if servers is None:
         return [f"srun {stage_command(stage, launcher)}"]
     trainer_nodes, gpus = resources.nodes or 1, resources.gpus_per_node or 0
+    from vlm_post.rollout.vllm_server import SERVER_FLAGS
+
     serve = [launcher.python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", servers.model,
-             "--port", str(servers.port), "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-             "--trust-request-chat-template", *servers.args]  # fmt: skip
+             "--port", str(servers.port), *SERVER_FLAGS, *servers.args]  # fmt: skip
     step = f'--nodes=1 --ntasks=1{f" --gpus-per-task={gpus}" if gpus else ""} --nodelist="$node"'
     log = shlex.quote(str(stage.run_path / "vllm_server"))
     return ['nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
